@@ -1,0 +1,158 @@
+"""Tokenizer: the `tokenizers` library built from a GGUF vocabulary/merges or a `tokenizer.json`,
+plus the model's own chat template rendered with jinja2."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+# GGUF token types (llama.cpp): 3 = control (special), 4 = user defined (added, matched whole).
+_CONTROL, _USER_DEFINED = 3, 4
+
+# llama.cpp's pre-tokenizer splits per `tokenizer.ggml.pre` for byte-level vocabularies. Each entry is a
+# sequence of regexes applied in turn (isolated splits), then byte-level mapping.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {
+    "gpt2": (_GPT2_SPLIT,),
+    "default": (_GPT2_SPLIT,),
+    # SmolLM2 was trained with single-digit splitting before the GPT-2 rule (its tokenizer.json has
+    # Digits(individual_digits=True)); llama.cpp's "smollm" pre-tokenizer does the same.
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "llama3": (_LLAMA3_SPLIT,), "llama-bpe": (_LLAMA3_SPLIT,), "smaug-bpe": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+}
+
+
+@dataclass
+class ChatTemplate:
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, **extra) -> str:
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"chat message {i}={message!r} must be a dict with 'role' and 'content'")
+        # Same environment settings as Hugging Face's apply_chat_template, so the text matches.
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=["jinja2.ext.loopcontrols"])
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+        return env.from_string(self.source).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+
+
+@dataclass
+class TextTokenizer:
+    """Thin wrapper: encode/decode with the model's special-token and BOS conventions."""
+
+    backend: Tokenizer
+    bos_token_id: Optional[int]
+    eos_token_id: Optional[int]
+    add_bos_token: bool = False
+    chat_template: Optional[ChatTemplate] = None
+    stop_token_ids: tuple = field(default_factory=tuple)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"prompt must be a str, got {type(text).__name__}: {text!r}")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template; pass plain prompts instead of chat messages")
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes any BOS itself, so no special tokens are added on top (as in HF).
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def byte_level_bpe_from_gguf(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int],
+                             pre: str) -> Tokenizer:
+    vocab = {token: i for i, token in enumerate(tokens)}
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    backend = Tokenizer(bpe)
+    splits = PRE_TOKENIZER_SPLITS.get(pre, PRE_TOKENIZER_SPLITS["default"])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=True, normalized=False)
+                for t, kind in zip(tokens, token_types) if kind == _CONTROL]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED]
+    if specials:
+        backend.add_special_tokens(specials)
+    if user:
+        backend.add_tokens(user)
+    return backend
+
+
+def tokenizer_from_gguf_metadata(meta: dict) -> TextTokenizer:
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer.ggml.model={kind!r}; ridgeline supports byte-level BPE ('gpt2')")
+    tokens = meta["tokenizer.ggml.tokens"]
+    backend = byte_level_bpe_from_gguf(tokens, meta.get("tokenizer.ggml.merges", []),
+                                       meta.get("tokenizer.ggml.token_type", [1] * len(tokens)),
+                                       meta.get("tokenizer.ggml.pre", "default"))
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    template = meta.get("tokenizer.chat_template")
+    return TextTokenizer(
+        backend=backend, bos_token_id=bos, eos_token_id=eos,
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=ChatTemplate(template, tokens[bos] if bos is not None else "",
+                                   tokens[eos] if eos is not None else "") if template else None,
+        stop_token_ids=tuple(t for t in (eos,) if t is not None),
+    )
+
+
+def tokenizer_from_hf_dir(path: Path) -> TextTokenizer:
+    path = Path(path)
+    tok_file = path / "tokenizer.json"
+    if not tok_file.exists():
+        raise FileNotFoundError(f"no tokenizer.json in {str(path)!r}")
+    backend = Tokenizer.from_file(str(tok_file))
+    cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+
+    def token_str(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    bos_tok, eos_tok = token_str(cfg.get("bos_token")), token_str(cfg.get("eos_token"))
+    bos = backend.token_to_id(bos_tok) if bos_tok else None
+    eos = backend.token_to_id(eos_tok) if eos_tok else None
+    template = cfg.get("chat_template")
+    if template is None and (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    # tokenizer.json's post-processor may already add BOS; our encode() adds it only when asked.
+    return TextTokenizer(
+        backend=backend, bos_token_id=bos, eos_token_id=eos, add_bos_token=bool(cfg.get("add_bos_token", False)),
+        chat_template=ChatTemplate(template, bos_tok or "", eos_tok or "") if template else None,
+        stop_token_ids=tuple(t for t in (eos,) if t is not None))
