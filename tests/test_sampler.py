@@ -1,0 +1,285 @@
+"""Sampler tests against numpy references written in vLLM's own terms.
+
+Shapes are kept to a handful ([B, 64], [20000/100000, 8]) so that the jitted sampler compiles
+only a few times on CPU.
+"""
+import jax
+import numpy as np
+import pytest
+
+from inference.sampler import (
+    BAN_PAD, STREAM_ENGINE, SamplingTensors, apply_penalties, filter_mask, request_key, row_keys,
+    sample)
+from inference.sampling_params import SamplingParams
+
+V = 64
+
+
+def _logits(b, v=V, seed=0, scale=3.0):
+    return (np.random.default_rng(seed).standard_normal((b, v)) * scale).astype(np.float32)
+
+
+def _softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy references (vLLM formulation)
+
+def ref_penalties(logits, counts, prompt_mask, rep, presence, frequency):
+    out = np.array(logits, np.float64)
+    b_, v_ = out.shape
+    for b in range(b_):
+        for v in range(v_):
+            if prompt_mask[b, v] or counts[b, v] > 0:
+                out[b, v] = out[b, v] / rep[b] if out[b, v] > 0 else out[b, v] * rep[b]
+            out[b, v] -= frequency[b] * counts[b, v] + presence[b] * (counts[b, v] > 0)
+    return out
+
+
+def ref_keep(scaled_row, top_k, top_p, min_p):
+    """vLLM V0 _apply_top_k_top_p (ascending sort) followed by _apply_min_p, for one row."""
+    v_ = scaled_row.shape[0]
+    asc = np.argsort(scaled_row, kind="stable")
+    s = np.array(scaled_row[asc], np.float64)
+    k = v_ if top_k <= 0 else min(top_k, v_)
+    s = np.where(s < s[v_ - k], -np.inf, s)
+    cum = np.cumsum(_softmax(s))
+    cut = cum <= 1.0 - top_p
+    cut[-1] = False
+    s = np.where(cut, -np.inf, s)
+    keep = np.zeros(v_, bool)
+    keep[asc] = np.isfinite(s)
+    probs = _softmax(np.where(keep, scaled_row, -np.inf))
+    return keep & (probs >= min_p * probs.max())
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_greedy_is_argmax():
+    logits = _logits(8)
+    t = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * 8)
+    out = sample(logits, t)
+    np.testing.assert_array_equal(np.asarray(out.tokens), logits.argmax(-1))
+    assert out.tokens.dtype == np.int32
+
+
+def test_greedy_rows_in_mixed_batch_and_top_k_1():
+    logits = _logits(8, seed=1)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1),
+              SamplingParams(temperature=0.7, top_k=1), SamplingParams(temperature=1.0, top_p=0.5)] * 2
+    out = np.asarray(sample(logits, SamplingTensors.from_params(params)).tokens)
+    for i in (0, 2, 4, 6):
+        assert out[i] == logits[i].argmax()
+
+
+def test_penalties_match_numpy_reference():
+    b = 6
+    rng = np.random.default_rng(2)
+    logits = _logits(b, seed=2)
+    counts = rng.integers(0, 4, size=(b, V)).astype(np.int32) * (rng.random((b, V)) < 0.3)
+    prompt_mask = rng.random((b, V)) < 0.3
+    rep = [1.0, 1.3, 0.8, 2.0, 1.0, 1.1]
+    pres = [0.0, 0.5, -0.5, 1.0, 2.0, 0.0]
+    freq = [0.0, 0.3, 0.2, -1.0, 0.0, 1.5]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=r, presence_penalty=p,
+                             frequency_penalty=f) for r, p, f in zip(rep, pres, freq)]
+    t = SamplingTensors.from_params(params)
+    ref = ref_penalties(logits, counts, prompt_mask, rep, pres, freq)
+
+    got = jax.jit(apply_penalties)(logits, t, counts.astype(np.int32), prompt_mask)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-5)
+    # End to end: greedy rows take the argmax of the penalised logits.
+    out = sample(logits, t, counts.astype(np.int32), prompt_mask)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref.argmax(-1))
+    # Penalties must not leak into the returned (raw) logprobs.
+    np.testing.assert_allclose(np.asarray(out.chosen_logprob),
+                               _log_softmax(logits)[np.arange(b), ref.argmax(-1)], atol=1e-5)
+
+
+def test_repetition_penalty_semantics_by_hand():
+    logits = np.array([[2.0, -2.0, 2.0, -2.0, 0.5]], np.float32)
+    counts = np.array([[1, 0, 0, 0, 0]], np.int32)        # token 0 in output
+    prompt = np.array([[False, True, False, False, False]])  # token 1 in prompt
+    t = SamplingTensors.from_params([SamplingParams(repetition_penalty=2.0)])
+    got = np.asarray(apply_penalties(logits, t, counts, prompt))
+    np.testing.assert_allclose(got, [[1.0, -4.0, 2.0, -2.0, 0.5]])
+
+
+def test_min_tokens_bans_stop_tokens_until_reached():
+    logits = np.zeros((2, V), np.float32)
+    logits[:, 2] = 10.0   # eos is the favourite
+    logits[:, 5] = 9.0    # then the stop token
+    logits[:, 7] = 8.0
+    p = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5])
+    before = SamplingTensors.from_params([p, p], steps=[0, 2], eos_token_id=2)
+    np.testing.assert_array_equal(np.asarray(sample(logits, before).tokens), [7, 7])
+    after = SamplingTensors.from_params([p, SamplingParams(temperature=0.0)], steps=[3, 0],
+                                        eos_token_id=2)
+    np.testing.assert_array_equal(np.asarray(sample(logits, after).tokens), [2, 2])
+    # ignore_eos: eos is not a stop token, so it is not banned; the stop id still is.
+    q = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5], ignore_eos=True)
+    t = SamplingTensors.from_params([q], eos_token_id=[2, 9])
+    assert np.asarray(t.banned_ids).tolist() == [[5]]
+    t = SamplingTensors.from_params([p], eos_token_id=[2, 9])
+    assert np.asarray(t.banned_ids).tolist() == [[5, 2, 9, BAN_PAD]]
+
+
+def test_filter_mask_matches_vllm_reference():
+    b = 64
+    rng = np.random.default_rng(3)
+    scaled = _logits(b, seed=3)
+    top_k = rng.choice([0, -1, 1, 2, 5, 20, V, V + 10], size=b)
+    top_p = rng.choice([1.0, 0.95, 0.8, 0.5, 0.1], size=b)
+    min_p = rng.choice([0.0, 0.0, 0.05, 0.3], size=b)
+    params = [SamplingParams(top_k=int(k), top_p=float(p), min_p=float(m))
+              for k, p, m in zip(top_k, top_p, min_p)]
+    keep = np.asarray(jax.jit(filter_mask)(scaled, SamplingTensors.from_params(params)))
+    for i in range(b):
+        np.testing.assert_array_equal(keep[i], ref_keep(scaled[i], top_k[i], top_p[i], min_p[i]),
+                                      err_msg=f"row {i}: {params[i]}")
+
+
+def test_filter_mask_without_sorting_rows_keeps_all_but_min_p():
+    scaled = _logits(4, seed=4)
+    t = SamplingTensors.from_params([SamplingParams(), SamplingParams(top_k=-1),
+                                     SamplingParams(min_p=0.2), SamplingParams(top_k=V)])
+    keep = np.asarray(filter_mask(scaled, t))
+    assert keep[[0, 1, 3]].all()
+    np.testing.assert_array_equal(keep[2], ref_keep(scaled[2], 0, 1.0, 0.2))
+
+
+# Five filter settings x 20k draws each, all in one [100000, 8] batch (a single compile).
+DIST_CASES = [
+    dict(top_k=3),
+    dict(top_p=0.7),
+    dict(min_p=0.2),
+    dict(top_k=5, top_p=0.8, min_p=0.05, temperature=0.7),
+    dict(temperature=1.5),
+]
+N_DRAWS = 20_000
+TV_TOL = 0.02  # expected TV for 20k draws over <= 8 outcomes is < 0.008
+
+
+def test_filtered_sampling_support_and_distribution():
+    row = np.array([2.0, 1.5, 1.1, 0.7, 0.2, -0.3, -1.0, -2.0], np.float32)
+    v = row.shape[0]
+    params, steps = [], []
+    for c, case in enumerate(DIST_CASES):
+        # One seeded request observed at 20k different steps: also checks that folding in the
+        # step gives independent draws.
+        p = SamplingParams(seed=1234 + c, **case)
+        params += [p] * N_DRAWS
+        steps += range(N_DRAWS)
+    logits = np.broadcast_to(row, (len(params), v))
+    tokens = np.asarray(sample(logits, SamplingTensors.from_params(params, steps=steps)).tokens)
+    for c, case in enumerate(DIST_CASES):
+        temp = case.get("temperature", 1.0)
+        scaled = row / temp
+        keep = ref_keep(scaled, case.get("top_k", 0), case.get("top_p", 1.0), case.get("min_p", 0.0))
+        expected = np.where(keep, _softmax(np.where(keep, scaled, -np.inf)), 0.0)
+        got = tokens[c * N_DRAWS:(c + 1) * N_DRAWS]
+        assert set(np.unique(got)) == set(np.flatnonzero(keep)), case  # exact support
+        emp = np.bincount(got, minlength=v) / N_DRAWS
+        tv = 0.5 * np.abs(emp - expected).sum()
+        assert tv < TV_TOL, (case, tv, emp, expected)
+
+
+def _request_tokens(batch_size, row, other_params, request, logits_row, n_steps=12):
+    """Tokens of `request` sitting at `row` of a batch filled with `other_params`."""
+    logits = _logits(batch_size, seed=7)
+    logits[row] = logits_row
+    out = []
+    for step in range(n_steps):
+        params = list(other_params[:batch_size])
+        params[row] = request
+        steps = [step + 3 * i for i in range(batch_size)]
+        steps[row] = step
+        t = SamplingTensors.from_params(params, steps=steps, fallback_seeds=list(range(batch_size)))
+        out.append(int(sample(logits, t, num_logprobs=2).tokens[row]))
+    return out
+
+
+@pytest.mark.parametrize("request_kwargs", [dict(temperature=1.3), dict(temperature=0.9, top_p=0.95)])
+def test_seeded_request_independent_of_batch_composition(request_kwargs):
+    request = SamplingParams(seed=42, **request_kwargs)
+    logits_row = _logits(1, seed=8, scale=1.0)[0]
+    # Batch 1: nothing but the request. Batch 5: neighbours force the sort branch, one is greedy.
+    others = [SamplingParams(top_k=3, seed=1), SamplingParams(temperature=0.0),
+              SamplingParams(top_p=0.5), SamplingParams(min_p=0.1), SamplingParams(seed=9)]
+    alone = _request_tokens(1, 0, others, request, logits_row)
+    in_batch = _request_tokens(5, 3, others, request, logits_row)
+    assert alone == in_batch
+    assert len(set(alone)) > 1  # the step really changes the draw
+    assert alone == _request_tokens(1, 0, others, request, logits_row)  # reproducible
+
+
+def test_pad_to_does_not_change_tokens():
+    logits = _logits(5, seed=9)
+    params = [SamplingParams(seed=s, temperature=1.0) for s in range(5)]
+    a = np.asarray(sample(logits, SamplingTensors.from_params(params)).tokens)
+    padded = np.concatenate([logits, np.zeros((3, V), np.float32)])
+    t = SamplingTensors.from_params(params, pad_to=8)
+    b = np.asarray(sample(padded, t).tokens)
+    np.testing.assert_array_equal(a, b[:5])
+    assert np.asarray(t.temperature)[5:].tolist() == [0.0] * 3
+
+
+def test_seeds_and_keys():
+    logits = np.zeros((5, V), np.float32)  # uniform: different keys almost surely differ
+    params = [SamplingParams(seed=s) for s in (1, 2, 1 + 2**32, -1)] + [SamplingParams()]
+    t = SamplingTensors.from_params(params, steps=[0, 0, 0, 4, 2], fallback_seeds=[0, 0, 0, 0, 1])
+    keys = row_keys(t)
+    expected = [request_key(1, 0), request_key(2, 0), request_key(1 + 2**32, 0),
+                request_key(-1, 4), request_key(1, 2, stream=STREAM_ENGINE)]
+    for got, want in zip(keys, expected):
+        np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+    # 64-bit seeds, seed 1 vs the engine's seed 1, all give distinct keys.
+    data = {tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in keys}
+    assert len(data) == 5
+    draws = np.stack([np.asarray(sample(np.zeros((4, V), np.float32),
+                                        SamplingTensors.from_params([SamplingParams(seed=s)] * 4,
+                                                                    steps=range(4))).tokens)
+                      for s in (1, 2)])
+    assert (draws[0] != draws[1]).any()
+
+
+def test_unseeded_requests_get_fresh_randomness():
+    logits = np.zeros((4, V), np.float32)
+    params = [SamplingParams()] * 4
+    a = np.asarray(sample(logits, SamplingTensors.from_params(params)).tokens)
+    b = np.asarray(sample(logits, SamplingTensors.from_params(params)).tokens)
+    assert (a != b).any()
+    # ...unless the engine pins a fallback seed per request.
+    pinned = [SamplingTensors.from_params(params, fallback_seeds=[5, 6, 7, 8]) for _ in range(2)]
+    np.testing.assert_array_equal(sample(logits, pinned[0]).tokens, sample(logits, pinned[1]).tokens)
+
+
+def test_logprobs_are_raw_sorted_top_k():
+    b, k = 4, 5
+    logits = _logits(b, seed=10)
+    params = [SamplingParams(temperature=0.5, repetition_penalty=1.5, seed=0),
+              SamplingParams(temperature=0.0, presence_penalty=1.0),
+              SamplingParams(top_k=3, seed=1), SamplingParams(min_p=0.3, temperature=2.0, seed=2)]
+    counts = np.zeros((b, V), np.int32)
+    counts[:, :10] = 1
+    out = sample(logits, SamplingTensors.from_params(params), counts, counts > 0, num_logprobs=k)
+    ref = _log_softmax(logits)
+    top_lp, top_ids = np.asarray(out.top_logprobs), np.asarray(out.top_ids)
+    assert top_lp.shape == (b, k) and top_ids.shape == (b, k) and top_ids.dtype == np.int32
+    assert (np.diff(top_lp, axis=-1) <= 0).all()
+    np.testing.assert_array_equal(top_ids, np.argsort(-ref, axis=-1)[:, :k])
+    np.testing.assert_allclose(top_lp, np.take_along_axis(ref, top_ids, -1), atol=1e-5)
+    tokens = np.asarray(out.tokens)
+    np.testing.assert_allclose(np.asarray(out.chosen_logprob), ref[np.arange(b), tokens], atol=1e-5)
+
+    none = sample(logits, SamplingTensors.from_params(params), num_logprobs=0)
+    assert none.top_logprobs.shape == (b, 0) and none.top_ids.shape == (b, 0)

@@ -1,0 +1,133 @@
+import pytest
+
+from inference.sampling_params import SamplingParams
+from inference.stop import StopChecker
+
+# A tiny byte-level tokenizer: ids 8/9 are the two bytes of "é" (U+00E9 = C3 A9).
+EOS, STOP_TOK = 0, 11
+VOCAB = {0: b"</s>", 1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"\n", 6: b"##", 7: b"#",
+         8: b"\xc3", 9: b"\xa9", 10: b"END", 11: b"<stop>"}
+SPECIAL = {EOS, STOP_TOK}
+
+
+def make_decode(skip_special_tokens=True):
+    def decode(ids):
+        pieces = [VOCAB[i] for i in ids if not (skip_special_tokens and i in SPECIAL)]
+        return b"".join(pieces).decode("utf-8", errors="replace")
+    return decode
+
+
+def run(tokens, eos=EOS, skip_special_tokens=True, **kwargs):
+    """Feeds tokens until the checker finishes; returns the checker."""
+    c = StopChecker(SamplingParams(**kwargs), eos, make_decode(skip_special_tokens))
+    for t in tokens:
+        if c.append(t):
+            break
+    return c
+
+
+def test_length():
+    c = run([1, 2, 3, 4, 5], max_tokens=4)
+    assert (c.finish_reason, c.stop_reason, c.text) == ("length", None, "Hello world")
+    assert c.token_ids == [1, 2, 3, 4]
+
+
+def test_not_finished_yet():
+    c = run([1, 2], max_tokens=4)
+    assert not c.finished and c.finish_reason is None and c.text == "Hello"
+
+
+def test_eos_stops_and_is_hidden():
+    c = run([1, 2, EOS, 3], skip_special_tokens=False)
+    assert (c.finish_reason, c.stop_reason, c.text) == ("stop", None, "Hello")
+    assert c.token_ids == [1, 2, EOS]
+
+
+def test_eos_list():
+    c = run([1, 10, 2], eos=[10, 0])
+    assert (c.finish_reason, c.text) == ("stop", "Hel")
+
+
+def test_ignore_eos():
+    c = run([1, EOS, 2, EOS], ignore_eos=True, max_tokens=4)
+    assert (c.finish_reason, c.text) == ("length", "Hello")
+
+
+def test_stop_token_ids():
+    c = run([1, 2, STOP_TOK, 3], stop_token_ids=[STOP_TOK], skip_special_tokens=False)
+    assert (c.finish_reason, c.stop_reason, c.text) == ("stop", STOP_TOK, "Hello")
+    c = run([1, 2, STOP_TOK], stop_token_ids=[STOP_TOK], skip_special_tokens=False,
+            include_stop_str_in_output=True)
+    assert c.text == "Hello<stop>"
+    # stop_token_ids still apply with ignore_eos.
+    assert run([1, 4], stop_token_ids=[4], ignore_eos=True).stop_reason == 4
+
+
+def test_stop_string_across_token_boundary():
+    c = run([1, 2, 3, 4], stop="lo wor")
+    assert (c.finish_reason, c.stop_reason, c.text) == ("stop", "lo wor", "Hel")
+    assert c.token_ids == [1, 2, 3]
+    c = run([1, 2, 3, 4], stop="lo wor", include_stop_str_in_output=True)
+    assert c.text == "Hello wor"
+
+
+def test_stop_string_inside_a_token_truncates_the_rest():
+    c = run([1, 2, 3], stop=["o w"])
+    assert c.text == "Hell"
+    c = run([1, 2, 3], stop=["o w"], include_stop_str_in_output=True)
+    assert c.text == "Hello w"
+
+
+def test_earliest_stop_string_wins():
+    c = run([1, 2, 3, 4], stop=["world", "o wo", "xyz"])
+    assert (c.stop_reason, c.text) == ("o wo", "Hell")
+
+
+def test_min_tokens():
+    # eos before min_tokens is ignored (the sampler normally bans it); so are stop strings and ids.
+    c = run([EOS, 1, 4, 2, 3], min_tokens=2, stop_token_ids=[4], stop="Hel")
+    assert (c.finish_reason, c.stop_reason) == ("stop", 4)
+    assert c.token_ids == [EOS, 1, 4] and c.text == "Hel"
+    # A stop string completed inside the window does not fire later; a new one does.
+    c = run([7, 1, 7, 2], min_tokens=2, stop="#")
+    assert (c.finish_reason, c.text, c.token_ids) == ("stop", "#Hel", [7, 1, 7])
+    # The token right after the window may stop.
+    assert run([1, 1, EOS], min_tokens=2).finish_reason == "stop"
+    assert run([1, EOS, 1], min_tokens=2, max_tokens=3).finish_reason == "length"
+
+
+def test_stop_beats_length_on_the_last_token():
+    assert run([1, EOS], max_tokens=2).finish_reason == "stop"
+    c = run([1, 2], stop="lo", max_tokens=2)
+    assert (c.finish_reason, c.text) == ("stop", "Hel")
+
+
+def test_multibyte_utf8_split_over_tokens():
+    c = StopChecker(SamplingParams(stop="é", max_tokens=10), EOS, make_decode())
+    c.append(1)
+    c.append(8)                  # first byte only: decodes to U+FFFD, held back
+    assert c.text == "Hel" and not c.finished
+    assert c.append(9) == "stop"  # completes "é", which is the stop string
+    assert (c.stop_reason, c.text) == ("é", "Hel")
+    # Without a stop string the character comes through whole.
+    c = run([1, 8, 9, 2], max_tokens=4)
+    assert c.text == "Helélo"
+    # An incomplete tail at the end of generation is returned as decoded.
+    assert run([1, 8], max_tokens=2).text == "Hel\ufffd"
+
+
+def test_streaming_text_holds_back_partial_stop_string():
+    c = StopChecker(SamplingParams(stop="##x", max_tokens=10), EOS, make_decode())
+    c.append(1)
+    c.append(7)
+    assert c.text == "Hel"       # "#" could start "##x"
+    c.append(6)
+    assert c.text == "Hel#"      # "###" ends in "##", which could start "##x"
+    c.append(2)
+    assert c.text == "Hel###lo" and not c.finished
+
+
+def test_append_after_finish_raises():
+    c = run([1], max_tokens=1)
+    with pytest.raises(RuntimeError):
+        c.append(2)
