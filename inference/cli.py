@@ -1,0 +1,173 @@
+"""`ridgeline` console entry point.
+
+    ridgeline generate "The capital of France is"
+    ridgeline generate --input prompts.jsonl --output results.jsonl [--chat]
+    ridgeline convert model.gguf out_dir/
+    ridgeline roofline [--preset smollm2-135m] [--png docs/roofline.png]
+    ridgeline bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default=None, help="a .gguf file, an HF directory, a `ridgeline convert` checkpoint "
+                                                  "(default: SmolLM2-135M-Instruct, downloaded on first use)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "pallas_interpret", "reference"])
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--data-parallel-size", type=int, default=1)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_params(args):
+    from inference.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def _make_llm(args):
+    from inference.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+               attn_impl=args.attn_impl, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+               tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
+
+
+def cmd_generate(args) -> int:
+    params = _sampling_params(args)
+    if args.input:
+        if not args.output:
+            raise SystemExit("ridgeline generate: --input needs --output")
+        from inference.batch_job import run_batch_job
+
+        llm = _make_llm(args)
+        summary = run_batch_job(llm, args.input, args.output, default_params=params, chat=args.chat,
+                                show_progress=not args.quiet)
+        print(summary.format(), file=sys.stderr)
+        llm.close()
+        return 0
+    if not args.prompts:
+        raise SystemExit("ridgeline generate: give a prompt, or --input prompts.jsonl --output results.jsonl")
+    llm = _make_llm(args)
+    for prompt in args.prompts:
+        target = {"messages": [{"role": "user", "content": prompt}]} if args.chat else prompt
+        if args.stream:
+            for delta in llm.generate_stream(target, params):
+                print(delta.text, end="", flush=True)
+            print()
+            continue
+        out = llm.generate(target, params)[0]
+        if out.error:
+            print(f"error: {out.error}", file=sys.stderr)
+            return 2
+        print(out.text if args.chat else prompt + out.text)
+    llm.close()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from model.checkpoint import load_model, save_checkpoint
+
+    cfg, params, tok = load_model(args.model)
+    path = save_checkpoint(args.output, cfg, params, tok)
+    print(f"saved {cfg.name} ({cfg.num_params() / 1e6:.1f}M params) to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_roofline(args) -> int:
+    import jax
+
+    from inference import roofline
+    from model.config import PRESETS
+
+    if args.model or args.preset is None:
+        from model.checkpoint import load_model
+
+        cfg, params, _ = load_model(args.model)
+        params = jax.device_put(params)
+    else:
+        from model.llama import init_params
+
+        cfg = PRESETS[args.preset]
+        params = init_params(cfg, jax.random.key(0))
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    peaks = roofline.measure_machine()
+    rows = roofline.roofline_report(cfg, params, batches, contexts, peaks, phases=args.phases.split(","))
+    print(roofline.format_table(rows, peaks))
+    if args.png:
+        roofline.plot_roofline(rows, peaks, args.png)
+        print(f"roofline plot written to {args.png}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(roofline.to_json(rows, peaks), f, indent=2)
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ridgeline", description="LLM inference in JAX/XLA with Pallas kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (one prompt, several, or a JSONL batch job)")
+    g.add_argument("prompts", nargs="*")
+    g.add_argument("--input", help="JSONL with {id, prompt | messages, sampling?} per line")
+    g.add_argument("--output", help="JSONL results, appended and flushed as each request finishes; resumable")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--stream", action="store_true")
+    g.add_argument("--quiet", action="store_true")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a model to an orbax checkpoint for fast reloads")
+    c.add_argument("model", nargs="?", default=None)
+    c.add_argument("output")
+    c.set_defaults(func=cmd_convert)
+
+    for name, help_text in (("roofline", "roofline report: FLOPs, bytes, intensity vs measured peaks"),
+                            ("bench", "same measurements as roofline (alias kept for muscle memory)")):
+        r = sub.add_parser(name, help=help_text)
+        r.add_argument("--model", default=None)
+        r.add_argument("--preset", default=None, help="random weights at a named shape (e.g. llama3-8b)")
+        r.add_argument("--batches", default="1,4,16")
+        r.add_argument("--contexts", default="128,512")
+        r.add_argument("--phases", default="decode,prefill")
+        r.add_argument("--png", default=None)
+        r.add_argument("--json", default=None)
+        r.set_defaults(func=cmd_roofline)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ridgeline: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The default model (SmolLM2-135M-Instruct GGUF) against Hugging Face transformers' float32 results on
+the same file, recorded by scripts/make_hf_fixtures.py into tests/fixtures/."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from inference.simple import prompt_logits
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REF = json.loads((FIXTURES / "smollm2_hf_reference.json").read_text())
+ARR = np.load(FIXTURES / "smollm2_hf_reference.npz")
+PROMPTS = REF["prompts"]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from model.checkpoint import load_model
+
+    cfg, params, tok = load_model(None)  # downloads the default model on first use
+    return cfg, jax.device_put(params), tok
+
+
+@pytest.fixture(scope="module")
+def llm(default_model):
+    from inference.llm import LLM
+
+    with LLM(_loaded=default_model, max_num_seqs=8, max_num_batched_tokens=256) as llm:
+        yield llm
+
+
+def test_config_read_from_gguf(default_model):
+    cfg, _, _ = default_model
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
+
+
+@pytest.mark.parametrize("p", PROMPTS, ids=lambda p: f"prompt{p['index']}")
+def test_tokenization_matches_hf(default_model, p):
+    _, _, tok = default_model
+    assert tok.encode(p["prompt"]) == p["ids"]
+
+
+@pytest.mark.parametrize("c", REF["chats"], ids=lambda c: f"chat{c['index']}")
+def test_chat_template_matches_hf(default_model, c):
+    _, _, tok = default_model
+    assert tok.apply_chat_template(c["messages"]) == c["text"]
+    assert tok.encode_chat(c["messages"]) == c["ids"]
+
+
+@pytest.mark.parametrize("p", PROMPTS, ids=lambda p: f"prompt{p['index']}")
+def test_last_position_logits_match_hf(default_model, p):
+    cfg, params, _ = default_model
+    ids = list(ARR[f"prompt{p['index']}_ids"])
+    ours = prompt_logits(params, cfg, ids, attn_impl="xla")[-1]
+    want = ARR[f"prompt{p['index']}_last_logits"]
+    assert np.max(np.abs(ours - want)) < 1e-3
+
+
+def test_every_prefill_position_matches_hf(default_model):
+    cfg, params, _ = default_model
+    ours = prompt_logits(params, cfg, list(ARR["allpos_ids"]), page_size=4, attn_impl="xla")
+    assert np.max(np.abs(ours - ARR["allpos_logits"])) < 1e-3
+
+
+def test_greedy_32_tokens_match_hf_in_one_batch(llm):
+    """All prompts and chats in one continuous batch; each must reproduce HF's greedy ids exactly."""
+    from inference import SamplingParams
+
+    names = [f"prompt{p['index']}" for p in PROMPTS] + [f"chat{c['index']}" for c in REF["chats"]]
+    prompts = [{"prompt_token_ids": [int(t) for t in ARR[f"{n}_ids"]]} for n in names]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, min_tokens=32))  # HF used min_new_tokens=32: EOS masked
+    matched = [n for n, o in zip(names, outs) if o.token_ids == [int(t) for t in ARR[f"{n}_greedy_ids"]]]
+    assert len(matched) == len(names), f"only {matched} matched HF"
+
+
+def test_capital_of_france_says_paris(llm):
+    from inference import SamplingParams
+
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0]
+    assert "Paris" in out.text
+
+
+def test_perplexity_matches_hf(llm):
+    text = (FIXTURES / REF["perplexity"]["file"]).read_text()
+    score = llm.score(text)[0]
+    assert score.token_ids == [int(t) for t in ARR["ppl_ids"]]
+    nll = -np.array(score.token_logprobs[1:])
+    np.testing.assert_allclose(nll, ARR["ppl_token_nll"], atol=2e-3)
+    assert abs(score.perplexity - REF["perplexity"]["ppl"]) / REF["perplexity"]["ppl"] < 1e-3
+
+
+@pytest.mark.reference
+def test_live_hf_comparison(default_model):
+    """Runs HF transformers live when installed (pip install -e '.[reference]'); skipped otherwise."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from model.weights import default_model_path
+
+    cfg, params, tok = default_model
+    path = default_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           torch_dtype=torch.float32)
+    ids = tok.encode("Live check: the largest planet in the solar system is")
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0, -1].numpy()
+    ours = prompt_logits(params, cfg, ids, attn_impl="xla")[-1]
+    assert np.max(np.abs(ours - want)) < 1e-3
