@@ -1,0 +1,379 @@
+"""Weight-only quantized matmul: ``x @ dequantize(qw)`` with the dequantization fused into the kernel.
+
+Storage formats (this module owns the layout; ``model/quantize.py`` builds ``QuantizedWeight`` pytrees
+in it). K = in_features, N = out_features, G = group_size; every weight array may carry leading stacked
+dims ``[...]`` (layers), but the matmul itself takes one 2-D weight.
+
+=====================  ========================  ==========================  ===============================
+kind                   values                    scales / zeros              float weight
+=====================  ========================  ==========================  ===============================
+int8, per channel      int8  [..., K, N]         scales [..., N]             scales[n] * q
+int8, grouped (Q8_0)   int8  [..., K, N]         scales [..., K/G, N]        scales[k // G, n] * q
+int4, grouped (Q4_1)   uint8 [..., K/2, N]       scales, zeros [..., K/G, N] scales * q + zeros, q in 0..15
+=====================  ========================  ==========================  ===============================
+
+int4 nibble layout ("half-split per group", exactly GGUF Q4_0/Q4_1's block layout when G = 32): within
+group g, packed row ``g*G/2 + j`` holds input row ``g*G + j`` in its low nibble and ``g*G + G/2 + j`` in
+its high nibble. Both nibbles of a packed row share one (scale, zero), so the kernel dequantizes the
+low and high halves with the same scale tile and needs no in-register interleave: the wrapper splits
+the *activations* instead (cheap: x is [M, K], the weight is [K, N]).
+
+Implementations (``impl``, see ``pallas_kernels/backend.py``): ``"pallas"`` (Triton GPU kernel),
+``"pallas_interpret"`` (same kernel, interpreted on CPU for tests), ``"xla"`` (jnp dequantize + dot, the
+CPU path), ``"reference"`` (dequantize to float32 then a HIGHEST-precision matmul; ground truth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_MIN_DOT_DIM = 16  # Triton's tl.dot needs every operand dim >= 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# Format helpers (shared with model/quantize.py)
+# ----------------------------------------------------------------------------------------------------
+
+def pack_int4(q: jax.Array, group_size: int) -> jax.Array:
+    """q uint8 [..., K, N] with values in 0..15 -> packed uint8 [..., K/2, N] (half-split per group)."""
+    *lead, k, n = q.shape
+    q = jnp.asarray(q, jnp.uint8).reshape(*lead, k // group_size, 2, group_size // 2, n)
+    lo, hi = q[..., 0, :, :], q[..., 1, :, :]
+    return (lo | (hi << 4)).reshape(*lead, k // 2, n)
+
+
+def unpack_int4(packed: jax.Array, group_size: int) -> jax.Array:
+    """packed uint8 [..., K/2, N] -> uint8 [..., K, N] with values in 0..15 (inverse of pack_int4)."""
+    *lead, kp, n = packed.shape
+    packed = jnp.asarray(packed, jnp.uint8).reshape(*lead, kp // (group_size // 2), 1, group_size // 2, n)
+    q = jnp.concatenate([packed & 0xF, packed >> 4], axis=-3)  # [..., K/G, 2, G/2, N]
+    return q.reshape(*lead, 2 * kp, n)
+
+
+def check_quantized_weight(qw: Any, *, allow_stacked: bool = True) -> None:
+    """Raises ValueError unless qw's arrays match its metadata (see the table in the module docstring)."""
+    for field in ("values", "scales", "zeros", "bits", "group_size", "in_features", "out_features"):
+        if not hasattr(qw, field):
+            raise ValueError(f"expected a QuantizedWeight, got {type(qw).__name__} without field {field!r}")
+    bits, g, k, n = qw.bits, qw.group_size, qw.in_features, qw.out_features
+    values, scales, zeros = qw.values, qw.scales, qw.zeros
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits} must be 4 or 8")
+    if g is not None and (not isinstance(g, int) or g <= 0 or k % g):
+        raise ValueError(f"group_size={g!r} must be a positive divisor of in_features={k}")
+    lead = tuple(values.shape[:-2])
+    if not allow_stacked and lead:
+        raise ValueError(f"expected one 2-D weight, got stacked values.shape={tuple(values.shape)}; "
+                         f"slice the leading dims first (e.g. inside lax.scan)")
+    if bits == 8:
+        want_values, want_dtype = lead + (k, n), jnp.int8
+        want_scales = lead + ((n,) if g is None else (k // g, n))
+        if zeros is not None:
+            raise ValueError("int8 weights are symmetric: zeros must be None")
+    else:
+        if g is None or g % 2:
+            raise ValueError(f"int4 needs an even group_size, got group_size={g!r}")
+        want_values, want_dtype = lead + (k // 2, n), jnp.uint8
+        want_scales = lead + (k // g, n)
+        if zeros is None or tuple(zeros.shape) != want_scales:
+            raise ValueError(f"int4 zeros.shape={None if zeros is None else tuple(zeros.shape)} "
+                             f"must be {want_scales}")
+    if tuple(values.shape) != want_values or values.dtype != jnp.dtype(want_dtype):
+        raise ValueError(f"int{bits} values must be {jnp.dtype(want_dtype).name} {want_values}, got "
+                         f"{values.dtype} {tuple(values.shape)} (in_features={k}, out_features={n}, "
+                         f"group_size={g})")
+    if tuple(scales.shape) != want_scales or not jnp.issubdtype(scales.dtype, jnp.floating):
+        raise ValueError(f"scales must be float {want_scales}, got {scales.dtype} {tuple(scales.shape)}")
+
+
+def dequantize_arrays(values: jax.Array, scales: jax.Array, zeros: Optional[jax.Array], *, bits: int,
+                      group_size: Optional[int], dtype=jnp.float32) -> jax.Array:
+    """Float weight [..., K, N] from the stored arrays; math in float32, then cast to dtype.
+
+    values: int8 [..., K, N] or packed uint8 [..., K/2, N]; scales: [..., N] or [..., K/G, N];
+    zeros: None or [..., K/G, N].
+    """
+    q = unpack_int4(values, group_size) if bits == 4 else values
+    q = q.astype(jnp.float32)
+    if group_size is None:  # per output channel
+        return (q * scales.astype(jnp.float32)[..., None, :]).astype(dtype)
+    *lead, k, n = q.shape
+    w = q.reshape(*lead, k // group_size, group_size, n) * scales.astype(jnp.float32)[..., None, :]
+    if zeros is not None:
+        w = w + zeros.astype(jnp.float32)[..., None, :]
+    return w.reshape(*lead, k, n).astype(dtype)
+
+
+def _dequantize(qw, dtype=jnp.float32) -> jax.Array:
+    return dequantize_arrays(qw.values, qw.scales, qw.zeros, bits=qw.bits, group_size=qw.group_size,
+                             dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block sizes
+# ----------------------------------------------------------------------------------------------------
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedMatmulBlockSizes:
+    """Tile sizes of the Pallas kernel (hashable: a static jit argument).
+
+    block_m: rows of x per program (x is zero-padded up to a multiple; decode has M = batch).
+    block_n: output columns per program.
+    block_k: input rows (unpacked) per step of the in-kernel K loop; grouped formats need a
+      multiple of group_size so each step sees whole groups (for int4 the dot sees block_k / 2).
+    num_warps, num_stages: Triton launch parameters.
+    All block sizes are powers of two >= 16 (Triton's arange/dot constraints).
+    """
+
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not _is_pow2(v) or v < _MIN_DOT_DIM:
+                raise ValueError(f"{name}={v!r} must be a power of two >= {_MIN_DOT_DIM}")
+        for name in ("num_warps", "num_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive int")
+
+    def validate(self, *, k: int, n: int, bits: int, group_size: Optional[int]) -> None:
+        """Raises ValueError unless these blocks tile a [K, N] weight of this format exactly."""
+        block_k, block_n = self.block_k, self.block_n
+        if group_size is not None and block_k % group_size:
+            raise ValueError(f"{block_k=} must be a multiple of {group_size=}")
+        if bits == 4 and block_k // 2 < _MIN_DOT_DIM:
+            raise ValueError(f"int4 needs {block_k=} >= {2 * _MIN_DOT_DIM} (the dot sees block_k // 2 rows)")
+        if k % block_k:
+            raise ValueError(f"in_features K={k} must be a multiple of {block_k=}")
+        if n % block_n:
+            raise ValueError(f"out_features N={n} must be a multiple of {block_n=}")
+
+    @classmethod
+    def get_default(cls, *, m: int, k: int, n: int, bits: int,
+                    group_size: Optional[int]) -> "QuantizedMatmulBlockSizes":
+        """Largest power-of-two tiles (up to untuned defaults) that divide this problem exactly."""
+        block_m = max(_MIN_DOT_DIM, min(64, pl.next_power_of_2(max(m, 1))))
+        # Decode (small M) is weight-bandwidth bound: narrower N tiles give more programs.
+        block_n = _fit_block(n, 64 if m <= _MIN_DOT_DIM else 128)
+        min_k = 2 * _MIN_DOT_DIM if bits == 4 else _MIN_DOT_DIM
+        block_k = _fit_block(k, max(128, group_size or 1), multiple_of=group_size or 1, minimum=min_k)
+        if block_n is None:
+            raise ValueError(f"no power-of-two block_n >= {_MIN_DOT_DIM} divides out_features N={n}; "
+                             f"use impl='xla' for this shape")
+        if block_k is None:
+            raise ValueError(f"no power-of-two block_k >= {min_k} that is a multiple of group_size="
+                             f"{group_size} divides in_features K={k}; use impl='xla' for this shape")
+        blocks = cls(block_m=block_m, block_n=block_n, block_k=block_k)
+        blocks.validate(k=k, n=n, bits=bits, group_size=group_size)
+        return blocks
+
+
+def _fit_block(dim: int, want: int, multiple_of: int = 1, minimum: int = _MIN_DOT_DIM) -> Optional[int]:
+    """Largest power of two b <= want (rounded up to pow2) with dim % b == 0 and b % multiple_of == 0."""
+    b = pl.next_power_of_2(want)
+    while b >= minimum:
+        if dim % b == 0 and b % multiple_of == 0:
+            return b
+        b //= 2
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pallas kernels: one program computes a [block_m, block_n] output tile, looping over K in-kernel
+# (Triton programs run in parallel, so the K reduction cannot be a grid axis).
+# ----------------------------------------------------------------------------------------------------
+
+def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, group_size: Optional[int]):
+    # x_ref [bm, K] float; w_ref [K, bn] int8; s_ref [1, bn] (per channel) or [K/G, bn]; o_ref [bm, bn]
+    bm, bn = o_ref.shape
+    num_steps = w_ref.shape[0] // block_k
+
+    def step(i, acc):
+        k0 = pl.multiple_of(i * block_k, block_k)
+        x = x_ref[:, pl.ds(k0, block_k)]                   # [bm, bk]
+        q = w_ref[pl.ds(k0, block_k), :]                   # [bk, bn] int8
+        if group_size is None:
+            w = q.astype(x.dtype)  # exact (|q| <= 127); the per-column scale is applied once after the loop
+        else:
+            ng = block_k // group_size
+            s = s_ref[pl.ds(i * ng, ng), :].astype(jnp.float32)  # [ng, bn]
+            w = q.astype(jnp.float32).reshape(ng, group_size, bn) * s[:, None, :]
+            w = w.reshape(block_k, bn).astype(x.dtype)
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, num_steps, step, jnp.zeros((bm, bn), jnp.float32))
+    if group_size is None:
+        # A per-output-channel scale commutes with the K sum: scale the f32 accumulator, not the tile.
+        acc = acc * s_ref[...].astype(jnp.float32)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _int4_kernel(xlo_ref, xhi_ref, w_ref, s_ref, z_ref, o_ref, *, block_k: int, group_size: int):
+    # xlo_ref, xhi_ref [bm, K/2] float (x columns matching the low / high nibbles, see _split_x_int4);
+    # w_ref [K/2, bn] uint8 packed; s_ref, z_ref [K/G, bn]; o_ref [bm, bn]
+    bm, bn = o_ref.shape
+    half_group = group_size // 2
+    packed_k = block_k // 2           # packed rows per step
+    ng = block_k // group_size        # groups per step
+    num_steps = w_ref.shape[0] // packed_k
+
+    def step(i, acc):
+        p0 = pl.multiple_of(i * packed_k, packed_k)
+        # Widen to int32 before the bit ops so the shift/mask semantics are unambiguous on every backend.
+        packed = w_ref[pl.ds(p0, packed_k), :].astype(jnp.int32)     # [bk/2, bn]
+        s = s_ref[pl.ds(i * ng, ng), :].astype(jnp.float32)[:, None, :]  # [ng, 1, bn]
+        z = z_ref[pl.ds(i * ng, ng), :].astype(jnp.float32)[:, None, :]  # [ng, 1, bn]
+        x_lo = xlo_ref[:, pl.ds(p0, packed_k)]                         # [bm, bk/2]
+        x_hi = xhi_ref[:, pl.ds(p0, packed_k)]
+
+        def dequant(q):  # [bk/2, bn] int32 in 0..15 -> [bk/2, bn] x.dtype
+            w = q.astype(jnp.float32).reshape(ng, half_group, bn) * s + z
+            return w.reshape(packed_k, bn).astype(x_lo.dtype)
+
+        acc = acc + jnp.dot(x_lo, dequant(packed & 0xF), preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_hi, dequant(packed >> 4), preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, num_steps, step, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _split_x_int4(x: jax.Array, group_size: int):
+    """x [M, K] -> (x_lo, x_hi) [M, K/2]: the columns that multiply the low / high nibbles."""
+    m, k = x.shape
+    x = x.reshape(m, k // group_size, 2, group_size // 2)
+    return x[:, :, 0, :].reshape(m, k // 2), x[:, :, 1, :].reshape(m, k // 2)
+
+
+def _pallas_matmul(x: jax.Array, qw, blocks: QuantizedMatmulBlockSizes, interpret: bool) -> jax.Array:
+    """x [M, K] (M a multiple of block_m) -> [M, N] in x.dtype."""
+    m, k = x.shape
+    n, g = qw.out_features, qw.group_size
+    bm, bn = blocks.block_m, blocks.block_n
+    grid = (m // bm, n // bn)
+    row_panel = lambda i, j: (i, 0)  # noqa: E731 -- x rows of this program, all of K
+    col_panel = lambda i, j: (0, j)  # noqa: E731 -- weight/scale columns of this program, all of K
+    if qw.bits == 8:
+        scales = qw.scales.reshape(1, n) if g is None else qw.scales
+        kernel = functools.partial(_int8_kernel, block_k=blocks.block_k, group_size=g)
+        operands = (x, qw.values, scales)
+        in_specs = [pl.BlockSpec((bm, k), row_panel),
+                    pl.BlockSpec((k, bn), col_panel),
+                    pl.BlockSpec((scales.shape[0], bn), col_panel)]
+    else:
+        x_lo, x_hi = _split_x_int4(x, g)
+        kernel = functools.partial(_int4_kernel, block_k=blocks.block_k, group_size=g)
+        operands = (x_lo, x_hi, qw.values, qw.scales, qw.zeros)
+        in_specs = [pl.BlockSpec((bm, k // 2), row_panel),
+                    pl.BlockSpec((bm, k // 2), row_panel),
+                    pl.BlockSpec((k // 2, bn), col_panel),
+                    pl.BlockSpec((k // g, bn), col_panel),
+                    pl.BlockSpec((k // g, bn), col_panel)]
+    compiler_params = None
+    if not interpret:
+        from pallas_kernels.backend import gpu_compiler_params
+
+        # Always Triton: the body uses jnp.dot inside pallas_call, which Mosaic GPU does not lower.
+        compiler_params = gpu_compiler_params("triton", num_warps=blocks.num_warps,
+                                              num_stages=blocks.num_stages)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name=f"quantized_matmul_int{qw.bits}",
+    )(*operands)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Non-Pallas paths
+# ----------------------------------------------------------------------------------------------------
+
+def quantized_matmul_reference(x: jax.Array, qw) -> jax.Array:
+    """Ground truth: x [..., K] -> float32 [..., N] = x (f32) @ dequantize(qw) (f32), HIGHEST precision."""
+    return jnp.matmul(x.astype(jnp.float32), _dequantize(qw, jnp.float32), precision=lax.Precision.HIGHEST)
+
+
+def _xla_matmul(x: jax.Array, qw) -> jax.Array:
+    """x [M, K] -> [M, N] float32; same numerics as the kernel (dequantize in f32, dot in x.dtype)."""
+    if qw.bits == 8 and qw.group_size is None:
+        acc = jnp.dot(x, qw.values.astype(x.dtype), preferred_element_type=jnp.float32)
+        return acc * qw.scales.astype(jnp.float32)
+    return jnp.dot(x, _dequantize(qw, jnp.float32).astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _resolve_impl(impl: str) -> str:
+    from pallas_kernels.backend import resolve_impl
+
+    return resolve_impl(impl)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public wrapper
+# ----------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_sizes"))
+def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
+                     block_sizes: Optional[QuantizedMatmulBlockSizes] = None) -> jax.Array:
+    """x [..., K] @ qw (a 2-D QuantizedWeight [K, N]) -> [..., N] in x.dtype (f32 accumulation).
+
+    impl: "auto" | "pallas" | "pallas_interpret" | "xla" | "reference" (see pallas_kernels/backend.py).
+    block_sizes: Pallas tiles; None picks QuantizedMatmulBlockSizes.get_default for this shape.
+    """
+    requested, impl = impl, _resolve_impl(impl)
+    check_quantized_weight(qw, allow_stacked=False)
+    k, n = qw.in_features, qw.out_features
+    if not any(x.dtype == jnp.dtype(d) for d in _FLOAT_DTYPES):
+        raise ValueError(f"x.dtype={x.dtype} must be float32, bfloat16 or float16")
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x.shape={tuple(x.shape)} must end in in_features K={k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)                                              # [M, K]
+    m = x2.shape[0]
+    if m == 0:
+        return jnp.zeros((*lead, n), x.dtype)
+
+    if impl in ("pallas", "pallas_interpret") and block_sizes is None:
+        try:
+            block_sizes = QuantizedMatmulBlockSizes.get_default(m=m, k=k, n=n, bits=qw.bits,
+                                                                group_size=qw.group_size)
+        except ValueError:
+            if requested != "auto":
+                raise
+            impl = "xla"  # "auto" means the best path that works: untileable shapes go to XLA.
+
+    if impl == "reference":
+        out = quantized_matmul_reference(x2, qw)
+    elif impl == "xla":
+        out = _xla_matmul(x2, qw)
+    elif impl in ("pallas", "pallas_interpret"):
+        if impl == "pallas" and jax.default_backend() != "gpu":
+            raise ValueError(f"impl='pallas' needs a GPU, the backend is {jax.default_backend()!r}; "
+                             f"use 'pallas_interpret' or 'xla'")
+        block_sizes.validate(k=k, n=n, bits=qw.bits, group_size=qw.group_size)
+        # Pad M up to the row tile (decode has M = batch, 1..64); padded rows are sliced off.
+        m_pad = pl.cdiv(m, block_sizes.block_m) * block_sizes.block_m
+        x_pad = jnp.pad(x2, ((0, m_pad - m), (0, 0)))                   # [M_pad, K]
+        out = _pallas_matmul(x_pad, qw, block_sizes, interpret=impl == "pallas_interpret")[:m]
+    else:
+        raise ValueError(f"impl={impl!r} is not supported by quantized_matmul")
+    return out.astype(x.dtype).reshape(*lead, n)
