@@ -4,7 +4,6 @@ the same file, recorded by scripts/make_hf_fixtures.py into tests/fixtures/."""
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -17,19 +16,8 @@ PROMPTS = REF["prompts"]
 
 
 @pytest.fixture(scope="module")
-def default_model():
-    from model.checkpoint import load_model
-
-    cfg, params, tok = load_model(None)  # downloads the default model on first use
-    return cfg, jax.device_put(params), tok
-
-
-@pytest.fixture(scope="module")
-def llm(default_model):
-    from inference.llm import LLM
-
-    with LLM(_loaded=default_model, max_num_seqs=8, max_num_batched_tokens=256) as llm:
-        yield llm
+def llm(default_llm):
+    return default_llm
 
 
 def test_config_read_from_gguf(default_model):

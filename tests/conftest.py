@@ -1,0 +1,20 @@
+"""Shared fixtures. The default model is loaded once per test session (downloaded on first use)."""
+
+import jax
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from model.checkpoint import load_model
+
+    cfg, params, tok = load_model(None)
+    return cfg, jax.device_put(params), tok
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_model):
+    from inference.llm import LLM
+
+    with LLM(_loaded=default_model, max_num_seqs=8, max_num_batched_tokens=256) as llm:
+        yield llm
