@@ -1,0 +1,276 @@
+"""ragged_paged_attention: xla and pallas_interpret paths against the float32 reference.
+
+Tolerances: float32 within 1e-4 max abs, bfloat16 within 2e-2 max abs. The reference itself is
+checked once against a per-token numpy loop.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import RaggedPagedAttentionBlockSizes, ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+IMPLS = ("xla", "pallas_interpret")
+# Small tiles so interpret mode exercises several tiles and KV blocks even at tiny shapes.
+SMALL_BLOCKS = RaggedPagedAttentionBlockSizes(block_rows=16, block_k_tokens=16)
+
+
+def make_batch(q_lens, kv_lens, *, page_size=8, num_kv_heads=2, group=2, head_dim=16, dtype=jnp.float32,
+               padded_seqs=1, padded_tokens=3, spare_pages=5, seed=0):
+    """A ragged batch with shuffled, non-contiguous pages and padded sequence slots / token rows."""
+    rng = np.random.default_rng(seed)
+    num_seqs = len(q_lens)
+    max_seqs = num_seqs + padded_seqs
+    pages_needed = [math.ceil(kv / page_size) for kv in kv_lens]
+    pages_per_seq = max(max(pages_needed), 1) + 1  # one spare column: unused entries must be ignored
+    num_pages = sum(pages_needed) + spare_pages
+    page_order = rng.permutation(num_pages)
+    block_tables = rng.integers(0, num_pages, size=(max_seqs, pages_per_seq)).astype(np.int32)  # junk
+    used = 0
+    for s, n in enumerate(pages_needed):
+        block_tables[s, :n] = page_order[used:used + n]
+        used += n
+    cu_q_lens = np.zeros(max_seqs + 1, np.int32)
+    cu_q_lens[1:num_seqs + 1] = np.cumsum(q_lens)
+    cu_q_lens[num_seqs + 1:] = cu_q_lens[num_seqs]
+    kv = np.zeros(max_seqs, np.int32)
+    kv[:num_seqs] = kv_lens
+    num_tokens = int(sum(q_lens)) + padded_tokens
+    num_heads = num_kv_heads * group
+    q = rng.standard_normal((num_tokens, num_heads, head_dim)).astype(np.float32)
+    k_pages = rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim)).astype(np.float32)
+    v_pages = rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim)).astype(np.float32)
+    return (jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype), jnp.asarray(kv),
+            jnp.asarray(block_tables), jnp.asarray(cu_q_lens), jnp.asarray([num_seqs], jnp.int32))
+
+
+def numpy_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs):
+    """One token, one head at a time, straight from the DESIGN.md definition."""
+    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+    kv_lens, block_tables, cu_q_lens = np.asarray(kv_lens), np.asarray(block_tables), np.asarray(cu_q_lens)
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    out = np.zeros_like(q)
+    for s in range(int(num_seqs[0])):
+        q_len = cu_q_lens[s + 1] - cu_q_lens[s]
+        for i in range(q_len):
+            position = kv_lens[s] - q_len + i
+            kv_positions = np.arange(position + 1)
+            pages = block_tables[s, kv_positions // page_size]
+            for h in range(num_heads):
+                keys = k_pages[h // group, pages, kv_positions % page_size]
+                values = v_pages[h // group, pages, kv_positions % page_size]
+                scores = keys @ q[cu_q_lens[s] + i, h] / math.sqrt(head_dim)
+                weights = np.exp(scores - scores.max())
+                out[cu_q_lens[s] + i, h] = weights @ values / weights.sum()
+    return out
+
+
+def check_against_reference(batch, impl, dtype=jnp.float32, block_sizes=SMALL_BLOCKS):
+    expected = ragged_paged_attention(*batch, impl="reference")
+    got = ragged_paged_attention(*batch, impl=impl, block_sizes=block_sizes)
+    assert got.shape == batch[0].shape and got.dtype == batch[0].dtype
+    assert bool(jnp.all(jnp.isfinite(got))), "padding rows must be finite"
+    real = int(batch[5][int(batch[6][0])])
+    error = float(jnp.max(jnp.abs(got[:real].astype(jnp.float32) - expected[:real].astype(jnp.float32))))
+    assert error <= TOLERANCE[dtype], f"{impl}: max abs error {error}"
+
+
+def test_reference_matches_numpy_loop():
+    batch = make_batch([1, 4, 0, 9], [7, 12, 3, 9], group=3, page_size=8)
+    got = ragged_paged_attention_reference(*batch, sm_scale=1 / math.sqrt(16))
+    real = int(batch[5][4])
+    np.testing.assert_allclose(np.asarray(got)[:real], numpy_attention(*batch)[:real], atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_batch_with_empty_partial_and_full_pages(impl):
+    # kv 1: one token on a page; 8/16: exactly full pages; 9: one token into a new page.
+    batch = make_batch([1, 1, 1, 1, 1], [1, 8, 9, 16, 23], page_size=8)
+    check_against_reference(batch, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_decode_prefill_and_speculative_batch(impl):
+    # decode, speculative verify (3 queries on a long prefix), fresh prefill, padded seq, chunked prefill.
+    batch = make_batch([1, 3, 17, 0, 6], [30, 21, 17, 4, 40], page_size=8, group=2, padded_seqs=2)
+    check_against_reference(batch, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_gqa_ratios(impl, group):
+    batch = make_batch([1, 5, 2], [12, 5, 19], num_kv_heads=2 if group < 8 else 1, group=group, page_size=8)
+    block_sizes = RaggedPagedAttentionBlockSizes(block_rows=max(16, group), block_k_tokens=16)
+    check_against_reference(batch, impl, block_sizes=block_sizes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page_size", [8, 16, 64])
+def test_page_sizes(impl, page_size):
+    batch = make_batch([1, 4, 1], [page_size, page_size + 3, 2 * page_size + 1], page_size=page_size)
+    check_against_reference(batch, impl, block_sizes=RaggedPagedAttentionBlockSizes(16, page_size))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16(impl):
+    batch = make_batch([1, 7, 2], [9, 7, 30], dtype=jnp.bfloat16, group=2)
+    check_against_reference(batch, impl, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_head_dim_64_and_default_blocks(impl):
+    batch = make_batch([3, 1], [40, 70], head_dim=64, page_size=16, group=4)
+    check_against_reference(batch, impl, block_sizes=RaggedPagedAttentionBlockSizes())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_sequences_padded(impl):
+    batch = make_batch([2], [5], padded_seqs=2)
+    batch = batch[:6] + (jnp.zeros((1,), jnp.int32),)  # num_seqs = 0: everything is padding
+    got = ragged_paged_attention(*batch, impl=impl, block_sizes=SMALL_BLOCKS)
+    assert bool(jnp.all(jnp.isfinite(got)))
+
+
+def test_long_sequences_xla():
+    # 513 new tokens after a 511-token prefix, next to decodes; page_size 16.
+    batch = make_batch([513, 1, 127, 1], [1024, 300, 127, 1], page_size=16, group=3, head_dim=32)
+    check_against_reference(batch, "xla")
+
+
+@pytest.mark.slow
+def test_long_sequences_interpret():
+    batch = make_batch([513, 1, 127], [1024, 300, 127], page_size=16, group=3, head_dim=32)
+    check_against_reference(batch, "pallas_interpret", block_sizes=RaggedPagedAttentionBlockSizes(64, 64))
+
+
+def test_xla_path_is_memory_bounded():
+    """512 tokens against 4096-token contexts: temporaries stay far below a [T, max_kv] KV gather."""
+    num_tokens, num_heads, num_kv_heads, head_dim, page_size, max_seqs = 512, 8, 2, 64, 16, 4
+    pages_per_seq = 4096 // page_size
+    f32 = jnp.float32
+    shapes = (
+        jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), f32),
+        jax.ShapeDtypeStruct((num_kv_heads, max_seqs * pages_per_seq, page_size, head_dim), f32),
+        jax.ShapeDtypeStruct((num_kv_heads, max_seqs * pages_per_seq, page_size, head_dim), f32),
+        jax.ShapeDtypeStruct((max_seqs,), jnp.int32),
+        jax.ShapeDtypeStruct((max_seqs, pages_per_seq), jnp.int32),
+        jax.ShapeDtypeStruct((max_seqs + 1,), jnp.int32),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+    )
+    compiled = jax.jit(lambda *a: ragged_paged_attention(*a, impl="xla")).lower(*shapes).compile()
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+    per_token_kv_gather = num_tokens * 4096 * num_kv_heads * head_dim * 4
+    assert temp_bytes < per_token_kv_gather / 50, f"{temp_bytes=} vs {per_token_kv_gather=}"
+
+
+def test_auto_resolves_to_xla_on_cpu():
+    batch = make_batch([2, 1], [4, 9])
+    np.testing.assert_array_equal(np.asarray(ragged_paged_attention(*batch)),
+                                  np.asarray(ragged_paged_attention(*batch, impl="xla")))
+
+
+def test_works_under_outer_jit():
+    batch = make_batch([2, 1], [4, 9])
+    got = jax.jit(lambda *a: ragged_paged_attention(*a, impl="xla"))(*batch)
+    expected = ragged_paged_attention(*batch, impl="reference")
+    assert float(jnp.max(jnp.abs(got[:3] - expected[:3]))) <= 1e-4
+
+
+class TestValidation:
+    batch = make_batch([2, 1], [4, 9], group=3)
+
+    def call(self, *replacements, **kwargs):
+        args = list(self.batch)
+        for index, value in replacements:
+            args[index] = value
+        return ragged_paged_attention(*args, **kwargs)
+
+    def test_heads_not_multiple_of_kv_heads(self):
+        q = jnp.zeros((6, 5, 16), jnp.float32)
+        with pytest.raises(ValueError, match=r"num_heads=5 must be a multiple of num_kv_heads=2"):
+            self.call((0, q))
+
+    def test_q_rank(self):
+        with pytest.raises(ValueError, match=r"q.shape=\(6, 96\)"):
+            self.call((0, jnp.zeros((6, 96), jnp.float32)))
+
+    def test_head_dim_mismatch(self):
+        with pytest.raises(ValueError, match=r"head_dim"):
+            self.call((0, jnp.zeros((6, 6, 8), jnp.float32)))
+
+    def test_v_pages_shape(self):
+        with pytest.raises(ValueError, match=r"v_pages.shape=.* must equal k_pages.shape"):
+            self.call((2, self.batch[2][:, :1]))
+
+    def test_int_dtype_q(self):
+        with pytest.raises(ValueError, match=r"q.dtype=int32"):
+            self.call((0, self.batch[0].astype(jnp.int32)))
+
+    def test_lengths_dtype(self):
+        with pytest.raises(ValueError, match=r"kv_lens.dtype=int64|kv_lens.dtype=float32"):
+            self.call((3, self.batch[3].astype(jnp.float32)))
+
+    def test_cu_q_lens_shape(self):
+        with pytest.raises(ValueError, match=r"cu_q_lens.shape=\(3,\) must be \(4,\)"):
+            self.call((5, self.batch[5][:3]))
+
+    def test_num_seqs_shape(self):
+        with pytest.raises(ValueError, match=r"num_seqs.shape=\(\) must be \(1,\)"):
+            self.call((6, jnp.int32(2)))
+
+    def test_page_size_power_of_two_for_pallas(self):
+        k_pages = jnp.zeros((2, 4, 6, 16), jnp.float32)
+        with pytest.raises(ValueError, match=r"page_size=6 must be a power of two"):
+            self.call((1, k_pages), (2, k_pages), impl="pallas_interpret")
+
+    def test_block_rows_hold_a_head_group(self):
+        batch = make_batch([1], [3], num_kv_heads=1, group=32)
+        with pytest.raises(ValueError, match=r"block_rows=16 must be >= num_heads // num_kv_heads=32"):
+            ragged_paged_attention(*batch, impl="pallas_interpret",
+                                   block_sizes=RaggedPagedAttentionBlockSizes(block_rows=16))
+
+    def test_unknown_impl(self):
+        with pytest.raises(ValueError, match=r"impl='cuda' is not one of"):
+            self.call(impl="cuda")
+
+    def test_block_sizes_validated(self):
+        with pytest.raises(ValueError, match=r"block_rows=24 must be a power of two"):
+            RaggedPagedAttentionBlockSizes(block_rows=24)
+        with pytest.raises(ValueError, match=r"block_k_tokens=0 must be a power of two"):
+            RaggedPagedAttentionBlockSizes(block_k_tokens=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_kernel_lowers_to_triton(dtype):
+    """The Pallas -> Triton lowering runs without a GPU when lowering for the CUDA platform."""
+    batch = make_batch([1, 3, 17, 0, 6], [30, 21, 17, 4, 40], page_size=16, group=4, head_dim=64, dtype=dtype)
+    fn = lambda *a: ragged_paged_attention(*a, impl="pallas", lowering="triton")  # noqa: E731
+    try:
+        hlo = jax.jit(fn).trace(*batch).lower(lowering_platforms=("cuda",)).as_text()
+    except ImportError as error:
+        pytest.skip(f"cannot lower for CUDA here: {error}")
+    assert "__gpu$xla.gpu.triton" in hlo
+
+
+# One page of every sequence's K: max_seqs 5 x KVH 2 x page 8 x hd 16 x 4 bytes.
+DECODE_PAGE_BYTES = 5 * 2 * 8 * 16 * 4
+
+
+@pytest.mark.parametrize("decode_pages", [1, 4])
+def test_xla_decode_blocks_smaller_than_prefill_blocks(decode_pages):
+    """Batched-decode KV blocks of 1 and 4 pages against 6-page tables (not a multiple of 4)."""
+    import importlib
+    module = importlib.import_module("pallas_kernels.ragged_paged_attention")
+    batch = make_batch([1, 1, 2, 1], [40, 33, 9, 17], page_size=8, group=2)  # 5 + 1 spare pages per seq
+    got = jax.jit(functools.partial(module._ragged_paged_attention_xla, sm_scale=0.25, block_k_tokens=64,
+                                    decode_block_bytes=decode_pages * DECODE_PAGE_BYTES))(*batch)
+    expected = ragged_paged_attention_reference(*batch, sm_scale=0.25)
+    assert float(jnp.max(jnp.abs(got[:5] - expected[:5]))) <= 1e-4
