@@ -131,3 +131,11 @@ def test_logprobs_match_scoring(params):
     got = [lps[i][t] for i, t in enumerate(out.token_ids)]
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert all(max(d.values()) == d[t] for d, t in zip(lps, out.token_ids))  # greedy = top-1
+
+
+def test_pallas_kernel_path_agrees_with_xla_path(params):
+    """The engine on the Pallas kernels (interpret mode on CPU) gives the XLA path's greedy tokens."""
+    prompts = mixed_prompts(3, seed=9)
+    want = [o.token_ids for o in run(make_engine(params), prompts, [greedy(4)] * 3)]
+    got = [o.token_ids for o in run(make_engine(params, attn_impl="pallas_interpret"), prompts, [greedy(4)] * 3)]
+    assert got == want

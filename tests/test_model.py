@@ -88,8 +88,8 @@ def test_incremental_decode_matches_prefill(tiny_params):
         np.testing.assert_allclose(np.asarray(logits[0]), want[t], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("page_size", [1, 4, 16])
-def test_ragged_batch_with_shuffled_pages(tiny_params, page_size):
+@pytest.mark.parametrize("page_size,impl", [(1, "xla"), (4, "xla"), (16, "xla"), (8, "pallas_interpret")])
+def test_ragged_batch_with_shuffled_pages(tiny_params, page_size, impl):
     """Three sequences in one ragged step (one decode with a cached prefix, one chunked prefill continuing
     a cached prefix, one fresh prompt) over shuffled physical pages, plus padding rows."""
     rng = np.random.default_rng(page_size)
@@ -100,7 +100,7 @@ def test_ragged_batch_with_shuffled_pages(tiny_params, page_size):
     perm = rng.permutation(num_pages)
     tables = np.stack([perm[i * max_pages:(i + 1) * max_pages] for i in range(3)]).astype(np.int32)
     cache = init_cache(TINY, num_pages, page_size)
-    step = make_step_fn(TINY, "xla")
+    step = make_step_fn(TINY, impl)
 
     def slots(s, positions):
         return [int(tables[s, p // page_size]) * page_size + p % page_size for p in positions]
@@ -134,8 +134,10 @@ def test_ragged_batch_with_shuffled_pages(tiny_params, page_size):
         np.testing.assert_allclose(np.asarray(logits[s]), want, atol=1e-4, rtol=1e-4)
 
 
-def test_dense_prefill_path_matches_ragged(tiny_params):
-    """The flash-attention prefill path (fresh prompts padded to a dense block) equals the ragged path."""
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_dense_prefill_path_matches_ragged(tiny_params, impl):
+    """The flash-attention prefill path (fresh prompts padded to a dense block) equals the ragged path,
+    on the XLA path and on the Pallas kernels (interpret mode)."""
     rng = np.random.default_rng(3)
     lens, Tpad, page_size = [5, 8], 8, 4
     seqs = [list(rng.integers(0, TINY.vocab_size, n)) for n in lens]
@@ -155,7 +157,7 @@ def test_dense_prefill_path_matches_ragged(tiny_params):
         slot_mapping=jnp.asarray(slots, jnp.int32), cu_q_lens=jnp.asarray(cu, jnp.int32),
         kv_lens=jnp.asarray(lens, jnp.int32), block_tables=jnp.asarray(tables),
         num_seqs=jnp.asarray([2], jnp.int32), logits_indices=jnp.asarray(last, jnp.int32))
-    logits, cache = make_step_fn(TINY, "xla", Tpad)(tiny_params, init_cache(TINY, num_pages, page_size), dense_inputs)
+    logits, cache = make_step_fn(TINY, impl, Tpad)(tiny_params, init_cache(TINY, num_pages, page_size), dense_inputs)
     for s in range(2):
         want = dense_reference_logits(tiny_params, TINY, seqs[s])[-1]
         np.testing.assert_allclose(np.asarray(logits[s]), want, atol=1e-4, rtol=1e-4)
@@ -167,7 +169,7 @@ def test_dense_prefill_path_matches_ragged(tiny_params):
         cu_q_lens=jnp.asarray([0, 1], jnp.int32), kv_lens=jnp.asarray([lens[0] + 1], jnp.int32),
         block_tables=jnp.asarray(tables[:1]), num_seqs=jnp.asarray([1], jnp.int32),
         logits_indices=jnp.asarray([0], jnp.int32))
-    logits, _ = make_step_fn(TINY, "xla")(tiny_params, cache, dec)
+    logits, _ = make_step_fn(TINY, impl)(tiny_params, cache, dec)
     want = dense_reference_logits(tiny_params, TINY, seqs[0] + [nxt])[-1]
     np.testing.assert_allclose(np.asarray(logits[0]), want, atol=1e-4, rtol=1e-4)
 
