@@ -1,0 +1,467 @@
+"""Tensor / data parallelism: the same logits and greedy tokens as one device, and clear layout errors.
+
+Multi-device cases need XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax is imported,
+and pytest imports every test module into one process, so they run in a subprocess: this file is also
+that subprocess' script (`python tests/test_sharding.py CASE OUT.json`). The model is PRESETS["tiny"]
+with 8 query heads and 2 KV heads: TP 2 shards the KV pool (1 KV head per device); TP 4 and 8 have
+fewer KV heads than devices, so each KV head is replicated on tp/2 devices (still 1 per device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_DEVICES = 8
+WORKER_TIMEOUT_S = 300
+
+
+def tiny_config():
+    from model.config import PRESETS
+
+    return dataclasses.replace(PRESETS["tiny"], num_heads=8, num_kv_heads=2, head_dim=8, name="tiny-h8-kv2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-process tests: rules and errors that need no devices (AbstractMesh only has axis sizes)
+# ----------------------------------------------------------------------------------------------------
+
+def abstract_mesh(tp: int, dp: int = 1):
+    from jax.sharding import AbstractMesh
+
+    return AbstractMesh((dp, tp), ("data", "model"))
+
+
+TP = ("model", "kv_replica")  # the whole tensor-parallel group (sharding.rules.TP)
+
+
+def test_param_specs_megatron_layout():
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from model.llama import init_params
+    from sharding.rules import cache_spec, param_specs, rules_mesh
+
+    cfg = tiny_config()
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    mesh = abstract_mesh(2)
+    assert dict(rules_mesh(mesh, cfg).shape) == {"data": 1, "model": 2, "kv_replica": 1}
+    specs = param_specs(params, cfg, mesh)
+    layers = specs["layers"]
+    assert specs["embed"] == P("model", None) and specs["lm_head"] == P(None, "model")
+    assert layers["wq"] == layers["wk"] == layers["wv"] == P(None, None, "model")
+    assert layers["wo"] == P(None, "model", None)
+    assert layers["w_gate"] == layers["w_up"] == P(None, None, "model")
+    assert layers["w_down"] == P(None, "model", None)
+    assert layers["attn_norm"] == P(None, None) and specs["final_norm"] == P(None)
+    assert cache_spec(cfg, mesh) == P("model", None, None, None)
+
+
+@pytest.mark.parametrize("tp, kv_groups", [(4, 2), (8, 2)])
+def test_gqa_fewer_kv_heads_than_tp_replicates_kv_heads(tp, kv_groups):
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from model.llama import init_params
+    from sharding.rules import cache_spec, param_specs, rules_mesh
+
+    cfg = tiny_config()  # 8 query heads, 2 KV heads
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    mesh = abstract_mesh(tp, dp=2)
+    # "model" becomes [KV groups, replicas per group]: each device keeps one KV head, its query heads use it.
+    assert dict(rules_mesh(mesh, cfg).shape) == {"data": 2, "model": kv_groups, "kv_replica": tp // kv_groups}
+    specs = param_specs(params, cfg, mesh)
+    assert specs["layers"]["wq"] == P(None, None, TP)                 # query heads split tp ways
+    assert specs["layers"]["wk"] == specs["layers"]["wv"] == P(None, None, "model")
+    assert cache_spec(cfg, mesh) == P("model", None, None, None)
+
+
+def test_kv_heads_coprime_with_tp_fully_replicated():
+    from jax.sharding import PartitionSpec as P
+    from sharding.rules import cache_spec
+
+    cfg = dataclasses.replace(tiny_config(), num_heads=6, num_kv_heads=3, head_dim=8)
+    assert cache_spec(cfg, abstract_mesh(2)) == P(None, None, None, None)
+
+
+def test_quantized_weight_specs():
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from model.llama import init_params
+    from model.quantize import quantize_params
+    from sharding.rules import param_specs
+
+    cfg = tiny_config()  # hidden 64, intermediate 96, heads*hd 64
+
+    def quantized(mode):  # shapes only: nothing is computed
+        return jax.eval_shape(lambda: quantize_params(init_params(cfg, jax.random.PRNGKey(0)), mode, group_size=32))
+
+    q8 = param_specs(quantized("int8"), cfg, abstract_mesh(4))["layers"]
+    assert (q8["wq"].values, q8["wq"].scales) == (P(None, None, TP), P(None, TP))
+    assert (q8["wo"].values, q8["wo"].scales) == (P(None, TP, None), P(None, None))
+    assert (q8["wk"].values, q8["wk"].scales) == (P(None, None, "model"), P(None, "model"))
+    q4 = param_specs(quantized("int4"), cfg, abstract_mesh(2))["layers"]
+    # w_down [96 -> 64]: 3 groups of 32 cannot split in 2 on group boundaries -> its input dim is replicated.
+    assert q4["w_down"].values == q4["w_down"].scales == q4["w_down"].zeros == P(None, None, None)
+    # wo [64 -> 64]: 2 groups, one per device: packed values and scales split alike.
+    assert q4["wo"].values == q4["wo"].scales == q4["wo"].zeros == P(None, "model", None)
+    assert q4["w_up"].values == q4["w_up"].scales == P(None, None, "model")
+
+
+def test_heads_not_divisible_by_tp_names_values():
+    from sharding.rules import check_layout, resolve_rules
+
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match=r"num_heads=8 .*tensor_parallel_size=3"):
+        check_layout(cfg, 3)
+    with pytest.raises(ValueError, match=r"num_heads=8"):
+        resolve_rules(cfg, 16)
+
+
+def test_uneven_mlp_replicates_with_warning():
+    from sharding.rules import resolve_rules
+
+    cfg = dataclasses.replace(tiny_config(), intermediate_size=90)
+    with pytest.warns(UserWarning, match=r"intermediate_size=90 .*tensor_parallel_size=4"):
+        rules = resolve_rules(cfg, 4)
+    assert rules["mlp"] is None and rules["heads"] == TP
+
+
+def test_more_devices_than_present_names_both_numbers():
+    import jax
+    from sharding.mesh import make_mesh
+
+    have = len(jax.devices())
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size={have + 1} x data_parallel_size=2 needs "
+                                         rf"{2 * (have + 1)} devices, but only {have} "):
+        make_mesh(have + 1, 2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=0"):
+        make_mesh(0, 1)
+
+
+class _FakeEngine:
+    """Just enough of Engine for routing: requests finish after `steps` steps."""
+
+    def __init__(self, steps: int = 2):
+        from types import SimpleNamespace
+
+        self.requests: dict[str, int] = {}
+        self.scheduler = SimpleNamespace(num_unfinished=0)
+        self.steps, self.closed = steps, False
+
+    def add_request(self, rid, ids, params, prompt=None):
+        self.requests[rid] = self.steps
+        self.scheduler.num_unfinished = len(self.requests)
+        return rid
+
+    def abort(self, rid):
+        ok = self.requests.pop(rid, None) is not None
+        self.scheduler.num_unfinished = len(self.requests)
+        return ok
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        from types import SimpleNamespace
+
+        outs = []
+        for rid in list(self.requests):
+            self.requests[rid] -= 1
+            done = self.requests[rid] == 0
+            if done:
+                del self.requests[rid]
+            outs.append(SimpleNamespace(request_id=rid, finished=done))
+        self.scheduler.num_unfinished = len(self.requests)
+        return outs
+
+    def scheduler_stats(self):
+        return {"steps": 1, "name": "x"}
+
+    def close(self):
+        self.closed = True
+
+
+def test_data_parallel_engine_routes_and_collects():
+    from sharding.mesh import DataParallelEngine
+
+    engines = [_FakeEngine(), _FakeEngine()]
+    dp = DataParallelEngine(engines)
+    for i in range(5):
+        dp.add_request(f"r{i}", [1], None)
+    assert sorted(engines[0].requests) == ["r0", "r2", "r4"] and sorted(engines[1].requests) == ["r1", "r3"]
+    with pytest.raises(ValueError, match="already queued"):
+        dp.add_request("r1", [1], None)
+    assert dp.abort("r3") and not dp.abort("r3")
+    final = dp.run()
+    assert sorted(final) == ["r0", "r1", "r2", "r4"] and not dp.has_unfinished_requests()
+    assert dp.scheduler_stats()["steps"] == 2 and len(dp.scheduler_stats()["replicas"]) == 2
+    dp.close()
+    assert all(e.closed for e in engines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-device tests: one subprocess per case, 8 virtual CPU devices
+# ----------------------------------------------------------------------------------------------------
+
+def run_worker(case: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{case}.json"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__, case, str(out)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=WORKER_TIMEOUT_S)
+    assert proc.returncode == 0, f"worker {case} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def forward_results(tmp_path_factory):
+    return run_worker("forward", tmp_path_factory.mktemp("sharding"))
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "tp4", "tp2xdp2", "tp8"])
+def test_sharded_forward_matches_one_device(forward_results, layout):
+    r = forward_results[layout]
+    assert r["max_abs_diff"] < 1e-4, r
+    assert r["max_abs_ref"] > 1e-2  # the comparison is not vacuous
+
+
+def test_kv_pool_layout_and_no_pool_collectives(forward_results):
+    # One of the 2 KV heads per device at every TP degree (TP 4 / 8: each KV head on tp/2 devices).
+    for layout in ("tp2", "tp4", "tp8", "tp2xdp2"):
+        assert forward_results[layout]["cache_shard_shape"][0] == 1, forward_results[layout]
+        assert forward_results[layout]["kv_pool_split"] == 2
+    assert forward_results["tp1"]["cache_shard_shape"][0] == 2 and forward_results["tp1"]["kv_pool_split"] == 1
+    # Attention stays local to each device's heads: no collective moves (a shard of) the KV pool.
+    for layout in LAYOUTS:
+        assert forward_results[layout]["pool_collectives"] == [], forward_results[layout]
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory):
+    return run_worker("engine", tmp_path_factory.mktemp("sharding"))
+
+
+@pytest.mark.parametrize("layout", ["llm_tp4", "engine_tp2xdp2"])
+def test_sharded_engine_greedy_tokens_match_one_device(engine_results, layout):
+    ref, got = engine_results["llm_tp1"], engine_results[layout]
+    assert got["tokens"] == ref["tokens"]
+    np.testing.assert_allclose(got["logprobs"], ref["logprobs"], atol=1e-4)
+
+
+def test_data_parallel_engine_splits_the_job(engine_results):
+    per_replica = engine_results["engine_tp2xdp2"]["requests_per_replica"]
+    assert per_replica == [2, 2]
+
+
+def test_llm_layout_errors(engine_results):
+    errors = engine_results["errors"]
+    assert "num_heads=8" in errors["tp3"] and "tensor_parallel_size=3" in errors["tp3"]
+    assert "needs 16 devices" in errors["tp8xdp2"] and f"only {NUM_DEVICES} " in errors["tp8xdp2"]
+
+
+@pytest.mark.slow
+def test_sharded_quantized_forward_matches_one_device(tmp_path):
+    r = run_worker("quantized", tmp_path)
+    for mode in ("int8", "int4"):
+        assert r[mode]["max_abs_diff"] < 1e-4, r
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker (runs in the subprocess, with NUM_DEVICES CPU devices)
+# ----------------------------------------------------------------------------------------------------
+
+PAGE_SIZE, PAGES_PER_SEQ, PAD_TOKENS, PAD_SEQS = 16, 2, 32, 4
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "tp4": (4, 1), "tp2xdp2": (2, 2), "tp8": (8, 1)}
+
+
+def ragged_step(seqs):
+    """One ragged StepInputs for several (token_ids, start) sequences, sequence i on its own pages
+    [i * PAGES_PER_SEQ, (i + 1) * PAGES_PER_SEQ); logits at every real token; padded to fixed sizes so
+    every step shares one compiled program."""
+    import jax.numpy as jnp
+    from inference.simple import single_sequence_inputs
+    from model.llama import StepInputs
+
+    parts = [single_sequence_inputs(ids, start, PAGE_SIZE, PAGES_PER_SEQ, logits_rows="all") for ids, start in seqs]
+    a = {k: [np.asarray(getattr(p, k)) for p in parts] for k in StepInputs._fields}
+    lens = [len(ids) for ids, _ in seqs]
+    T, pad = sum(lens), PAD_TOKENS - sum(lens)
+    shift = [i * PAGES_PER_SEQ for i in range(len(seqs))]
+    cu = np.concatenate([[0], np.cumsum(lens), np.full(PAD_SEQS - len(seqs), T)]).astype(np.int32)
+    block_tables = np.zeros((PAD_SEQS, PAGES_PER_SEQ), np.int32)
+    block_tables[:len(seqs)] = np.concatenate([b + s for b, s in zip(a["block_tables"], shift)])
+    inputs = StepInputs(
+        tokens=np.concatenate(a["tokens"] + [np.zeros(pad, np.int32)]),
+        positions=np.concatenate(a["positions"] + [np.zeros(pad, np.int32)]),
+        slot_mapping=np.concatenate([m + s * PAGE_SIZE for m, s in zip(a["slot_mapping"], shift)]
+                                    + [np.full(pad, -1, np.int32)]),
+        cu_q_lens=cu,
+        kv_lens=np.concatenate(a["kv_lens"] + [np.zeros(PAD_SEQS - len(seqs), np.int32)]),
+        block_tables=block_tables,
+        num_seqs=np.array([len(seqs)], np.int32),
+        logits_indices=np.concatenate([np.arange(T), np.zeros(pad, np.int64)]).astype(np.int32),
+    )
+    return StepInputs(*(jnp.asarray(x) for x in inputs)), T
+
+
+def two_ragged_steps(params, cache, step_fn):
+    """A prefill of three prompts, then a mixed step (two decodes and a 5-token chunk) on the same pages."""
+    rng = np.random.default_rng(1)
+    a, b, c = (rng.integers(1, 256, n).tolist() for n in (7, 12, 5))
+    logits = []
+    for seqs in ([(a, 0), (b, 0), (c, 0)], [([a[0]], 7), (b[:5], 12), ([c[1]], 5)]):
+        inputs, T = ragged_step(seqs)
+        out, cache = step_fn(params, cache, inputs)
+        logits.append(np.asarray(out)[:T])
+    return np.concatenate(logits), cache
+
+
+def worker_forward(results: dict):
+    import re
+
+    import jax
+    from model.llama import forward, init_cache, init_params
+    from sharding.mesh import make_mesh
+    from sharding.rules import cache_sharding, kv_pool_split, shard_params
+
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    num_pages = PAGES_PER_SEQ * PAD_SEQS
+    step = jax.jit(lambda p, c, i: forward(p, c, i, cfg), donate_argnums=(1,))
+    ref, _ = two_ragged_steps(params, init_cache(cfg, num_pages, PAGE_SIZE), step)
+    for name, (tp, dp) in LAYOUTS.items():
+        mesh = make_mesh(tp, dp)
+        sharded = shard_params(params, cfg, mesh)
+        sharding = cache_sharding(cfg, mesh)
+        cache = jax.device_put(init_cache(cfg, num_pages, PAGE_SIZE), sharding)
+        pool_shape = tuple(cache["k"].shape)
+        # Compile once (every step has the same padded shapes), inspect the program, then run it.
+        compiled = step.lower(sharded, cache, ragged_step([([1, 2, 3], 0)])[0]).compile()
+        shard_shape = sharding["k"].shard_shape(pool_shape)
+        pool = "|".join(re.escape("[" + ",".join(map(str, s)) + "]") for s in {pool_shape, shard_shape})
+        collectives = [ln.strip()[:160] for ln in compiled.as_text().splitlines()
+                       if re.search(r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(", ln)
+                       and re.search(pool, ln)]
+        got, cache = two_ragged_steps(sharded, cache, compiled)
+        results[name] = {"max_abs_diff": float(np.abs(got - ref).max()), "max_abs_ref": float(np.abs(ref).max()),
+                         "cache_shard_shape": list(shard_shape), "kv_pool_split": kv_pool_split(cfg, sharding),
+                         "cache_out_spec": str(cache["k"].sharding.spec), "pool_collectives": collectives}
+
+
+class TinyTokenizer:
+    """LLM needs a tokenizer; prompts here are token ids, so only decode / eos are used."""
+
+    eos_token_id = None
+
+    def encode(self, text):
+        return [ord(ch) % 256 for ch in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+ENGINE_KW = dict(page_size=16, num_pages=16, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128)
+
+
+def engine_prompts():
+    # 8 prompt tokens in all: the prefill step and the decode steps share the smallest bucket (T=8, S=4), so
+    # each engine compiles one program (the ragged forward checks above cover longer prompts).
+    rng = np.random.default_rng(0)
+    return [rng.integers(1, 256, n).tolist() for n in (3, 1, 2, 2)]
+
+
+def summarize(outputs) -> dict:
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    logprobs = [[lp[t] for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outputs]
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def worker_engine(results: dict):
+    import jax
+    from inference.engine import Engine, EngineConfig
+    from inference.llm import LLM
+    from inference.sampling_params import SamplingParams
+    from model.llama import init_params
+    from sharding.mesh import DataParallelEngine, make_mesh, replica_meshes
+    from sharding.rules import bytes_per_device, cache_sharding, shard_params
+
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    sp = SamplingParams(temperature=0, max_tokens=4, logprobs=1)
+    prompts = engine_prompts()
+
+    # One device, and TP 4 through LLM's own hook (make_mesh / shard_params / cache_sharding).
+    for name, tp in (("llm_tp1", 1), ("llm_tp4", 4)):
+        with LLM(tensor_parallel_size=tp, _loaded=(cfg, params, TinyTokenizer()), **ENGINE_KW) as llm:
+            results[name] = summarize(llm.generate(prompts, sp))
+
+    # DP 2 x TP 2: one engine per replica group, the requests split between them. Through LLM once
+    # inference/llm.py builds a DataParallelEngine for data_parallel_size > 1; until then, built here the
+    # same way.
+    llm = LLM(tensor_parallel_size=2, data_parallel_size=2, _loaded=(cfg, params, TinyTokenizer()), **ENGINE_KW)
+    if isinstance(llm.engine, DataParallelEngine):
+        dp_engine, via = llm.engine, "LLM"
+    else:
+        llm.close()
+        llm, via = None, "sharding.mesh"
+        engines = []
+        for group in replica_meshes(make_mesh(2, 2)):
+            group_params = shard_params(params, cfg, group)
+            engines.append(Engine(cfg, group_params, None, EngineConfig(**ENGINE_KW), None,
+                                  cache_sharding(cfg, group), bytes_per_device(group_params)))
+        dp_engine = DataParallelEngine(engines)
+    for i, ids in enumerate(prompts):
+        dp_engine.add_request(f"r{i}", ids, sp)
+    per_replica = [e.scheduler.num_unfinished for e in dp_engine.engines]
+    final = dp_engine.run()
+    (llm or dp_engine).close()
+    results["engine_tp2xdp2"] = {**summarize([final[f"r{i}"] for i in range(len(prompts))]),
+                                 "requests_per_replica": per_replica, "built_by": via}
+
+    errors = {}
+    for name, (tp, dp) in {"tp3": (3, 1), "tp8xdp2": (8, 2)}.items():
+        try:
+            LLM(tensor_parallel_size=tp, data_parallel_size=dp, _loaded=(cfg, params, TinyTokenizer()), **ENGINE_KW)
+            errors[name] = "no error"
+        except ValueError as e:
+            errors[name] = str(e)
+    results["errors"] = errors
+
+
+def worker_quantized(results: dict):
+    import jax
+    from model.llama import forward, init_cache, init_params
+    from model.quantize import quantize_params
+    from sharding.mesh import make_mesh
+    from sharding.rules import cache_sharding, shard_params
+
+    cfg = tiny_config()
+    step = jax.jit(lambda p, c, i: forward(p, c, i, cfg), donate_argnums=(1,))
+    num_pages = PAGES_PER_SEQ * PAD_SEQS
+    for mode in ("int8", "int4"):
+        params = quantize_params(init_params(cfg, jax.random.PRNGKey(0)), mode, group_size=32)
+        ref, _ = two_ragged_steps(params, init_cache(cfg, num_pages, PAGE_SIZE), step)
+        mesh = make_mesh(2, 1)
+        cache = jax.device_put(init_cache(cfg, num_pages, PAGE_SIZE), cache_sharding(cfg, mesh))
+        got, _ = two_ragged_steps(shard_params(params, cfg, mesh), cache, step)
+        results[mode] = {"max_abs_diff": float(np.abs(got - ref).max())}
+
+
+if __name__ == "__main__":
+    case, out_path = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, str(REPO))
+    import jax
+
+    assert len(jax.devices()) >= NUM_DEVICES, f"need {NUM_DEVICES} devices, got {jax.devices()}"
+    res: dict = {}
+    {"forward": worker_forward, "engine": worker_engine, "quantized": worker_quantized}[case](res)
+    Path(out_path).write_text(json.dumps(res))
