@@ -3,6 +3,10 @@
 GGUF (llama.cpp) stores the Q and K projection rows in an interleaved RoPE order (pairs (2i, 2i+1)
 rotate together); the model here uses the half-split order of Hugging Face (pairs (i, i + hd/2)).
 `unpermute_qk_rows` undoes llama.cpp's permutation so both the weights and RoPE match HF.
+
+`load_gguf(path, quantization=...)` can keep the layer projections that are stored as Q8_0 / Q4_0 / Q4_1
+as `model.quantize.QuantizedWeight`s: a byte reshuffle of the GGUF blocks (no float round trip, and no
+dequantization time at load), with the Q/K un-permutation applied as an output-channel gather.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ _LAYER_TENSORS = {
     "ffn_down": ("w_down", True),
 }
 _LAYER_BIASES = {"attn_q": "bq", "attn_k": "bk", "attn_v": "bv"}
+
+# load_gguf(quantization=...) -> GGUF tensor types kept as QuantizedWeights (no float round trip).
+# "int8" / "int4" keep only the formats of that width; the rest load as float for quantize_params.
+KEEP_QUANTIZED = {None: (), "gguf": ("Q8_0", "Q4_0", "Q4_1"), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1")}
 
 
 def unpermute_qk_rows(w_out_in: np.ndarray, num_heads: int) -> np.ndarray:
@@ -83,16 +91,29 @@ def config_from_metadata(meta: dict, name: str = "gguf") -> LlamaConfig:
         architecture=arch, name=str(meta.get("general.name", name)))
 
 
-def load_gguf(path, dtype=None):
-    """Load a Llama-family GGUF file: returns (config, params as numpy float arrays, tokenizer).
+def qk_row_permutation(out_features: int, num_heads: int) -> np.ndarray:
+    """Row order of `unpermute_qk_rows` as an index array: unpermute_qk_rows(w, h) == w[perm]."""
+    return unpermute_qk_rows(np.arange(out_features), num_heads)
 
-    Quantized tensors (Q4_1, Q8_0, ...) are dequantized by the `gguf` package; F16/F32 are read as is.
+
+def load_gguf(path, dtype=None, quantization: Optional[str] = None):
+    """Load a Llama-family GGUF file: returns (config, params as numpy arrays, tokenizer).
+
+    quantization None (default): every tensor is float; quantized ones (Q4_1, Q8_0, ...) are dequantized
+    by the `gguf` package, F16/F32 are read as is (matches HF within 1e-3).
+    quantization "gguf" | "int8" | "int4": a layer projection whose tensors are all of one type in
+    KEEP_QUANTIZED[quantization] (in every layer) becomes a stacked QuantizedWeight [L, in, out] holding
+    the GGUF blocks as they are; all other weights load as float (`dtype` applies to those only).
     """
     import dataclasses
 
     import gguf
 
+    from model.quantize import from_gguf_tensor, permute_out_features, stack_quantized
     from model.tokenizer import tokenizer_from_gguf_metadata
+
+    if quantization not in KEEP_QUANTIZED:
+        raise ValueError(f"quantization={quantization!r} must be one of {list(KEEP_QUANTIZED)}")
 
     path = Path(path)
     if not path.is_file():
@@ -111,10 +132,27 @@ def load_gguf(path, dtype=None):
         return np.asarray(arr, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
 
     L = cfg.num_layers
+    row_heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}  # rows to un-permute
+
+    def kept_quantized(gname: str) -> bool:
+        types = {tensors[f"blk.{i}.{gname}.weight"].tensor_type.name for i in range(L)}
+        return len(types) == 1 and types <= set(KEEP_QUANTIZED[quantization])
+
+    quantized = {}
+    for gname, (ours, is_matmul) in _LAYER_TENSORS.items():
+        if is_matmul and kept_quantized(gname):
+            qws = [from_gguf_tensor(tensors[f"blk.{i}.{gname}.weight"]) for i in range(L)]  # [in, out] each
+            if gname in row_heads:  # GGUF's rows are our output channels
+                perm = qk_row_permutation(qws[0].out_features, row_heads[gname])
+                qws = [permute_out_features(qw, perm) for qw in qws]
+            quantized[ours] = stack_quantized(qws)
+
     layers: dict[str, list] = {}
     has_bias = f"blk.0.attn_q.bias" in tensors
     for i in range(L):
         for gname, (ours, is_matmul) in _LAYER_TENSORS.items():
+            if ours in quantized:
+                continue
             w = load(f"blk.{i}.{gname}.weight")
             if gname == "attn_q":
                 w = unpermute_qk_rows(w, cfg.num_heads)
@@ -132,7 +170,7 @@ def load_gguf(path, dtype=None):
     cast = (lambda a: a.astype(dtype)) if dtype is not None else (lambda a: a)
     params = {
         "embed": cast(load("token_embd.weight")),
-        "layers": {k: cast(np.stack(v)) for k, v in layers.items()},
+        "layers": {**{k: cast(np.stack(v)) for k, v in layers.items()}, **quantized},
         "final_norm": cast(load("output_norm.weight")),
     }
     tied = "output.weight" not in tensors

@@ -44,6 +44,9 @@ PARAM_AXES = {
     "lm_head": ("embed", "vocab"),
 }
 CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
+CACHE_SCALE_AXES = ("kv_heads", "pages", "page_slot")  # "k_scale" / "v_scale" of an int8 cache
+# Cache entries in the order they ride through the layer scan (scales only for int8 pages).
+CACHE_KEYS = ("k", "v", "k_scale", "v_scale")
 
 
 class StepInputs(NamedTuple):
@@ -93,15 +96,50 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
 
 
 def init_cache(cfg: LlamaConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> Cache:
-    """Empty paged KV pool: `num_pages` pages per layer, all layers in one array."""
+    """Empty paged KV pool: `num_pages` pages per layer, all layers in one array.
+
+    dtype int8 gives a quantized pool: int8 "k"/"v" plus float32 "k_scale"/"v_scale"
+    [KVH, L * num_pages, page_size], one absmax scale per token per KV head (pallas_kernels.kv_cache_update).
+    """
     if num_pages < 1 or page_size < 1:
         raise ValueError(f"{num_pages=} and {page_size=} must be >= 1")
+    dtype = jnp.dtype(dtype)
+    if not (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.int8):
+        raise ValueError(f"kv cache dtype={dtype} must be a float type or int8")
     shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if dtype == jnp.int8:
+        cache["k_scale"] = jnp.zeros(shape[:3], jnp.float32)
+        cache["v_scale"] = jnp.zeros(shape[:3], jnp.float32)
+    return cache
 
 
-def cache_bytes_per_page(cfg: LlamaConfig, page_size: int, dtype_bytes: int) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * dtype_bytes
+def kv_bytes_per_token_elem(head_dim: int, dtype) -> float:
+    """Bytes one K (or V) element costs in the pool, counting an int8 page's per-token scale."""
+    dtype = jnp.dtype(dtype)
+    return 1.0 + 4.0 / head_dim if dtype == jnp.int8 else float(dtype.itemsize)
+
+
+def cache_bytes_per_page(cfg: LlamaConfig, page_size: int, dtype) -> int:
+    """Bytes of one page across all layers, K and V (and their scales). dtype: a dtype or its byte size."""
+    if isinstance(dtype, (int, np.integer)):  # a byte size: a float pool of that width
+        return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * int(dtype)
+    per_elem = kv_bytes_per_token_elem(cfg.head_dim, dtype)
+    return int(round(2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * per_elem))
+
+
+def cache_carry(cache: Cache) -> tuple:
+    """The cache as the tuple that rides through the layer scan: (k, v) or (k, v, k_scale, v_scale)."""
+    return tuple(cache[key] for key in CACHE_KEYS if key in cache)
+
+
+def cache_from_carry(pool: tuple) -> Cache:
+    return dict(zip(CACHE_KEYS, pool))
+
+
+def _scale_kwargs(pool: Cache) -> dict:
+    """The kernels' k_scales / v_scales arguments: an int8 pool's scales, nothing for a float pool."""
+    return {"k_scales": pool["k_scale"], "v_scales": pool["v_scale"]} if "k_scale" in pool else {}
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -131,7 +169,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _layer(cfg: LlamaConfig, inputs: StepInputs, attn_impl: str, dense_prefill_len: Optional[int],
            num_pages: int, carry, layer_and_params):
-    x, k_cache, v_cache = carry
+    """carry = (x, *cache_carry(cache)): (x, k, v) for a float pool, (x, k, v, k_scale, v_scale) for int8."""
+    x, *pool = carry
+    pool = cache_from_carry(pool)
     layer_idx, p = layer_and_params
     T = x.shape[0]
     H, KVH, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -145,15 +185,18 @@ def _layer(cfg: LlamaConfig, inputs: StepInputs, attn_impl: str, dense_prefill_l
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     # This layer's pages live at offset layer_idx * num_pages of the shared pool.
-    page_size = k_cache.shape[2]
+    page_size = pool["k"].shape[2]
     slots = jnp.where(inputs.slot_mapping >= 0, inputs.slot_mapping + layer_idx * num_pages * page_size, -1)
-    k_cache, v_cache = update_kv_cache(k_cache, v_cache, k.astype(k_cache.dtype), v.astype(v_cache.dtype),
-                                       slots, impl=attn_impl)
+    new_k, new_v = k, v  # an int8 pool quantizes the float rows itself; a float pool stores them in its dtype
+    if "k_scale" not in pool:
+        new_k, new_v = k.astype(pool["k"].dtype), v.astype(pool["v"].dtype)
+    pool = cache_from_carry(update_kv_cache(pool["k"], pool["v"], new_k, new_v, slots, impl=attn_impl,
+                                            **_scale_kwargs(pool)))
     sm_scale = 1.0 / float(np.sqrt(hd))
     if dense_prefill_len is None:
         attn = ragged_paged_attention(
-            q, k_cache, v_cache, inputs.kv_lens, inputs.block_tables + layer_idx * num_pages,
-            inputs.cu_q_lens, inputs.num_seqs, sm_scale=sm_scale, impl=attn_impl)
+            q, pool["k"], pool["v"], inputs.kv_lens, inputs.block_tables + layer_idx * num_pages,
+            inputs.cu_q_lens, inputs.num_seqs, sm_scale=sm_scale, impl=attn_impl, **_scale_kwargs(pool))
     else:
         # Fresh prompts only (no cached prefix), each padded to dense_prefill_len: attend over the new K/V
         # directly with flash attention; nothing is read back from the pages.
@@ -168,7 +211,7 @@ def _layer(cfg: LlamaConfig, inputs: StepInputs, attn_impl: str, dense_prefill_l
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate, up = dense(h, p["w_gate"]), dense(h, p["w_up"])
     x = x + dense(jax.nn.silu(gate) * up, p["w_down"]).astype(x.dtype)
-    return (x, k_cache, v_cache), None
+    return (x, *cache_carry(pool)), None
 
 
 def hidden_states(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaConfig, *,
@@ -177,9 +220,30 @@ def hidden_states(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaCo
     num_pages = cache["k"].shape[1] // cfg.num_layers
     x = jnp.take(params["embed"], inputs.tokens, axis=0)
     body = functools.partial(_layer, cfg, inputs, attn_impl, dense_prefill_len, num_pages)
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]), (layer_ids, params["layers"]))
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), {"k": k_cache, "v": v_cache}
+    carry = (x, *cache_carry(cache))
+    if isinstance(params["layers"], (list, tuple)):
+        # Unstacked layers (see unstack_layers): a Python loop, each layer's weights used where they lie.
+        for i, layer_params in enumerate(params["layers"]):
+            carry, _ = body(carry, (i, layer_params))
+    else:
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        carry, _ = jax.lax.scan(body, carry, (layer_ids, params["layers"]))
+    x, *pool = carry
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache_from_carry(pool)
+
+
+def unstack_layers(params: Params) -> Params:
+    """params with "layers" as a list of per-layer dicts instead of arrays stacked on a leading axis.
+
+    `lax.scan` over stacked weights compiles one layer body (fast compiles), but XLA:CPU copies each
+    layer's weight slices out of the stacked arrays before the matmuls, tripling the weight bytes a
+    memory-bound decode step moves. Unstacked layers are unrolled (longer compiles) and read in place.
+    Works for QuantizedWeight leaves too (their array fields are sliced)."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]}
 
 
 def logits_from_hidden(params: Params, h: jax.Array, cfg: LlamaConfig) -> jax.Array:

@@ -8,6 +8,12 @@ Slots are expected to be unique among real tokens (the block allocator guarantee
 ``donate=True`` here) XLA reuses them for the result, so a step costs O(tokens), not O(cache).
 The XLA path is one scatter with mode="drop"; the Pallas kernel aliases the page buffers to its
 outputs (``input_output_aliases``) and stores only the new rows.
+
+int8 pages: pass ``k_scales`` / ``v_scales`` (float32 [num_kv_heads, num_pages, page_size], one scale per
+token per KV head) with int8 pages; every path then quantizes each new row on the way in
+(``quantize_kv``: symmetric absmax, ``row ~= q * scale``), writes the int8 row and its scale, and returns
+the four updated arrays. Per-token (not per-page) scales make a row's encoding independent of its
+neighbours: a page can be filled token by token, and prefix-cached pages stay bit-identical.
 """
 
 from __future__ import annotations
@@ -20,6 +26,26 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
+
+KV_INT8_MAX = 127.0  # symmetric: codes -127..127 (-128 unused, so negation is exact)
+
+
+def quantize_kv(x):  # [..., head_dim] float -> (int8 [..., head_dim], float32 [...])
+    """Symmetric absmax int8 of every row: x ~= q * scale with |x - q * scale| <= scale / 2.
+
+    One function for every path (reference, XLA, inside the Pallas kernel), so they agree bit for bit.
+    Rounds with floor(y + 0.5): Pallas Triton has no round_p lowering. All-zero rows get scale 0.
+    """
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / KV_INT8_MAX
+    safe = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.floor(x / safe[..., None] + 0.5), -KV_INT8_MAX, KV_INT8_MAX)
+    return q.astype(jnp.int8), scale
+
+
+def dequantize_kv(q, scale, dtype=jnp.float32):  # int8 [..., head_dim], float32 [...] -> [..., head_dim]
+    """q * scale per row (the inverse of quantize_kv, up to its rounding)."""
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +71,8 @@ def update_kv_cache_reference(
     k_new,  # [num_tokens, num_kv_heads, head_dim]
     v_new,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping,  # [num_tokens] int32, -1 = drop
+    k_scales=None,  # [num_kv_heads, num_pages, page_size] float32, only with int8 pages
+    v_scales=None,
 ):
     """Compares every cache slot with every token's slot: obviously right, O(tokens x slots)."""
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
@@ -53,30 +81,40 @@ def update_kv_cache_reference(
     written = jnp.any(hits, axis=0)  # [slots]
     writer = jnp.argmax(hits, axis=0)  # token writing each slot (meaningless where not written)
 
-    def apply(pages, new):
-        flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
-        incoming = jnp.transpose(new, (1, 0, 2))[:, writer].astype(pages.dtype)  # [KVH, slots, hd]
-        flat = jnp.where(written[None, :, None], incoming, flat)
-        return flat.reshape(pages.shape)
+    def apply(pages, new):  # pages [KVH, P, ps, ...], new [T, KVH, ...]
+        flat = pages.reshape(num_kv_heads, num_pages * page_size, *pages.shape[3:])
+        incoming = jnp.moveaxis(new, 0, 1)[:, writer].astype(pages.dtype)  # [KVH, slots, ...]
+        mask = written.reshape((1, -1) + (1,) * (flat.ndim - 2))
+        return jnp.where(mask, incoming, flat).reshape(pages.shape)
 
-    return apply(k_pages, k_new), apply(v_pages, v_new)
+    if k_scales is None:
+        return apply(k_pages, k_new), apply(v_pages, v_new)
+    (k_q, k_s), (v_q, v_s) = quantize_kv(k_new), quantize_kv(v_new)
+    return apply(k_pages, k_q), apply(v_pages, v_q), apply(k_scales, k_s), apply(v_scales, v_s)
 
 
 # --------------------------------------------------------------------------------------------
 # XLA path
 # --------------------------------------------------------------------------------------------
-def _update_kv_cache_xla(k_pages, v_pages, k_new, v_new, slot_mapping):
+def _update_kv_cache_xla(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales=None, v_scales=None):
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
-    num_slots = num_pages * page_size
-    # -1 would wrap around to the last slot under numpy indexing: send it out of bounds instead.
-    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
+    if slot_mapping.shape[0] == 1:
+        # XLA lowers a one-row scatter to a dynamic-update-slice guarded by a whole-pool select (for the
+        # drop mode), which copies the pool. A second, dropped row keeps it a real in-place scatter.
+        slot_mapping = jnp.pad(slot_mapping, (0, 1), constant_values=-1)
+        k_new, v_new = (jnp.pad(x, ((0, 1),) + ((0, 0),) * (x.ndim - 1)) for x in (k_new, v_new))
+    # -1 would wrap around to the last page under numpy indexing: send it out of bounds instead.
+    page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)
+    offset = slot_mapping % page_size
 
-    def apply(pages, new):
-        flat = pages.reshape(num_kv_heads, num_slots, head_dim)
-        flat = flat.at[:, slots].set(jnp.transpose(new, (1, 0, 2)).astype(pages.dtype), mode="drop")
-        return flat.reshape(pages.shape)
+    def apply(pages, new):  # pages [KVH, P, ps, ...], new [T, KVH, ...]
+        # Index the 4-D pool directly: reshaping it flat first makes XLA copy the whole pool.
+        return pages.at[:, page, offset].set(jnp.moveaxis(new, 0, 1).astype(pages.dtype), mode="drop")
 
-    return apply(k_pages, k_new), apply(v_pages, v_new)
+    if k_scales is None:
+        return apply(k_pages, k_new), apply(v_pages, v_new)
+    (k_q, k_s), (v_q, v_s) = quantize_kv(k_new), quantize_kv(v_new)
+    return apply(k_pages, k_q), apply(v_pages, v_q), apply(k_scales, k_s), apply(v_scales, v_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,12 +124,14 @@ def kv_cache_update_kernel(
     slot_mapping_ref,  # [tokens_per_program] int32
     k_new_ref,  # [tokens_per_program, head_dim] (this program's KV head)
     v_new_ref,  # [tokens_per_program, head_dim]
-    k_pages_in_ref,  # [num_pages, page_size, head_dim], aliased to k_pages_ref
-    v_pages_in_ref,  # [num_pages, page_size, head_dim], aliased to v_pages_ref
-    k_pages_ref,  # [num_pages, page_size, head_dim] (output)
-    v_pages_ref,  # [num_pages, page_size, head_dim] (output)
+    *cache_refs,
 ):
-    del k_pages_in_ref, v_pages_in_ref  # same buffers as the outputs; only new rows are stored
+    """cache_refs: the aliased inputs, then the outputs, each (k_pages, v_pages) [num_pages, page_size,
+    head_dim], followed for int8 pages by (k_scales, v_scales) [num_pages, page_size]."""
+    # The inputs are the same buffers as the outputs; only new rows are stored.
+    out_refs = cache_refs[len(cache_refs) // 2:]
+    k_pages_ref, v_pages_ref = out_refs[:2]
+    quantized = len(out_refs) == 4
     tokens_per_program = slot_mapping_ref.shape[0]
     page_size = k_pages_ref.shape[1]
 
@@ -101,15 +141,25 @@ def kv_cache_update_kernel(
         @pl.when(slot >= 0)
         def _():
             page, offset = slot // page_size, slot % page_size
-            k_pages_ref[page, offset, :] = k_new_ref[i, :].astype(k_pages_ref.dtype)
-            v_pages_ref[page, offset, :] = v_new_ref[i, :].astype(v_pages_ref.dtype)
+            if quantized:  # quantize in registers: the float row never reaches the cache
+                k_scales_ref, v_scales_ref = out_refs[2:]
+                k_q, k_s = quantize_kv(k_new_ref[i, :])
+                v_q, v_s = quantize_kv(v_new_ref[i, :])
+                k_pages_ref[page, offset, :] = k_q
+                v_pages_ref[page, offset, :] = v_q
+                k_scales_ref[page, offset] = k_s
+                v_scales_ref[page, offset] = v_s
+            else:
+                k_pages_ref[page, offset, :] = k_new_ref[i, :].astype(k_pages_ref.dtype)
+                v_pages_ref[page, offset, :] = v_new_ref[i, :].astype(v_pages_ref.dtype)
 
         return carry
 
     lax.fori_loop(0, tokens_per_program, write_row, 0)
 
 
-def _update_kv_cache_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, *, block_sizes, interpret, lowering):
+def _update_kv_cache_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales=None, v_scales=None, *,
+                            block_sizes, interpret, lowering):
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
     num_tokens = k_new.shape[0]
     tokens_per_program = min(block_sizes.tokens_per_program, num_tokens)
@@ -119,7 +169,10 @@ def _update_kv_cache_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, *, blo
         k_new = jnp.pad(k_new, ((0, padded - num_tokens), (0, 0), (0, 0)))
         v_new = jnp.pad(v_new, ((0, padded - num_tokens), (0, 0), (0, 0)))
 
+    cache = [k_pages, v_pages] + ([] if k_scales is None else [k_scales, v_scales])
     pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda h, i: (h, 0, 0, 0))
+    scales_spec = pl.BlockSpec((None, num_pages, page_size), lambda h, i: (h, 0, 0))
+    cache_specs = [pages_spec, pages_spec, scales_spec, scales_spec][:len(cache)]
     rows_spec = pl.BlockSpec((tokens_per_program, None, head_dim), lambda h, i: (i, h, 0))
     return pl.pallas_call(
         kv_cache_update_kernel,
@@ -128,24 +181,22 @@ def _update_kv_cache_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, *, blo
             pl.BlockSpec((tokens_per_program,), lambda h, i: (i,)),  # slot_mapping
             rows_spec,  # k_new
             rows_spec,  # v_new
-            pages_spec,  # k_pages (aliased)
-            pages_spec,  # v_pages (aliased)
+            *cache_specs,  # k_pages, v_pages[, k_scales, v_scales] (aliased)
         ],
-        out_specs=[pages_spec, pages_spec],
-        out_shape=[jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
-                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)],
-        input_output_aliases={3: 0, 4: 1},
+        out_specs=cache_specs,
+        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache],
+        input_output_aliases={3 + j: j for j in range(len(cache))},
         interpret=interpret,
         compiler_params=None if interpret else backend.gpu_compiler_params(
             lowering, num_warps=block_sizes.num_warps, num_stages=1),
-        name=f"kv_cache_update_{tokens_per_program=}",
-    )(slot_mapping, k_new, v_new, k_pages, v_pages)
+        name=f"kv_cache_update_{tokens_per_program=}" + ("_int8" if k_scales is not None else ""),
+    )(slot_mapping, k_new, v_new, *cache)
 
 
 # --------------------------------------------------------------------------------------------
 # Public wrapper
 # --------------------------------------------------------------------------------------------
-def _validate(k_pages, v_pages, k_new, v_new, slot_mapping):
+def _validate(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales):
     if k_pages.ndim != 4:
         raise ValueError(f"k_pages.shape={k_pages.shape} must be [num_kv_heads, num_pages, page_size, head_dim]")
     if v_pages.shape != k_pages.shape:
@@ -162,23 +213,46 @@ def _validate(k_pages, v_pages, k_new, v_new, slot_mapping):
         raise ValueError(f"slot_mapping.shape={slot_mapping.shape} must be ({k_new.shape[0]},) (one slot per token)")
     if slot_mapping.dtype != jnp.int32:
         raise ValueError(f"slot_mapping.dtype={slot_mapping.dtype} must be int32")
-    for name, dtype in (("k_pages", k_pages.dtype), ("k_new", k_new.dtype), ("v_new", v_new.dtype)):
+    for name, dtype in (("k_new", k_new.dtype), ("v_new", v_new.dtype)):
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"{name}.dtype={dtype} must be a floating point type")
+    check_kv_scales(k_pages, k_scales, v_scales)
 
 
-def _update_kv_cache_impl(k_pages, v_pages, k_new, v_new, slot_mapping, *, impl, block_sizes, lowering):
+def check_kv_scales(k_pages, k_scales, v_scales):
+    """int8 pages need both scale arrays [KVH, P, ps] float32; float pages take none."""
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("pass both k_scales and v_scales (int8 pages) or neither (float pages)")
+    if k_scales is None:
+        if not jnp.issubdtype(k_pages.dtype, jnp.floating):
+            raise ValueError(f"k_pages.dtype={k_pages.dtype} must be a floating point type "
+                             f"(or int8 with k_scales/v_scales)")
+        return
+    if k_pages.dtype != jnp.int8:
+        raise ValueError(f"k_scales/v_scales given but k_pages.dtype={k_pages.dtype}: scales go with int8 pages")
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if scales.shape != k_pages.shape[:3]:
+            raise ValueError(f"{name}.shape={scales.shape} must be {k_pages.shape[:3]} "
+                             f"([num_kv_heads, num_pages, page_size] of k_pages.shape={k_pages.shape})")
+        if scales.dtype != jnp.float32:
+            raise ValueError(f"{name}.dtype={scales.dtype} must be float32")
+
+
+def _update_kv_cache_impl(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales, *, impl, block_sizes,
+                          lowering):
+    args = (k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales)
     if impl == "reference":
-        return update_kv_cache_reference(k_pages, v_pages, k_new, v_new, slot_mapping)
+        return update_kv_cache_reference(*args)
     if impl == "xla":
-        return _update_kv_cache_xla(k_pages, v_pages, k_new, v_new, slot_mapping)
-    return tuple(_update_kv_cache_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, block_sizes=block_sizes,
-                                         interpret=impl == "pallas_interpret", lowering=lowering))
+        return _update_kv_cache_xla(*args)
+    return tuple(_update_kv_cache_pallas(*args, block_sizes=block_sizes, interpret=impl == "pallas_interpret",
+                                         lowering=lowering))
 
 
 _STATIC = ("impl", "block_sizes", "lowering")
 _update_kv_cache_jit = jax.jit(_update_kv_cache_impl, static_argnames=_STATIC)
-_update_kv_cache_donating_jit = jax.jit(_update_kv_cache_impl, static_argnames=_STATIC, donate_argnums=(0, 1))
+_update_kv_cache_donating_jit = jax.jit(_update_kv_cache_impl, static_argnames=_STATIC,
+                                        donate_argnums=(0, 1, 5, 6))
 
 
 def update_kv_cache(
@@ -189,19 +263,24 @@ def update_kv_cache(
     slot_mapping,  # [num_tokens] int32: page * page_size + offset, -1 = drop
     impl: str = "auto",
     *,
+    k_scales=None,  # [num_kv_heads, num_pages, page_size] float32: with int8 pages only
+    v_scales=None,  # [num_kv_heads, num_pages, page_size] float32
     donate: bool = False,
     block_sizes: KVCacheUpdateBlockSizes | None = None,
     lowering: str | None = None,
-) -> tuple[jax.Array, jax.Array]:  # (k_pages, v_pages) with the new rows written
+) -> tuple[jax.Array, ...]:  # (k_pages, v_pages), or (k_pages, v_pages, k_scales, v_scales) for int8 pages
     """Scatters new K/V rows into their cache slots; returns the updated (k_pages, v_pages).
 
+    With int8 pages and k_scales/v_scales, the rows are quantized per token and head (``quantize_kv``)
+    and the updated (k_pages, v_pages, k_scales, v_scales) are returned.
     Inside a jitted step whose cache argument is donated the update happens in place. Called
-    eagerly, ``donate=True`` hands k_pages/v_pages over (they are deleted) to get the same.
+    eagerly, ``donate=True`` hands the cache arrays over (they are deleted) to get the same.
     """
     impl = backend.resolve_impl(impl)
-    _validate(k_pages, v_pages, k_new, v_new, slot_mapping)
+    _validate(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales)
     if block_sizes is None:
         block_sizes = KVCacheUpdateBlockSizes()
     lowering = backend.kernel_lowering(impl, lowering, "update_kv_cache")
     fn = _update_kv_cache_donating_jit if donate else _update_kv_cache_jit
-    return fn(k_pages, v_pages, k_new, v_new, slot_mapping, impl=impl, block_sizes=block_sizes, lowering=lowering)
+    return fn(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales, impl=impl, block_sizes=block_sizes,
+              lowering=lowering)

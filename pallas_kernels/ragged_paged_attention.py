@@ -18,6 +18,12 @@ The Pallas kernel packs a chunk as a tile of ``block_rows`` rows = (tokens x que
 KV head) -- the GQA group shares every KV load, and a decode token still fills ``group`` rows of the
 matmul. The wrapper gathers those tiles with plain XLA ops, so the kernel itself only does dense
 block loads, a page gather through the block table, and two dots.
+
+int8 KV pages (see ``kv_cache_update``): pass ``k_scales`` / ``v_scales`` [num_kv_heads, num_pages,
+page_size] float32 with int8 pages. The kernel and the XLA path load the int8 block (a quarter of the
+float32 bytes) and dequantize it on chip, folding the per-token scales into the score and probability
+columns: ``q . (s_k k) = s_k (q . k)`` and ``p @ (s_v v) = (p s_v) @ v``, i.e. O(rows x block)
+multiplies instead of O(block x head_dim). The reference dequantizes the whole pool first.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
+from pallas_kernels.kv_cache_update import check_kv_scales, dequantize_kv
 
 # Finite "minus infinity": exp(MASK_VALUE - m) underflows to 0 without inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -101,14 +108,27 @@ def ragged_paged_attention_reference(
     block_tables,  # [max_seqs, pages_per_seq] int32
     cu_q_lens,  # [max_seqs + 1] int32
     num_seqs,  # [1] int32
+    k_scales=None,  # [num_kv_heads, num_pages, page_size] float32, only with int8 pages
+    v_scales=None,
     *,
     sm_scale: float,
 ):
-    """Gathers every sequence's whole KV and every token's full score row, in float32."""
+    """Gathers every sequence's whole KV and every token's full score row, in float32.
+
+    int8 pages are dequantized (page * per-token scale) up front: the ground truth for the kernels.
+    """
+    if k_scales is not None:
+        k_pages, v_pages = dequantize_kv(k_pages, k_scales), dequantize_kv(v_pages, v_scales)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, pages_per_seq = block_tables.shape
     group = num_heads // num_kv_heads
+    # Gather the batch's pages out of the pool once, up front, and renumber the block tables into that
+    # compact copy. The loops below then never touch the (much larger, donated) pool, which would
+    # otherwise make XLA copy the whole pool into every loop.
+    k_pages, k_scales = _compact_pages(k_pages, k_scales, block_tables)
+    v_pages, v_scales = _compact_pages(v_pages, v_scales, block_tables)
+    block_tables = jnp.arange(max_seqs * pages_per_seq, dtype=block_tables.dtype).reshape(max_seqs, pages_per_seq)
     max_kv = pages_per_seq * page_size
 
     # [S, max_kv, KVH, hd]: contiguous KV of every sequence.
@@ -146,13 +166,38 @@ def ragged_paged_attention_reference(
 # --------------------------------------------------------------------------------------------
 # XLA (CPU) path
 # --------------------------------------------------------------------------------------------
-def _ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                                sm_scale, query_chunks=XLA_QUERY_CHUNKS, block_k_tokens=XLA_BLOCK_K_TOKENS,
-                                decode_block_bytes=XLA_DECODE_BLOCK_BYTES):
+def _gather_kv_block(pages, scales, page_ids):
+    """pages[:, page_ids] merged into one token axis, as float32, with the per-token scales (or None).
+
+    pages [KVH, P, ps, hd], page_ids [..., n] -> ([KVH, ..., n * ps, hd] f32, [KVH, ..., n * ps] f32 | None).
+    """
+    block = pages[:, page_ids]
+    block = block.reshape(block.shape[:-3] + (-1, block.shape[-1])).astype(jnp.float32)
+    if scales is None:
+        return block, None
+    token_scales = scales[:, page_ids]
+    return block, token_scales.reshape(token_scales.shape[:-2] + (-1,))
+
+
+def _compact_pages(pages, scales, block_tables):
+    """pages [KVH, P, ps, hd] -> [KVH, S * maxP, ps, hd]: the pages of block_tables [S, maxP] in table order."""
+    flat_ids = block_tables.reshape(-1)
+    return pages[:, flat_ids], (None if scales is None else scales[:, flat_ids])
+
+
+def _ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
+                                k_scales=None, v_scales=None, *, sm_scale, query_chunks=XLA_QUERY_CHUNKS,
+                                block_k_tokens=XLA_BLOCK_K_TOKENS, decode_block_bytes=XLA_DECODE_BLOCK_BYTES):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, pages_per_seq = block_tables.shape
     group = num_heads // num_kv_heads
+    # Gather the batch's pages out of the pool once, up front, and renumber the block tables into that
+    # compact copy. The loops below then never touch the (much larger, donated) pool, which would
+    # otherwise make XLA copy the whole pool into every loop.
+    k_pages, k_scales = _compact_pages(k_pages, k_scales, block_tables)
+    v_pages, v_scales = _compact_pages(v_pages, v_scales, block_tables)
+    block_tables = jnp.arange(max_seqs * pages_per_seq, dtype=block_tables.dtype).reshape(max_seqs, pages_per_seq)
     pages_per_block = max(1, min(block_k_tokens // page_size, pages_per_seq))
     block_k = pages_per_block * page_size
     # Pad so every block-table slice and every query chunk slice stays in bounds (page 0 is a
@@ -178,9 +223,11 @@ def _ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q
         def kv_block(kj, carry):
             acc, row_max, row_sum = carry
             page_ids = lax.dynamic_slice_in_dim(pages, kj * pages_per_block, pages_per_block)
-            k_block = k_pages[:, page_ids].reshape(num_kv_heads, block_k, head_dim).astype(jnp.float32)
-            v_block = v_pages[:, page_ids].reshape(num_kv_heads, block_k, head_dim).astype(jnp.float32)
+            k_block, k_scale = _gather_kv_block(k_pages, k_scales, page_ids)  # [KVH, block_k, hd], [KVH, block_k]
+            v_block, v_scale = _gather_kv_block(v_pages, v_scales, page_ids)
             scores = jnp.einsum("chgd,hkd->hgck", q_chunk, k_block)
+            if k_scale is not None:
+                scores = scores * k_scale[:, None, None, :]
             kv_positions = kj * block_k + jnp.arange(block_k)
             allowed = (kv_positions[None, :] <= positions[:, None]) & (kv_positions[None, :] < kv_len)
             scores = jnp.where(allowed, scores, MASK_VALUE)
@@ -188,6 +235,8 @@ def _ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q
             correction = jnp.exp(row_max - new_max)
             probs = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
             row_sum = row_sum * correction + probs.sum(axis=-1)
+            if v_scale is not None:
+                probs = probs * v_scale[:, None, None, :]
             acc = acc * correction[..., None] + jnp.einsum("hgck,hkd->hgcd", probs, v_block)
             return acc, new_max, row_sum
 
@@ -221,14 +270,15 @@ def _ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q
     # The batched decode block holds every sequence's KV: size it to stay cache-resident.
     decode_pages_per_block = max(1, min(pages_per_block, decode_block_bytes // (
         max_seqs * num_kv_heads * page_size * head_dim * 4)))
-    out = _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, sm_scale=sm_scale,
-                          pages_per_block=decode_pages_per_block)
+    out = _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, k_scales, v_scales,
+                          sm_scale=sm_scale, pages_per_block=decode_pages_per_block)
     out = jnp.pad(out, ((0, largest_chunk), (0, 0), (0, 0)))
     out = lax.fori_loop(0, jnp.minimum(num_seqs[0], max_seqs), one_sequence, out)
     return out[:num_tokens]
 
 
-def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, *, sm_scale, pages_per_block):
+def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, k_scales=None, v_scales=None, *,
+                    sm_scale, pages_per_block):
     """Sequences with exactly one query, all at once: one loop over KV blocks for the whole batch.
 
     A per-sequence loop would pay loop overhead per (sequence, block); decode-heavy batches are
@@ -251,9 +301,11 @@ def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_len
     def kv_block(kj, carry):
         acc, row_max, row_sum = carry
         page_ids = lax.dynamic_slice_in_dim(block_tables, kj * pages_per_block, pages_per_block, axis=1)
-        k_block = k_pages[:, page_ids].reshape(num_kv_heads, max_seqs, block_k, head_dim).astype(jnp.float32)
-        v_block = v_pages[:, page_ids].reshape(num_kv_heads, max_seqs, block_k, head_dim).astype(jnp.float32)
+        k_block, k_scale = _gather_kv_block(k_pages, k_scales, page_ids)  # [KVH, S, block_k, hd], [KVH, S, block_k]
+        v_block, v_scale = _gather_kv_block(v_pages, v_scales, page_ids)
         scores = jnp.einsum("shgd,hskd->shgk", q_decode, k_block)
+        if k_scale is not None:
+            scores = scores * jnp.transpose(k_scale, (1, 0, 2))[:, :, None, :]
         kv_positions = kj * block_k + jnp.arange(block_k)
         allowed = (kv_positions[None, :] < decode_kv_lens[:, None])[:, None, None, :]  # [S, 1, 1, block_k]
         scores = jnp.where(allowed, scores, MASK_VALUE)
@@ -261,6 +313,8 @@ def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_len
         correction = jnp.exp(row_max - new_max)
         probs = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
         row_sum = row_sum * correction + probs.sum(axis=-1)
+        if v_scale is not None:
+            probs = probs * jnp.transpose(v_scale, (1, 0, 2))[:, :, None, :]
         acc = acc * correction[..., None] + jnp.einsum("shgk,hskd->shgd", probs, v_block)
         return acc, new_max, row_sum
 
@@ -289,12 +343,13 @@ def ragged_paged_attention_kernel(
     q_ref,  # [block_rows, head_dim]: row r = token r // group, query head r % group
     k_pages_ref,  # [num_pages, page_size, head_dim] (this tile's KV head)
     v_pages_ref,  # [num_pages, page_size, head_dim]
-    o_ref,  # [block_rows, head_dim]
-    *,
+    *refs,  # int8 pages: k_scales_ref, v_scales_ref [num_pages, page_size]; then o_ref [block_rows, head_dim]
     sm_scale: float,
     group: int,
     pages_per_block: int,
 ):
+    *scale_refs, o_ref = refs
+    quantized = bool(scale_refs)
     block_rows, head_dim = q_ref.shape
     page_size = k_pages_ref.shape[1]
     block_k = pages_per_block * page_size
@@ -317,7 +372,16 @@ def ragged_paged_attention_kernel(
         page_ids = block_tables_ref[seq, pl.ds(kj * pages_per_block, pages_per_block)]  # [pages_per_block]
         k = k_pages_ref[page_ids].reshape(block_k, head_dim)
         v = v_pages_ref[page_ids].reshape(block_k, head_dim)
+        if quantized:
+            # Dequantize on chip: int8 -> q's dtype is exact (|code| <= 127), and the per-token scales
+            # go onto the score / probability columns instead of the [block_k, head_dim] tiles.
+            k_scales_ref, v_scales_ref = scale_refs
+            k_scale = k_scales_ref[page_ids].reshape(block_k)
+            v_scale = v_scales_ref[page_ids].reshape(block_k)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         scores = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32) * sm_scale
+        if quantized:
+            scores = scores * k_scale[None, :]
         kv_positions = kj * block_k + jnp.arange(block_k)
         allowed = (kv_positions[None, :] <= positions[:, None]) & (kv_positions[None, :] < kv_len)
         scores = jnp.where(allowed, scores, MASK_VALUE)
@@ -325,6 +389,8 @@ def ragged_paged_attention_kernel(
         correction = jnp.exp(row_max - new_max)
         probs = jnp.where(allowed, jnp.exp(scores - new_max[:, None]), 0.0)
         row_sum = row_sum * correction + jnp.sum(probs, axis=1)
+        if quantized:
+            probs = probs * v_scale[None, :]
         pv = jnp.dot(probs.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
         return acc * correction[:, None] + pv, new_max, row_sum
 
@@ -362,8 +428,8 @@ def _query_tiles(cu_q_lens, num_seqs, kv_lens, *, tokens_per_tile, num_tiles):
                 kv_len=kv_lens[seq].astype(jnp.int32))
 
 
-def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                                   sm_scale, block_sizes, interpret, lowering):
+def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales=None,
+                                   v_scales=None, *, sm_scale, block_sizes, interpret, lowering):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     max_seqs, pages_per_seq = block_tables.shape
@@ -391,6 +457,8 @@ def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, c
     # Tiles on the first grid axis: CUDA allows 2**31 - 1 blocks there (65535 on the others), and
     # neighbouring programs then share a sequence's KV pages in L2.
     per_tile = pl.BlockSpec((1,), lambda i, h: (i,))
+    scales = [] if k_scales is None else [k_scales, v_scales]
+    scales_spec = pl.BlockSpec((None, num_pages, page_size), lambda i, h: (h, 0, 0))
     out_tiles = pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads),
@@ -403,15 +471,16 @@ def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, c
             pl.BlockSpec((None, None, block_rows, head_dim), lambda i, h: (h, i, 0, 0)),  # q tiles
             pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),  # k_pages
             pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),  # v_pages
+            *[scales_spec] * len(scales),  # k_scales, v_scales (int8 pages only)
         ],
         out_specs=pl.BlockSpec((None, None, block_rows, head_dim), lambda i, h: (h, i, 0, 0)),
         out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
         interpret=interpret,
         compiler_params=None if interpret else backend.gpu_compiler_params(
             lowering, num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
-        name=f"ragged_paged_attention_{block_rows=}_{pages_per_block=}",
+        name=f"ragged_paged_attention_{block_rows=}_{pages_per_block=}" + ("_int8" if scales else ""),
     )(tiles["seq"], tiles["first_position"], tiles["num_tokens"], tiles["kv_len"], block_tables,
-      q_tiles, k_pages, v_pages)
+      q_tiles, k_pages, v_pages, *scales)
 
     # Scatter tiles back to [T, H, hd]: token t, head h -> tile of t, row (t - first_row) * group + h % group.
     tokens = jnp.arange(num_tokens)
@@ -430,7 +499,7 @@ def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, c
 # --------------------------------------------------------------------------------------------
 # Public wrapper
 # --------------------------------------------------------------------------------------------
-def _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, impl):
+def _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales, v_scales, impl):
     if q.ndim != 3:
         raise ValueError(f"q.shape={q.shape} must be [num_tokens, num_heads, head_dim]")
     if k_pages.ndim != 4:
@@ -443,11 +512,16 @@ def _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, i
         raise ValueError(f"k_pages.shape={k_pages.shape} head_dim must equal q.shape={q.shape} head_dim")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-    for name, dtype in (("q", q.dtype), ("k_pages", k_pages.dtype), ("v_pages", v_pages.dtype)):
-        if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-            raise ValueError(f"{name}.dtype={dtype} must be float32, bfloat16 or float16")
+    page_dtypes = (jnp.int8,) if k_scales is not None else (jnp.float32, jnp.bfloat16, jnp.float16)
+    for name, dtype, allowed in (("q", q.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)),
+                                 ("k_pages", k_pages.dtype, page_dtypes), ("v_pages", v_pages.dtype, page_dtypes)):
+        if dtype not in allowed:
+            raise ValueError(f"{name}.dtype={dtype} must be "
+                             + ("int8 (k_scales/v_scales given)" if allowed == (jnp.int8,)
+                                else "float32, bfloat16 or float16"))
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages.dtype={k_pages.dtype} must equal v_pages.dtype={v_pages.dtype}")
+    check_kv_scales(k_pages, k_scales, v_scales)
     if block_tables.ndim != 2:
         raise ValueError(f"block_tables.shape={block_tables.shape} must be [max_seqs, pages_per_seq]")
     max_seqs = block_tables.shape[0]
@@ -467,15 +541,15 @@ def _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, i
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "impl", "block_sizes", "lowering"))
-def _ragged_paged_attention_jit(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                                sm_scale, impl, block_sizes, lowering):
-    args = (q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
+def _ragged_paged_attention_jit(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales,
+                                v_scales, *, sm_scale, impl, block_sizes, lowering):
+    args = (q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales, v_scales)
     if impl == "reference":
         return ragged_paged_attention_reference(*args, sm_scale=sm_scale)
     if impl == "xla":
         return _ragged_paged_attention_xla(*args, sm_scale=sm_scale, query_chunks=XLA_QUERY_CHUNKS,
                                            block_k_tokens=XLA_BLOCK_K_TOKENS)
-    if k_pages.dtype != q.dtype:  # the kernel's dots need one element type
+    if k_scales is None and k_pages.dtype != q.dtype:  # the kernel's dots need one element type
         q = q.astype(k_pages.dtype)
     out = _ragged_paged_attention_pallas(q, *args[1:], sm_scale=sm_scale, block_sizes=block_sizes,
                                          interpret=impl == "pallas_interpret", lowering=lowering)
@@ -491,6 +565,8 @@ def ragged_paged_attention(
     cu_q_lens,  # [max_seqs + 1] int32: prefix sums of per-sequence query counts
     num_seqs,  # [1] int32: real sequences (<= max_seqs)
     *,
+    k_scales=None,  # [num_kv_heads, num_pages, page_size] float32: with int8 pages only
+    v_scales=None,  # [num_kv_heads, num_pages, page_size] float32
     sm_scale: float | None = None,
     impl: str = "auto",
     block_sizes: RaggedPagedAttentionBlockSizes | None = None,
@@ -498,11 +574,12 @@ def ragged_paged_attention(
 ) -> jax.Array:  # [num_tokens, num_heads, head_dim], dtype of q
     """Causal attention of concatenated ragged queries against their sequences' KV pages.
 
+    int8 pages need their per-token scales (k_scales, v_scales; see kv_cache_update.quantize_kv).
     sm_scale defaults to 1/sqrt(head_dim). ``lowering`` ("triton" | "mosaic", default from
     $RIDGELINE_PALLAS_LOWERING) only matters for impl="pallas".
     """
     impl = backend.resolve_impl(impl)
-    _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, impl)
+    _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales, v_scales, impl)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if block_sizes is None:
@@ -511,6 +588,6 @@ def ragged_paged_attention(
     if backend.is_pallas(impl) and max(block_sizes.block_rows, 16) < group:
         raise ValueError(f"block_rows={block_sizes.block_rows} must be >= num_heads // num_kv_heads={group}")
     lowering = backend.kernel_lowering(impl, lowering, "ragged_paged_attention")
-    return _ragged_paged_attention_jit(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-                                       sm_scale=float(sm_scale), impl=impl, block_sizes=block_sizes,
+    return _ragged_paged_attention_jit(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales,
+                                       v_scales, sm_scale=float(sm_scale), impl=impl, block_sizes=block_sizes,
                                        lowering=lowering)

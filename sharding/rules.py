@@ -193,10 +193,16 @@ def cache_spec(cfg: LlamaConfig, mesh: AnyMesh) -> P:
     return _spec(CACHE_AXES, (cfg.num_kv_heads, 0, 0, cfg.head_dim), rules, mesh)
 
 
-def cache_sharding(cfg: LlamaConfig, mesh: Mesh) -> dict:
-    """{"k", "v"} NamedShardings of the KV page pool: split over KV heads (see the module doc for GQA)."""
-    s = NamedSharding(rules_mesh(mesh, cfg), cache_spec(cfg, mesh))
-    return {"k": s, "v": s}
+def cache_sharding(cfg: LlamaConfig, mesh: Mesh, kv_dtype=None) -> dict:
+    """{"k", "v"} NamedShardings of the KV page pool: split over KV heads (see the module doc for GQA).
+    An int8 pool's per-token "k_scale"/"v_scale" [KVH, L * num_pages, page_size] split the same way."""
+    spec = cache_spec(cfg, mesh)
+    s = NamedSharding(rules_mesh(mesh, cfg), spec)
+    shardings = {"k": s, "v": s}
+    if kv_dtype is not None and jax.numpy.dtype(kv_dtype) == jax.numpy.int8:
+        scale = NamedSharding(rules_mesh(mesh, cfg), P(*spec[:3]))
+        shardings.update(k_scale=scale, v_scale=scale)
+    return shardings
 
 
 def init_sharded_cache(cfg: LlamaConfig, num_pages: int, page_size: int, dtype, sharding: dict) -> dict:

@@ -190,3 +190,13 @@ def test_llama3_rope_scaling_changes_low_frequencies_only():
 def test_config_errors_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(TINY, **kwargs)
+
+
+def test_unstacked_layers_equal_scan(tiny_params):
+    """The unrolled per-layer path (used on CPU) computes exactly what the lax.scan path does."""
+    from model.llama import unstack_layers
+
+    ids = list(np.random.default_rng(4).integers(0, TINY.vocab_size, 9))
+    stacked = prompt_logits(tiny_params, TINY, ids, page_size=4, attn_impl="xla")
+    unstacked = prompt_logits(unstack_layers(tiny_params), TINY, ids, page_size=4, attn_impl="xla")
+    np.testing.assert_allclose(unstacked, stacked, atol=1e-5)

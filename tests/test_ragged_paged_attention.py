@@ -168,7 +168,10 @@ def test_xla_path_is_memory_bounded():
     compiled = jax.jit(lambda *a: ragged_paged_attention(*a, impl="xla")).lower(*shapes).compile()
     temp_bytes = compiled.memory_analysis().temp_size_in_bytes
     per_token_kv_gather = num_tokens * 4096 * num_kv_heads * head_dim * 4
-    assert temp_bytes < per_token_kv_gather / 50, f"{temp_bytes=} vs {per_token_kv_gather=}"
+    # The one allowed big temporary: the batch's own pages, compacted out of the pool once (K and V,
+    # [S, max_kv] -- per sequence, never per token).
+    compacted_batch_kv = 2 * max_seqs * 4096 * num_kv_heads * head_dim * 4
+    assert temp_bytes < per_token_kv_gather / 50 + compacted_batch_kv, f"{temp_bytes=} vs {per_token_kv_gather=}"
 
 
 def test_auto_resolves_to_xla_on_cpu():
