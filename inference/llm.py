@@ -21,6 +21,7 @@ from inference.engine import Engine, EngineConfig
 from inference.outputs import CompletionOutput, RequestOutput, ScoreOutput, StreamDelta
 from inference.sampling_params import SamplingParams
 from model.checkpoint import load_model
+from model.llama import unstack_layers
 
 Prompt = Union[str, Sequence[int], dict]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -33,20 +34,47 @@ class LLM:
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, attn_impl: str = "auto", quantization: Optional[str] = None,
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 _loaded=None):
+                 quantization_group_size: Optional[int] = None,
+                 speculative=None, unroll_layers: Optional[bool] = None, _loaded=None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r} must be one of {sorted(_DTYPES)}")
-        if quantization not in (None, "int8", "int4"):
-            raise ValueError(f"quantization={quantization!r} must be None, 'int8' or 'int4'")
+        # Quantization: "int8" (per channel) / "int4" (groups of quantization_group_size inputs, default the
+        # largest of 128/64/32 dividing every projection's input dim) of the projections, or "gguf": the
+        # GGUF's own Q8_0/Q4_0/Q4_1 blocks. From a GGUF, tensors already in the requested width are kept
+        # as they are (no float round trip); see model.gguf_loader.load_gguf.
+        if quantization not in (None, "int8", "int4", "gguf"):
+            raise ValueError(f"quantization={quantization!r} must be None, 'int8', 'int4' or 'gguf'")
         t0 = time.perf_counter()
+        if _loaded is None and quantization is not None:
+            from model.weights import resolve_model
+
+            path = resolve_model(model)
+            if path.is_file() and path.suffix.lower() == ".gguf":
+                from model.gguf_loader import load_gguf
+
+                _loaded = load_gguf(path, quantization=quantization)
         cfg, params, tokenizer = _loaded if _loaded is not None else load_model(model)
         if tokenizer is None:
             raise ValueError(f"model {model!r} has no tokenizer (tokenizer.json missing)")
-        params = jax.tree.map(lambda a: jnp.asarray(a, _DTYPES[dtype]), params)
-        if quantization is not None:
-            from model.quantize import quantize_params
+        from model.quantize import PROJECTION_KEYS, QuantizedWeight, quantize_params
 
-            params = quantize_params(params, quantization)
+        is_quantized = lambda a: isinstance(a, QuantizedWeight)  # noqa: E731
+        params = jax.tree.map(lambda a: a if is_quantized(a) else jnp.asarray(a, _DTYPES[dtype]), params,
+                              is_leaf=is_quantized)
+        if quantization == "gguf" and not any(map(is_quantized, params["layers"].values())):
+            raise ValueError("quantization='gguf' needs a GGUF model with Q8_0/Q4_0/Q4_1 projection weights")
+        if quantization == "int8":
+            params = quantize_params(params, "int8")
+        elif quantization == "int4":
+            group_size = quantization_group_size
+            if group_size is None:  # 576 and 1536 (SmolLM2-135M) -> 64
+                in_dims = {w.shape[-2] for k, w in params["layers"].items()
+                           if k in PROJECTION_KEYS and not is_quantized(w)}
+                group_size = next((g for g in (128, 64, 32) if all(k % g == 0 for k in in_dims)), None)
+                if group_size is None:
+                    raise ValueError(f"no int4 group size in (128, 64, 32) divides every projection input dim "
+                                     f"{sorted(in_dims)}; pass quantization_group_size")
+            params = quantize_params(params, "int4", group_size)
         self.config = cfg
         self.tokenizer = tokenizer
         self.quantization = quantization
@@ -55,20 +83,39 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
-            attn_impl=attn_impl, kv_cache_dtype=kv_cache_dtype)
-        param_sharding = cache_sharding = None
+            attn_impl=attn_impl, kv_cache_dtype=kv_cache_dtype,
+            speculative=speculative)  # None, a SpeculativeConfig or a dict of its fields
         self.mesh = None
+        if unroll_layers is None:
+            # XLA:CPU copies each layer's weights out of stacked arrays under lax.scan (3x the bytes of a
+            # memory-bound decode step); unrolled layers read them in place at the price of longer compiles.
+            unroll_layers = jax.default_backend() == "cpu"
         if tensor_parallel_size * data_parallel_size > 1:
-            from sharding.mesh import make_mesh
-            from sharding.rules import shard_params, cache_sharding as make_cache_sharding
+            from sharding.mesh import DataParallelEngine, make_mesh, replica_meshes
+            from sharding.rules import bytes_per_device, cache_sharding, shard_params
 
             self.mesh = make_mesh(tensor_parallel_size, data_parallel_size)
-            params = shard_params(params, cfg, self.mesh)
-            cache_sharding = make_cache_sharding(cfg, self.mesh)
+            # One engine (weights copy, KV pool, scheduler) per replica group of TP devices; with
+            # data_parallel_size > 1 the DataParallelEngine splits the requests between them.
+            engines = []
+            for group in replica_meshes(self.mesh):
+                group_params = shard_params(params, cfg, group)
+                if unroll_layers:
+                    group_params = unstack_layers(group_params)
+                kv_dtype = jnp.int8 if kv_cache_dtype == "int8" else None
+                engines.append(Engine(cfg, group_params, tokenizer, engine_cfg, None,
+                                      cache_sharding(cfg, group, kv_dtype),
+                                      bytes_per_device(group_params)))
+                # Replicas are identical: give every KV pool the size the first one got (the memory budget
+                # is read from the default device, which the first replica's pool already fills).
+                engine_cfg = dataclasses.replace(engine_cfg, num_pages=engines[0].runner.num_pages)
+            self.engine = engines[0] if len(engines) == 1 else DataParallelEngine(engines)
         else:
             params = jax.device_put(params)
-        weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
-        self.engine = Engine(cfg, params, tokenizer, engine_cfg, param_sharding, cache_sharding, weight_bytes)
+            if unroll_layers:
+                params = unstack_layers(params)
+            weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
+            self.engine = Engine(cfg, params, tokenizer, engine_cfg, None, None, weight_bytes)
         self.load_seconds = time.perf_counter() - t0
         self._closed = False
 
@@ -233,6 +280,32 @@ class LLM:
 
         return prompt_top_logprobs(self.engine.runner.params, self.config, ids, k,
                                    attn_impl=self.engine.engine_cfg.attn_impl)
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self, max_prompt_tokens: int = 128, show_progress: bool = True) -> int:
+        """Compiles the common shape buckets ahead of time (decode at every batch-size bucket, prefill at
+        every prompt-size bucket up to `max_prompt_tokens`), so the first real requests don't pay for XLA
+        compilation. Returns the number of programs compiled."""
+        self._check_open()
+        ec = self.engine.engine_cfg
+        batch_sizes = [1 << i for i in range(max(ec.max_num_seqs, 1).bit_length()) if 1 << i <= ec.max_num_seqs]
+        prompt_sizes = [1 << i for i in range(3, max(max_prompt_tokens, 8).bit_length())
+                        if 1 << i <= min(max_prompt_tokens, ec.max_num_batched_tokens)]
+        before = len(self.engine.runner.compiled_shapes)
+        rng = np.random.default_rng(0)
+        plan = [("prefill", n) for n in prompt_sizes] + [("decode", b) for b in batch_sizes]
+        progress = None
+        if show_progress:
+            from tqdm import tqdm
+
+            progress = tqdm(plan, desc="warm-up (compiling shape buckets)", unit="bucket", file=sys.stderr)
+        greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        for kind, size in (progress if progress is not None else plan):
+            count, length = (1, size) if kind == "prefill" else (size, 1)
+            prompts = [{"prompt_token_ids": rng.integers(0, self.config.vocab_size, length).tolist()}
+                       for _ in range(count)]
+            self.generate(prompts, greedy)
+        return len(self.engine.runner.compiled_shapes) - before
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> dict:

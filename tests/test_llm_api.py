@@ -194,3 +194,15 @@ def test_hf_safetensors_dir_roundtrip(tmp_path):
     assert tok is None and cfg2.num_layers == cfg.num_layers and cfg2.attention_bias
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_warmup_compiles_buckets_then_generation_reuses_them(default_model):
+    from inference.llm import LLM
+
+    with LLM(_loaded=default_model, max_num_seqs=4, num_pages=64) as llm:
+        compiled = llm.warmup(max_prompt_tokens=16, show_progress=False)
+        assert compiled >= 3
+        shapes = set(llm.engine.runner.compiled_shapes)
+        # A single short prompt then decode steps at batch 1: every bucket it needs was warmed.
+        llm.generate({"prompt_token_ids": list(range(100, 108))}, GREEDY)
+        assert llm.engine.runner.compiled_shapes == shapes
