@@ -187,6 +187,8 @@ def byte_kwargs_from_params(params: dict, cfg: LlamaConfig, cache_dtype=None) ->
     from model.llama import kv_bytes_per_token_elem
 
     layers = params["layers"]
+    if isinstance(layers, (list, tuple)):  # unstacked (model.llama.unstack_layers): every layer alike
+        layers = layers[0]
     proj = [_nbytes_and_size(layers[k]) for k in _PROJECTIONS]
     embed = params["embed"]
     float_bytes = np.dtype(embed.dtype).itemsize
@@ -222,6 +224,18 @@ class MachinePeaks:
     matmul_dtype: str = ""
     matmul_size: int = 0
     bandwidth_array_bytes: int = 0
+    # Bytes/s a stream of matrix-vector products reaches through XLA's own dot (the operation a decode
+    # step is made of). Below the read bandwidth when the backend's GEMV can't saturate memory (XLA:CPU
+    # reaches ~2/3 of it); 0 when not measured.
+    matvec_bandwidth_bytes_per_s: float = 0.0
+
+    @property
+    def attainable_bandwidth_bytes_per_s(self) -> float:
+        """The slope predictions use: the matvec stream if measured (what weights can actually be streamed
+        at), else the read bandwidth. '% of peak' columns stay relative to the read bandwidth."""
+        if self.matvec_bandwidth_bytes_per_s > 0:
+            return min(self.matvec_bandwidth_bytes_per_s, self.bandwidth_bytes_per_s)
+        return self.bandwidth_bytes_per_s
 
     @property
     def ridge_intensity(self) -> float:
@@ -276,6 +290,15 @@ def measure_machine(device=None, seconds: float = 3.0, *, bandwidth_mib: int = 2
     read_bw = x_bytes / min(read_time(jnp.sum), read_time(lambda x: jnp.sum(x.reshape(1024, -1), axis=1)))
     del state["x"]
 
+    # Matrix-vector stream: [1, 1024] @ [1024, 1024] over bandwidth_mib of separate weight matrices.
+    mv_dtype = jnp.float32 if on_cpu else jnp.bfloat16
+    num_mats = max(1, bandwidth_mib * 2**20 // (1024 * 1024 * jnp.dtype(mv_dtype).itemsize))
+    mats = [jax.device_put(jnp.full((1024, 1024), 0.001 * i, mv_dtype), device) for i in range(num_mats)]
+    vec = jax.device_put(jnp.ones((1, 1024), mv_dtype), device)
+    matvecs = jax.jit(lambda v, ms: sum(jnp.sum(v @ m, dtype=jnp.float32) for m in ms))
+    matvec_bw = sum(m.nbytes for m in mats) / _best_time(lambda: jax.block_until_ready(matvecs(vec, mats)), budget)
+    del mats
+
     n = matmul_size or (2048 if on_cpu else 8192)
     dtype = jnp.float32 if on_cpu else jnp.bfloat16
     key_a, key_b = jax.random.split(jax.random.key(0))
@@ -287,7 +310,8 @@ def measure_machine(device=None, seconds: float = 3.0, *, bandwidth_mib: int = 2
     return MachinePeaks(bandwidth_bytes_per_s=read_bw, flops_per_s=flops_per_s,
                         device_kind=device.device_kind, platform=device.platform,
                         copy_bandwidth_bytes_per_s=copy_bw, read_bandwidth_bytes_per_s=read_bw,
-                        matmul_dtype=jnp.dtype(dtype).name, matmul_size=n, bandwidth_array_bytes=x_bytes)
+                        matmul_dtype=jnp.dtype(dtype).name, matmul_size=n, bandwidth_array_bytes=x_bytes,
+                        matvec_bandwidth_bytes_per_s=matvec_bw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,13 +320,16 @@ def measure_machine(device=None, seconds: float = 3.0, *, bandwidth_mib: int = 2
 
 
 def predict_time(cost: StepCost, peaks: MachinePeaks) -> float:
-    """Roofline time: the step cannot beat its compute time nor its memory time."""
-    return max(cost.flops / peaks.flops_per_s, cost.total_bytes / peaks.bandwidth_bytes_per_s)
+    """Roofline time: the step cannot beat its compute time nor its memory time (bytes over the attainable
+    streaming bandwidth, see MachinePeaks.attainable_bandwidth_bytes_per_s)."""
+    return max(cost.flops / peaks.flops_per_s, cost.total_bytes / peaks.attainable_bandwidth_bytes_per_s)
 
 
 def bound(cost: StepCost, peaks: MachinePeaks) -> str:
-    """Returns "compute" if the step's intensity is at or past the ridge point, else "memory"."""
-    return "compute" if cost.arithmetic_intensity >= peaks.ridge_intensity else "memory"
+    """"compute" if the compute time bounds the step (intensity at or past the ridge point of the slope
+    predictions use), else "memory"."""
+    compute_s = cost.flops / peaks.flops_per_s
+    return "compute" if compute_s >= cost.total_bytes / peaks.attainable_bandwidth_bytes_per_s else "memory"
 
 
 def _pages(batch: int, kv_len: int, page_size: int, contiguous: bool, rng: np.random.Generator):
@@ -491,7 +518,11 @@ def plot_roofline(rows: Sequence[Row], peaks: MachinePeaks, path_png: str) -> st
     roof = np.minimum(peaks.flops_per_s, x * peaks.bandwidth_bytes_per_s)
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    ax.loglog(x, roof, color="black", lw=2, label="roofline")
+    ax.loglog(x, roof, color="black", lw=2, label="roofline (read bandwidth)")
+    if peaks.attainable_bandwidth_bytes_per_s < peaks.bandwidth_bytes_per_s:
+        ax.loglog(x, np.minimum(peaks.flops_per_s, x * peaks.attainable_bandwidth_bytes_per_s), color="black",
+                  lw=1, ls="--", label=f"matvec stream {peaks.attainable_bandwidth_bytes_per_s / 1e9:.1f} GB/s "
+                                       "(predictions)")
     ax.axvline(ridge, color="gray", ls=":", lw=1)
     ax.annotate(f"ridge {ridge:.1f} FLOP/B\n{peaks.bandwidth_bytes_per_s / 1e9:.1f} GB/s, "
                 f"{peaks.flops_per_s / 1e9:.1f} GFLOP/s", xy=(ridge, peaks.flops_per_s),
@@ -528,6 +559,15 @@ def plot_roofline(rows: Sequence[Row], peaks: MachinePeaks, path_png: str) -> st
 
 def _int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
+
+
+def for_engine(params):
+    """The layer layout the engine runs with on this backend (LLM(unroll_layers=None)): unstacked on CPU."""
+    import jax
+
+    from model.llama import unstack_layers
+
+    return unstack_layers(params) if jax.default_backend() == "cpu" else params
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
@@ -568,10 +608,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     else:
         cfg = PRESETS[args.preset]
         params = init_params(cfg, jax.random.key(0), dtype=jnp.dtype(args.dtype))
+    params = for_engine(params)
     rows = roofline_report(cfg, params, args.batches, args.contexts, peaks, phases=args.phases.split(","),
                            measure=not args.no_measure, runs=args.runs, page_size=args.page_size,
                            statistic=args.statistic)
     print(f"{cfg.name} ({args.dtype}) on {peaks.device_kind}: read {peaks.read_bandwidth_bytes_per_s / 1e9:.1f} GB/s "
+          f"(matvec stream {peaks.matvec_bandwidth_bytes_per_s / 1e9:.1f}, used for predictions) "
           f"(copy {peaks.copy_bandwidth_bytes_per_s / 1e9:.1f}), {peaks.flops_per_s / 1e9:.1f} GFLOP/s "
           f"{peaks.matmul_dtype}, ridge {peaks.ridge_intensity:.1f} FLOP/B")
     print(format_table(rows))
