@@ -123,12 +123,6 @@ def ragged_paged_attention_reference(
     num_kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, pages_per_seq = block_tables.shape
     group = num_heads // num_kv_heads
-    # Gather the batch's pages out of the pool once, up front, and renumber the block tables into that
-    # compact copy. The loops below then never touch the (much larger, donated) pool, which would
-    # otherwise make XLA copy the whole pool into every loop.
-    k_pages, k_scales = _compact_pages(k_pages, k_scales, block_tables)
-    v_pages, v_scales = _compact_pages(v_pages, v_scales, block_tables)
-    block_tables = jnp.arange(max_seqs * pages_per_seq, dtype=block_tables.dtype).reshape(max_seqs, pages_per_seq)
     max_kv = pages_per_seq * page_size
 
     # [S, max_kv, KVH, hd]: contiguous KV of every sequence.

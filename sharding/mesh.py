@@ -145,14 +145,9 @@ class DataParallelEngine:
         return results
 
     def run(self, on_output=None) -> dict:
-        final = {}
-        while self.has_unfinished_requests():
-            for out in self.step():
-                if on_output is not None:
-                    on_output(out)
-                if out.finished:
-                    final[out.request_id] = out
-        return final
+        from inference.engine import Engine
+
+        return Engine.run(self, on_output)  # the same loop: only needs step() and has_unfinished_requests()
 
     def scheduler_stats(self) -> dict:
         """Numeric stats summed over replicas, plus each replica's own under "replicas"."""
