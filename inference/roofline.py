@@ -562,12 +562,15 @@ def _int_list(text: str) -> list[int]:
 
 
 def for_engine(params):
-    """The layer layout the engine runs with on this backend (LLM(unroll_layers=None)): unstacked on CPU."""
+    """The layer layout the engine runs with on this backend (LLM(unroll_layers=None)): unstacked on CPU
+    for float weights; quantized weights keep the stacked scan."""
     import jax
 
     from model.llama import unstack_layers
+    from model.quantize import QuantizedWeight
 
-    return unstack_layers(params) if jax.default_backend() == "cpu" else params
+    quantized = any(isinstance(w, QuantizedWeight) for w in params["layers"].values())
+    return unstack_layers(params) if jax.default_backend() == "cpu" and not quantized else params
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
@@ -586,6 +589,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     parser.add_argument("--model", default=None,
                         help="real weights: a .gguf / HF dir / checkpoint, or 'default' for SmolLM2-135M")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                        help="weight-only quantization of the projections (bytes per step shrink accordingly)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "int8"])
     parser.add_argument("--phases", default="decode,prefill")
     parser.add_argument("--batches", type=_int_list, default=[1, 4, 16])
     parser.add_argument("--contexts", type=_int_list, default=[128, 512])
@@ -608,10 +614,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     else:
         cfg = PRESETS[args.preset]
         params = init_params(cfg, jax.random.key(0), dtype=jnp.dtype(args.dtype))
+    if args.quantization is not None:
+        from model.quantize import quantize_params
+
+        params = quantize_params(params, args.quantization, 64)  # group size used by int4 only
     params = for_engine(params)
+    cache_dtype = None if args.kv_cache_dtype is None else jnp.dtype(args.kv_cache_dtype)
     rows = roofline_report(cfg, params, args.batches, args.contexts, peaks, phases=args.phases.split(","),
                            measure=not args.no_measure, runs=args.runs, page_size=args.page_size,
-                           statistic=args.statistic)
+                           statistic=args.statistic, cache_dtype=cache_dtype)
     print(f"{cfg.name} ({args.dtype}) on {peaks.device_kind}: read {peaks.read_bandwidth_bytes_per_s / 1e9:.1f} GB/s "
           f"(matvec stream {peaks.matvec_bandwidth_bytes_per_s / 1e9:.1f}, used for predictions) "
           f"(copy {peaks.copy_bandwidth_bytes_per_s / 1e9:.1f}), {peaks.flops_per_s / 1e9:.1f} GFLOP/s "
