@@ -173,6 +173,32 @@ def _gather_kv_block(pages, scales, page_ids):
     return block, token_scales.reshape(token_scales.shape[:-2] + (-1,))
 
 
+def _online_softmax_init(stats_shape, head_dim):
+    """(acc [*stats, hd], row_max [*stats], row_sum [*stats]) before the first KV block."""
+    return (jnp.zeros(stats_shape + (head_dim,), jnp.float32), jnp.full(stats_shape, MASK_VALUE, jnp.float32),
+            jnp.zeros(stats_shape, jnp.float32))
+
+
+def _online_softmax_step(carry, scores, allowed, v_block, v_scale, pv_einsum):
+    """One KV block of the online softmax: scores [*stats, k] masked by `allowed`; probabilities times
+    v_block via `pv_einsum`; v_scale (int8 pages, already broadcast to the probabilities) or None."""
+    acc, row_max, row_sum = carry
+    scores = jnp.where(allowed, scores, MASK_VALUE)
+    new_max = jnp.maximum(row_max, scores.max(axis=-1))
+    correction = jnp.exp(row_max - new_max)
+    probs = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
+    row_sum = row_sum * correction + probs.sum(axis=-1)
+    if v_scale is not None:
+        probs = probs * v_scale
+    acc = acc * correction[..., None] + jnp.einsum(pv_einsum, probs, v_block)
+    return acc, new_max, row_sum
+
+
+def _online_softmax_finish(acc, row_sum):
+    """Normalised output; rows that saw no key (row_sum 0) stay zero."""
+    return acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+
+
 def _compact_pages(pages, scales, block_tables):
     """pages [KVH, P, ps, hd] -> [KVH, S * maxP, ps, hd]: the pages of block_tables [S, maxP] in table order."""
     flat_ids = block_tables.reshape(-1)
@@ -215,7 +241,6 @@ def _ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q
         pages = block_tables[seq]
 
         def kv_block(kj, carry):
-            acc, row_max, row_sum = carry
             page_ids = lax.dynamic_slice_in_dim(pages, kj * pages_per_block, pages_per_block)
             k_block, k_scale = _gather_kv_block(k_pages, k_scales, page_ids)  # [KVH, block_k, hd], [KVH, block_k]
             v_block, v_scale = _gather_kv_block(v_pages, v_scales, page_ids)
@@ -224,22 +249,12 @@ def _ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q
                 scores = scores * k_scale[:, None, None, :]
             kv_positions = kj * block_k + jnp.arange(block_k)
             allowed = (kv_positions[None, :] <= positions[:, None]) & (kv_positions[None, :] < kv_len)
-            scores = jnp.where(allowed, scores, MASK_VALUE)
-            new_max = jnp.maximum(row_max, scores.max(axis=-1))
-            correction = jnp.exp(row_max - new_max)
-            probs = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
-            row_sum = row_sum * correction + probs.sum(axis=-1)
-            if v_scale is not None:
-                probs = probs * v_scale[:, None, None, :]
-            acc = acc * correction[..., None] + jnp.einsum("hgck,hkd->hgcd", probs, v_block)
-            return acc, new_max, row_sum
+            return _online_softmax_step(carry, scores, allowed, v_block,
+                                        None if v_scale is None else v_scale[:, None, None, :], "hgck,hkd->hgcd")
 
-        stats_shape = (num_kv_heads, group, chunk_size)
-        init = (jnp.zeros(stats_shape + (head_dim,), jnp.float32),
-                jnp.full(stats_shape, MASK_VALUE, jnp.float32),
-                jnp.zeros(stats_shape, jnp.float32))
+        init = _online_softmax_init((num_kv_heads, group, chunk_size), head_dim)
         acc, _, row_sum = lax.fori_loop(0, pl.cdiv(jnp.maximum(keys_needed, 0), block_k), kv_block, init)
-        result = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+        result = _online_softmax_finish(acc, row_sum)
         result = jnp.transpose(result, (2, 0, 1, 3)).reshape(chunk_size, num_heads, head_dim).astype(out.dtype)
         # Rows past this sequence's queries belong to the next sequence (written later) or to
         # padding: keep whatever is there.
@@ -293,7 +308,6 @@ def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_len
     q_decode = q[rows].astype(jnp.float32).reshape(max_seqs, num_kv_heads, group, head_dim) * sm_scale
 
     def kv_block(kj, carry):
-        acc, row_max, row_sum = carry
         page_ids = lax.dynamic_slice_in_dim(block_tables, kj * pages_per_block, pages_per_block, axis=1)
         k_block, k_scale = _gather_kv_block(k_pages, k_scales, page_ids)  # [KVH, S, block_k, hd], [KVH, S, block_k]
         v_block, v_scale = _gather_kv_block(v_pages, v_scales, page_ids)
@@ -302,23 +316,13 @@ def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_len
             scores = scores * jnp.transpose(k_scale, (1, 0, 2))[:, :, None, :]
         kv_positions = kj * block_k + jnp.arange(block_k)
         allowed = (kv_positions[None, :] < decode_kv_lens[:, None])[:, None, None, :]  # [S, 1, 1, block_k]
-        scores = jnp.where(allowed, scores, MASK_VALUE)
-        new_max = jnp.maximum(row_max, scores.max(axis=-1))
-        correction = jnp.exp(row_max - new_max)
-        probs = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
-        row_sum = row_sum * correction + probs.sum(axis=-1)
-        if v_scale is not None:
-            probs = probs * jnp.transpose(v_scale, (1, 0, 2))[:, :, None, :]
-        acc = acc * correction[..., None] + jnp.einsum("shgk,hskd->shgd", probs, v_block)
-        return acc, new_max, row_sum
+        v_scale = None if v_scale is None else jnp.transpose(v_scale, (1, 0, 2))[:, :, None, :]
+        return _online_softmax_step(carry, scores, allowed, v_block, v_scale, "shgk,hskd->shgd")
 
-    stats_shape = (max_seqs, num_kv_heads, group)
-    init = (jnp.zeros(stats_shape + (head_dim,), jnp.float32),
-            jnp.full(stats_shape, MASK_VALUE, jnp.float32),
-            jnp.zeros(stats_shape, jnp.float32))
+    init = _online_softmax_init((max_seqs, num_kv_heads, group), head_dim)
     num_blocks = pl.cdiv(jnp.max(decode_kv_lens), block_k)
     acc, _, row_sum = lax.fori_loop(0, num_blocks, kv_block, init)
-    result = (acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]).reshape(max_seqs, num_heads, head_dim)
+    result = _online_softmax_finish(acc, row_sum).reshape(max_seqs, num_heads, head_dim)
     # Non-decode sequences scatter out of bounds, i.e. nowhere.
     target_rows = jnp.where(is_decode, rows, num_rows)
     out = jnp.zeros(q.shape, q.dtype)
