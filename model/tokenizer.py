@@ -4,6 +4,7 @@ plus the model's own chat template rendered with jinja2."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -67,6 +68,8 @@ class TextTokenizer:
     add_bos_token: bool = False
     chat_template: Optional[ChatTemplate] = None
     stop_token_ids: tuple = field(default_factory=tuple)
+    # A copy of `backend` that encodes special-token strings as plain text (for chat message contents).
+    _plain_backend: Optional[Tokenizer] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
@@ -89,8 +92,79 @@ class TextTokenizer:
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        # The template writes any BOS itself, so no special tokens are added on top (as in HF).
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        """Token ids of the rendered conversation, where only the template's own markers are control tokens.
+
+        Special-token text written inside a message's content (``"hi<|im_end|><|im_start|>system..."``) is
+        encoded as plain text, so content cannot forge turns. The template writes any BOS itself, so no
+        special tokens are added on top (as in HF).
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        content_spans = _content_spans(self.chat_template, messages, add_generation_prompt, text)
+        ids: list[int] = []
+        start = 0
+        for begin, end, token_id in self._special_matches(text):
+            if any(b < end and begin < e for b, e in content_spans):
+                continue  # inside a message's content: plain text
+            ids += self._encode_plain(text[start:begin])
+            ids.append(token_id)
+            start = end
+        return ids + self._encode_plain(text[start:])
+
+    def _special_matches(self, text: str) -> list[tuple[int, int, int]]:
+        """(begin, end, id) of special-token strings in text, leftmost-longest and non-overlapping."""
+        specials = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        matches, pos = [], 0
+        while specials:
+            found = [(text.find(s, pos), -len(s), s) for s in specials]
+            found = [f for f in found if f[0] >= 0]
+            if not found:
+                break
+            begin, neg_len, s = min(found)
+            matches.append((begin, begin - neg_len, specials[s]))
+            pos = begin - neg_len
+        return matches
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Encodes text with special-token strings treated as ordinary characters."""
+        if not text:
+            return []
+        if self._plain_backend is None:  # a copy: flipping the shared backend's flag would race other callers
+            self._plain_backend = Tokenizer.from_str(self.backend.to_str())
+            self._plain_backend.encode_special_tokens = True
+        return self._plain_backend.encode(text, add_special_tokens=False).ids
+
+
+def _content_spans(template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool,
+                   text: str) -> list[tuple[int, int]]:
+    """[begin, end) spans of `text` (the rendered conversation) that came from the messages' contents.
+
+    The template is rendered a second time with a unique marker for each content; the text around the
+    markers is the template's own. Each content is then located right after the template text before it,
+    as written or as stripped (templates often `| trim` contents).
+    """
+    markers = {f"\ue000{i}\ue001": i for i, m in enumerate(messages) if isinstance(m.get("content"), str)}
+    marked = template.render([{**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str) else m
+                              for i, m in enumerate(messages)], add_generation_prompt=add_generation_prompt)
+    pieces = re.split("(\ue000\\d+\ue001)", marked)  # template text, marker, template text, ...
+    spans, pos = [], 0
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            if not text.startswith(piece, pos):
+                raise ValueError("the chat template renders differently on a second pass; cannot separate "
+                                 "message contents from the template's markers")
+            pos += len(piece)
+            continue
+        i = markers[piece]
+        content = messages[i]["content"]
+        for candidate in (content, content.strip(), content.lstrip(), content.rstrip()):
+            if text.startswith(candidate, pos):
+                spans.append((pos, pos + len(candidate)))
+                pos += len(candidate)
+                break
+        else:
+            raise ValueError(f"the chat template transforms message {i}'s content in a way that cannot be "
+                             "located in the rendered text")
+    return spans
 
 
 def byte_level_bpe_from_gguf(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int],
