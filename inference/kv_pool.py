@@ -1,42 +1,46 @@
 """Paged KV cache bookkeeping on the host: page budget helpers, block allocator and prefix cache.
 
-The device cache is `{"k": [L, KVH, num_pages, page_size, hd], "v": same}` (docs/DESIGN.md). This module
+The device cache is `{"k": [KVH, L * num_pages, page_size, hd], "v": same}` (docs/DESIGN.md). This module
 only decides *which* page ids a sequence uses; it never touches device memory.
 
 Prefix caching (vLLM's "automatic prefix caching"): every FULL page is identified by a chain hash of the
-whole token prefix up to and including that page, `hash(parent_page_hash, tuple(page_tokens))`. Two
-requests whose prompts share the first k*page_size tokens therefore map to the same k physical pages.
-A page whose reference count drops to 0 keeps its KV and hash in an LRU of evictable pages; a later
-prefix hit revives it, and `allocate()` evicts the least recently freed one only when no clean page is left.
+whole token prefix up to and including that page, `sha256(parent_page_hash || page_tokens)`, rooted at a
+random per-allocator value. Two requests whose prompts share the first k*page_size tokens therefore map to
+the same k physical pages. A hash is only a lookup key, never trusted alone: a hit also compares the page's
+tokens and its parent page's registration, so even a colliding hash (accidental or crafted) can only miss,
+never serve another prompt's KV. A page whose reference count drops to 0 keeps its KV and hash in an LRU of
+evictable pages; a later prefix hit revives it, and `allocate()` evicts the least recently freed one only when
+no clean page is left.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Iterable, Optional, Sequence
+import hashlib
+import itertools
+import secrets
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-# Parent hash of the first page of every sequence (any fixed int works; hash() of ints is not salted).
-ROOT_PAGE_HASH = 0x5EED
+HashFn = Callable[[bytes, Sequence[int]], bytes]
 
 
-def hash_page_tokens(parent_hash: int, tokens: Sequence[int]) -> int:
+def hash_page_tokens(parent_hash: bytes, tokens: Sequence[int]) -> bytes:
     """Chain hash of one full page: it depends on every earlier token through `parent_hash`."""
-    return hash((parent_hash, tuple(int(t) for t in tokens)))
+    return hashlib.sha256(parent_hash + np.asarray(tokens, np.int64).tobytes()).digest()
 
 
-def page_hashes(token_ids: Sequence[int], page_size: int, num_pages: Optional[int] = None,
-                parent_hash: int = ROOT_PAGE_HASH) -> list[int]:
-    """Chain hashes of the first `num_pages` full pages of `token_ids` (default: all full pages)."""
-    full = len(token_ids) // page_size
-    num_pages = full if num_pages is None else min(num_pages, full)
-    hashes = []
-    for i in range(num_pages):
-        parent_hash = hash_page_tokens(parent_hash, token_ids[i * page_size:(i + 1) * page_size])
-        hashes.append(parent_hash)
-    return hashes
+class _CachedPage(NamedTuple):
+    """What a registered page holds, checked on every hit (the hash alone is only a lookup key)."""
+    prefix_hash: bytes
+    parent: int          # registration id of the page before it; _ROOT for a sequence's first page
+    tokens: tuple        # the page's own tokens
+    registration: int    # unique per registration: a re-registered page never inherits stale children
+
+
+_ROOT = -1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,21 +74,6 @@ def pages_for_memory_budget(config, page_size: int, kv_dtype_bytes, budget_bytes
             f"needs {per_page} bytes (2 * num_layers={config.num_layers} * num_kv_heads={config.num_kv_heads} * "
             f"page_size={page_size} * head_dim={config.head_dim} * kv_dtype_bytes={_dtype_bytes(kv_dtype_bytes)})")
     return num_pages
-
-
-def pages_for_utilization(config, page_size: int, kv_dtype_bytes, gpu_memory_utilization: float,
-                          device_bytes_total: int, bytes_in_use: int) -> int:
-    """vLLM-style sizing: the KV cache gets `utilization * total - in_use` bytes (weights etc. already loaded)."""
-    if not 0.0 < gpu_memory_utilization <= 1.0:
-        raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
-    budget = int(gpu_memory_utilization * device_bytes_total) - int(bytes_in_use)
-    per_page = kv_bytes_per_page(config, page_size, kv_dtype_bytes)
-    if budget < per_page:
-        raise ValueError(
-            f"no room for the KV cache: gpu_memory_utilization={gpu_memory_utilization} of "
-            f"device_bytes_total={device_bytes_total} minus bytes_in_use={bytes_in_use} leaves {budget} bytes, "
-            f"less than one page of {per_page} bytes; raise gpu_memory_utilization or lower page_size")
-    return pages_for_memory_budget(config, page_size, kv_dtype_bytes, budget)
 
 
 def device_memory(device=None) -> Optional[tuple[int, int]]:
@@ -128,7 +117,8 @@ class BlockAllocator:
       free       ref_count == 0, no hash; in `_free`
     """
 
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
+                 hash_fn: HashFn = hash_page_tokens):
         if num_pages <= 0:
             raise ValueError(f"num_pages={num_pages} must be > 0")
         if page_size <= 0:
@@ -139,8 +129,12 @@ class BlockAllocator:
         self._free: collections.deque[int] = collections.deque(range(self.num_pages))
         self._ref = [0] * self.num_pages
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # oldest first
-        self._hash_to_page: dict[int, int] = {}
-        self._page_hash: dict[int, int] = {}
+        self._hash_to_page: dict[bytes, int] = {}
+        self._cached: dict[int, _CachedPage] = {}
+        self._registrations = itertools.count()
+        # Chain hashes start from a secret per-allocator root, so nobody can precompute colliding prompts.
+        self.root_hash = secrets.token_bytes(32)
+        self.hash_fn = hash_fn
         self.stats = AllocatorStats()
 
     # ----- state -------------------------------------------------------------------------------------------
@@ -160,13 +154,13 @@ class BlockAllocator:
     @property
     def num_cached(self) -> int:
         """Pages that currently hold a registered full-page prefix (in use or evictable)."""
-        return len(self._page_hash)
+        return len(self._cached)
 
     def ref_count(self, page: int) -> int:
         return self._ref[page]
 
     def is_cached(self, page: int) -> bool:
-        return page in self._page_hash
+        return page in self._cached
 
     # ----- allocation ----------------------------------------------------------------------------------------
     def allocate(self) -> int:
@@ -175,7 +169,7 @@ class BlockAllocator:
             page = self._free.popleft()
         elif self._evictable:
             page, _ = self._evictable.popitem(last=False)
-            del self._hash_to_page[self._page_hash.pop(page)]
+            del self._hash_to_page[self._cached.pop(page).prefix_hash]
             self.stats.evictions += 1
         else:
             raise OutOfPagesError(f"all {self.num_pages} KV pages are in use")
@@ -189,12 +183,6 @@ class BlockAllocator:
             raise OutOfPagesError(f"need {n} KV pages but only {self.num_free} of {self.num_pages} are free")
         return [self.allocate() for _ in range(n)]
 
-    def incref(self, page: int) -> None:
-        """Share an in-use page with one more owner."""
-        if self._ref[page] <= 0:
-            raise ValueError(f"incref of page {page} which is not in use")
-        self._ref[page] += 1
-
     def free(self, page: int) -> None:
         """Drop one reference. At 0 a cached page becomes evictable (newest in the LRU), others become free."""
         if not 0 <= page < self.num_pages:
@@ -203,7 +191,7 @@ class BlockAllocator:
             raise ValueError(f"double free of page {page}")
         self._ref[page] -= 1
         if self._ref[page] == 0:
-            if page in self._page_hash:
+            if page in self._cached:
                 self._evictable[page] = None
             else:
                 self._free.append(page)
@@ -215,16 +203,38 @@ class BlockAllocator:
             self.free(page)
 
     # ----- prefix cache --------------------------------------------------------------------------------------
-    def lookup_prefix(self, hashes: Sequence[int]) -> list[int]:
-        """Pages of the longest cached run of `hashes` (chain hashes from page 0). No side effects."""
+    def page_hashes(self, token_ids: Sequence[int], num_pages: Optional[int] = None,
+                    first: int = 0, parent_hash: Optional[bytes] = None) -> list[bytes]:
+        """Chain hashes of full pages `first..num_pages-1` of token_ids; `parent_hash` is page first-1's."""
+        full = len(token_ids) // self.page_size
+        num_pages = full if num_pages is None else min(num_pages, full)
+        hashes, parent_hash = [], self.root_hash if first == 0 else parent_hash
+        for i in range(first, num_pages):
+            parent_hash = self.hash_fn(parent_hash, token_ids[i * self.page_size:(i + 1) * self.page_size])
+            hashes.append(parent_hash)
+        return hashes
+
+    def _page_tokens(self, token_ids: Sequence[int], i: int) -> tuple:
+        return tuple(int(t) for t in token_ids[i * self.page_size:(i + 1) * self.page_size])
+
+    def lookup_prefix(self, hashes: Sequence[bytes], token_ids: Sequence[int]) -> list[int]:
+        """Pages of the longest cached run of `hashes` (chain hashes of token_ids' pages from page 0).
+
+        Each hit must also hold the same tokens and follow the page matched before it; a mismatch (a hash
+        collision) ends the run there. No side effects.
+        """
         if not self.enable_prefix_caching:
             return []
-        pages = []
-        for h in hashes:
+        pages, parent = [], _ROOT
+        for i, h in enumerate(hashes):
             page = self._hash_to_page.get(h)
             if page is None:
                 break
+            entry = self._cached[page]
+            if entry.parent != parent or entry.tokens != self._page_tokens(token_ids, i):
+                break
             pages.append(page)
+            parent = entry.registration
         return pages
 
     def num_revived(self, pages: Iterable[int]) -> int:
@@ -234,7 +244,7 @@ class BlockAllocator:
     def acquire_cached(self, pages: Sequence[int], num_query_tokens: int = 0) -> None:
         """Take a reference on pages returned by lookup_prefix (reviving evictable ones); counts the hits."""
         for page in pages:
-            if page not in self._page_hash:
+            if page not in self._cached:
                 raise ValueError(f"page {page} is not a cached prefix page")
             if self._ref[page] == 0:
                 del self._evictable[page]
@@ -243,39 +253,28 @@ class BlockAllocator:
         self.stats.prefix_tokens_saved += len(pages) * self.page_size
         self.stats.prefix_query_tokens += num_query_tokens
 
-    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Longest run of cached full pages covering a prefix of `token_ids`, with their refcounts taken.
+    def register_full_page(self, page: int, prefix_hash: bytes, parent_hash: bytes, tokens: Sequence[int]) -> bool:
+        """Record that in-use `page` now holds the full page `tokens`, whose chain hash is `prefix_hash` and
+        whose parent page's chain hash is `parent_hash` (`root_hash` for a sequence's first page).
 
-        The page holding the last token is never returned, even when full and cached: that token must be
-        recomputed so the step produces logits to sample from (as in vLLM).
+        Returns False (no-op) when caching is off, the page is already registered, another page already
+        holds this prefix (two sequences computed it in the same step: the duplicate simply stays private),
+        or the parent page is no longer cached (the page could not be verified on a later hit).
         """
-        if not self.enable_prefix_caching:
-            return []
-        num_matchable = (len(token_ids) - 1) // self.page_size
-        pages = self.lookup_prefix(page_hashes(token_ids, self.page_size, num_matchable))
-        self.acquire_cached(pages, num_query_tokens=len(token_ids))
-        return pages
-
-    def register_full_page(self, page: int, prefix_hash: int) -> bool:
-        """Record that in-use `page` now holds the full page whose chain hash is `prefix_hash`.
-
-        Returns False (no-op) when caching is off, the page is already registered, or another page already
-        holds this prefix (two sequences computed it in the same step): the duplicate simply stays private.
-        """
-        if not self.enable_prefix_caching or page in self._page_hash or prefix_hash in self._hash_to_page:
+        if not self.enable_prefix_caching or page in self._cached or prefix_hash in self._hash_to_page:
             return False
         if self._ref[page] <= 0:
             raise ValueError(f"register_full_page of page {page} which is not in use")
+        if parent_hash == self.root_hash:
+            parent = _ROOT
+        elif parent_hash in self._hash_to_page:
+            parent = self._cached[self._hash_to_page[parent_hash]].registration
+        else:
+            return False
         self._hash_to_page[prefix_hash] = page
-        self._page_hash[page] = prefix_hash
+        self._cached[page] = _CachedPage(prefix_hash, parent, tuple(int(t) for t in tokens),
+                                         next(self._registrations))
         return True
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (e.g. after new weights); evictable pages become plain free pages."""
-        self._free.extend(self._evictable)
-        self._evictable.clear()
-        self._hash_to_page.clear()
-        self._page_hash.clear()
 
     def __repr__(self) -> str:
         return (f"BlockAllocator(num_pages={self.num_pages}, page_size={self.page_size}, free={len(self._free)}, "

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Optional, Sequence as SequenceT, Union
 
 import numpy as np
 
-from inference.kv_pool import ROOT_PAGE_HASH, BlockAllocator, hash_page_tokens
+from inference.kv_pool import BlockAllocator
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -60,7 +60,7 @@ class Sequence:
         self.error: Optional[str] = None
         self.finish_reason: Optional[str] = None
         self._tokens: list[int] = list(self.prompt_token_ids)  # prompt + output, kept in sync
-        self._page_hashes: list[int] = []       # chain hashes of full pages of _tokens (lazy)
+        self._page_hashes: list[bytes] = []     # chain hashes of full pages of _tokens (lazy)
         self._num_registered_pages = 0          # leading pages already offered to the prefix cache
 
     @property
@@ -95,14 +95,15 @@ class Sequence:
             del self.output_token_ids[-num_tokens:]
             del self._tokens[-num_tokens:]
 
-    def page_hashes(self, page_size: int, num_pages: int) -> list[int]:
+    def page_hashes(self, allocator: BlockAllocator, num_pages: int) -> list[bytes]:
         """Chain hashes of the first `num_pages` full pages of the token history (cached across steps)."""
-        if num_pages * page_size > self.num_tokens:
-            raise ValueError(f"{num_pages} full pages need {num_pages * page_size} tokens, have {self.num_tokens}")
-        while len(self._page_hashes) < num_pages:
-            i = len(self._page_hashes)
-            parent = self._page_hashes[-1] if self._page_hashes else ROOT_PAGE_HASH
-            self._page_hashes.append(hash_page_tokens(parent, self._tokens[i * page_size:(i + 1) * page_size]))
+        if num_pages * allocator.page_size > self.num_tokens:
+            raise ValueError(f"{num_pages} full pages need {num_pages * allocator.page_size} tokens, "
+                             f"have {self.num_tokens}")
+        if len(self._page_hashes) < num_pages:
+            self._page_hashes += allocator.page_hashes(
+                self._tokens, num_pages, first=len(self._page_hashes),
+                parent_hash=self._page_hashes[-1] if self._page_hashes else None)
         return self._page_hashes[:num_pages]
 
     def __repr__(self) -> str:
@@ -395,7 +396,7 @@ class Scheduler:
             return []
         # Never the page holding the last token: it must be computed to produce logits.
         num_matchable = (seq.num_tokens - 1) // self.page_size
-        return self.allocator.lookup_prefix(seq.page_hashes(self.page_size, num_matchable))
+        return self.allocator.lookup_prefix(seq.page_hashes(self.allocator, num_matchable), seq.all_token_ids)
 
     def _make_scheduled(self, seq: Sequence, n: int, k: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
@@ -463,9 +464,11 @@ class Scheduler:
         num_full = seq.num_computed_tokens // self.page_size
         if num_full <= seq._num_registered_pages:
             return
-        hashes = seq.page_hashes(self.page_size, num_full)
+        hashes = seq.page_hashes(self.allocator, num_full)
+        ps = self.page_size
         for i in range(seq._num_registered_pages, num_full):
-            self.allocator.register_full_page(seq.block_table[i], hashes[i])
+            parent = hashes[i - 1] if i else self.allocator.root_hash
+            self.allocator.register_full_page(seq.block_table[i], hashes[i], parent, seq.all_token_ids[i * ps:(i + 1) * ps])
         seq._num_registered_pages = num_full
 
     def _truncate_kv(self, seq: Sequence, num_kv: int) -> None:

@@ -552,3 +552,16 @@ def test_random_workloads_match_reference(seed):
         got = seq.output_token_ids
         # Rollback removes tokens but regeneration is deterministic, so the output is still the reference.
         assert got == want, (rid, rid in rolled)
+
+
+def test_colliding_prefix_hashes_never_serve_foreign_kv():
+    """Every page gets the same hash: the toy runner reads KV back through the block tables, so a foreign
+    page served as a prefix hit would change the outputs."""
+    alloc = BlockAllocator(128, 4, hash_fn=lambda parent, tokens: b"collision")
+    sched, runner = Scheduler(alloc, 8, 64, 256), ToyRunner(128, 4)
+    prompts = random_prompts(6, 9, 30, seed=11)
+    for i, p in enumerate(prompts):
+        sched.add_request(f"r{i}", p, max_tokens=6)
+        done = run(sched, runner)   # one at a time, so each later prompt could hit earlier pages
+        assert done[f"r{i}"].output_token_ids == reference_output(p, 6)
+        assert done[f"r{i}"].num_cached_tokens == 0
