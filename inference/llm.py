@@ -27,6 +27,24 @@ Prompt = Union[str, Sequence[int], dict]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.number))
+
+
+def _token_ids(ids) -> list[int]:
+    """A prompt's token ids as Python ints; floats and bools are refused, not truncated or taken as 0/1."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"prompt token ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        return ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"prompt_token_ids={ids!r} must be a list of ints, got {type(ids).__name__}")
+    for i, t in enumerate(ids):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"prompt token id {i}={t!r} must be an int, got {type(t).__name__}")
+    return [int(t) for t in ids]
+
+
 class LLM:
     def __init__(self, model: Optional[str] = None, *, dtype: str = "float32", page_size: int = 16,
                  num_pages: Optional[int] = None, kv_cache_memory_bytes: Optional[int] = None,
@@ -129,15 +147,17 @@ class LLM:
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "messages" in prompt:
                 return None, self.tokenizer.encode_chat(prompt["messages"])
             if "prompt" in prompt:
                 return self._encode(prompt["prompt"])
             raise ValueError(f"prompt dict keys={sorted(prompt)} need 'prompt', 'prompt_token_ids' or 'messages'")
         if isinstance(prompt, (list, tuple, np.ndarray)):
-            return None, [int(t) for t in prompt]
-        raise TypeError(f"prompt must be a str, token id list or dict, got {type(prompt).__name__}: {prompt!r}")
+            return None, _token_ids(prompt)
+        hint = " (decode bytes to str first)" if isinstance(prompt, (bytes, bytearray)) else ""
+        raise TypeError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}: "
+                        f"{prompt!r}{hint}")
 
     def _check_open(self):
         if self._closed:
@@ -154,9 +174,8 @@ class LLM:
         (before anything runs) for a single prompt.
         """
         self._check_open()
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                 and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple, np.ndarray)) or (len(prompts) and _is_number(prompts[0])):
+            prompts = [prompts]  # one prompt: a str, dict, token id list (or a bad value, named per request)
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -240,22 +259,29 @@ class LLM:
         text, ids = self._encode(prompt)
         rid = self.engine.add_request(f"stream{time.monotonic_ns()}", ids, params, prompt=text)
         sent_tokens, sent_text = 0, ""
-        while True:
-            for out in self.engine.step():
-                if out.request_id != rid:
-                    continue
-                if out.error:
-                    raise ValueError(out.error)
-                toks = out.token_ids
-                new_text = out.text
-                if len(toks) > sent_tokens or out.finished:
-                    yield StreamDelta(rid, 0, toks[sent_tokens:], new_text[len(sent_text):], out.finished,
-                                      out.finish_reason)
-                    sent_tokens, sent_text = len(toks), new_text
-                if out.finished:
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.error:
+                        finished = True
+                        raise ValueError(out.error)
+                    toks = out.token_ids
+                    new_text = out.text
+                    finished = out.finished
+                    if len(toks) > sent_tokens or out.finished:
+                        yield StreamDelta(rid, 0, toks[sent_tokens:], new_text[len(sent_text):], out.finished,
+                                          out.finish_reason)
+                        sent_tokens, sent_text = len(toks), new_text
+                if not self.engine.has_unfinished_requests():
                     return
-            if not self.engine.has_unfinished_requests():
-                return
+        finally:
+            # A consumer that stops early (break, close(), garbage collection) must not leave the request
+            # running in the engine, holding its KV pages.
+            if not finished:
+                self.engine.abort(rid)
 
     # ------------------------------------------------------------------ scoring
     def score(self, texts: Union[str, Sequence[str]], add_special_tokens: bool = True) -> list[ScoreOutput]:
@@ -264,9 +290,15 @@ class LLM:
         if isinstance(texts, str):
             texts = [texts]
         outs = []
-        for text in texts:
-            _, ids = self._encode(text)
-            lps = self._token_logprobs(ids)
+        for i, text in enumerate(texts):
+            try:  # a bad text fails alone, like a bad request in generate()
+                if not isinstance(text, str):
+                    raise TypeError(f"texts[{i}]={text!r} must be a str, got {type(text).__name__}")
+                _, ids = self._encode(text)
+                lps = self._token_logprobs(ids)
+            except (ValueError, TypeError) as e:
+                outs.append(ScoreOutput(text, [], [], error=str(e)))
+                continue
             outs.append(ScoreOutput(text, ids, [None] + [float(x) for x in lps]))
         return outs
 

@@ -73,17 +73,19 @@ class ScoreOutput:
     text: str
     token_ids: list[int]
     token_logprobs: list[Optional[float]]  # None for the first token (nothing predicts it)
+    error: Optional[str] = None  # set when this text could not be scored (empty, too long, not a str)
 
     @property
     def total_logprob(self) -> float:
         return float(sum(lp for lp in self.token_logprobs if lp is not None))
 
     @property
-    def perplexity(self) -> float:
+    def perplexity(self) -> Optional[float]:
+        """exp of the mean negative log-likelihood; None when no token was scored (e.g. a one-token text)."""
         import math
 
         scored = [lp for lp in self.token_logprobs if lp is not None]
-        return math.exp(-sum(scored) / max(len(scored), 1))
+        return math.exp(-sum(scored) / len(scored)) if scored else None
 
 
 @dataclass

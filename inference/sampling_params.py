@@ -6,6 +6,8 @@ arrays and `inference.stop` applies the stop / length rules.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -19,6 +21,10 @@ MAX_LOGPROBS = 20
 def _is_int(x) -> bool:
     # bool is an int subclass; `top_k=True` is almost certainly a bug, so reject it.
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 
 
 @dataclass
@@ -55,17 +61,31 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        else:
+            raise ValueError(f"stop={self.stop!r} must be a str, a list of str or None")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a list of ints or None")
         self._validate()
 
     def _validate(self) -> None:
         # Comparisons are written as `not (ok)` so that NaN is rejected too.
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be a number, got {type(value).__name__}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n={self.n!r} must be an int >= 1")
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature={self.temperature!r} must be >= 0")
+        if not (self.temperature >= 0.0) or math.isinf(self.temperature):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
         if not _is_int(self.top_k) or not (self.top_k >= 1 or self.top_k in (0, -1)):

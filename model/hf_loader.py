@@ -85,7 +85,13 @@ def load_hf_dir(path, dtype=None):
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {str(path)!r}")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    try:
+        hf_config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from e
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{str(cfg_file)!r} must hold a JSON object, got {type(hf_config).__name__}")
+    cfg = config_from_hf(hf_config)
     tensors: dict[str, np.ndarray] = {}
     for f in _safetensor_files(path):
         tensors.update(load_file(str(f)))

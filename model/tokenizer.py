@@ -34,6 +34,15 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
+def _check_encodable(text: str, what: str) -> None:
+    """Text the tokenizer can take is valid UTF-8: a lone surrogate (e.g. from a bad JSON escape) is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} has a lone surrogate {text[e.start]!r} at character {e.start}, which is not "
+                         "valid Unicode text") from None
+
+
 @dataclass
 class ChatTemplate:
     source: str
@@ -41,9 +50,16 @@ class ChatTemplate:
     eos_token: str = ""
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, **extra) -> str:
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise TypeError(f"chat messages={messages!r} must be a list of {{'role', 'content'}} dicts")
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"chat message {i}={message!r} must be a dict with 'role' and 'content'")
+            for key in ("role", "content"):
+                if not isinstance(message[key], str):
+                    raise TypeError(f"chat message {i} {key}={message[key]!r} must be a str, "
+                                    f"got {type(message[key]).__name__}")
+                _check_encodable(message[key], f"chat message {i} {key}")
         # Same environment settings as Hugging Face's apply_chat_template, so the text matches.
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                            extensions=["jinja2.ext.loopcontrols"])
@@ -78,6 +94,7 @@ class TextTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"prompt must be a str, got {type(text).__name__}: {text!r}")
+        _check_encodable(text, "prompt")
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids

@@ -59,6 +59,10 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     """None / the default name -> the cached default GGUF; otherwise an existing file or directory."""
     if model is None or str(model) == DEFAULT_MODEL:
         return default_model_path()
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model={model!r} must be a path (str or os.PathLike) or None for {DEFAULT_MODEL!r}")
+    if not str(model).strip():
+        raise ValueError(f"model={str(model)!r} is empty: pass a path, or None for the default {DEFAULT_MODEL!r}")
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
