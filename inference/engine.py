@@ -223,11 +223,7 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, params, tokenizer, engine_cfg: EngineConfig = EngineConfig(),
                  param_sharding=None, cache_sharding=None, weight_bytes: int = 0):
-        if engine_cfg.max_model_len is None:
-            engine_cfg = dataclasses.replace(engine_cfg, max_model_len=cfg.max_position_embeddings)
-        if engine_cfg.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={engine_cfg.max_model_len} exceeds the model's context window "
-                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        engine_cfg = dataclasses.replace(engine_cfg, max_model_len=cfg.usable_context(engine_cfg.max_model_len))
         self.cfg, self.tokenizer, self.engine_cfg = cfg, tokenizer, engine_cfg
         compute_dtype = jax.tree.leaves(params)[0].dtype
         kv_dtype = compute_dtype if engine_cfg.kv_cache_dtype == "auto" else _DTYPES[engine_cfg.kv_cache_dtype]

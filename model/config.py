@@ -48,6 +48,10 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2-style bias on q/k/v projections
     max_position_embeddings: int = 4096
+    # Mistral-style sliding-window attention span (None: full attention). ridgeline attends over the whole
+    # context, which equals sliding-window attention only while the context fits in the window, so
+    # `usable_context` caps the context there.
+    sliding_window: Optional[int] = None
     architecture: str = "llama"
     name: str = "llama"
 
@@ -65,6 +69,27 @@ class LlamaConfig:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"sliding_window={self.sliding_window!r} must be a positive int or None")
+
+    def usable_context(self, max_model_len: Optional[int] = None) -> int:
+        """The context length to run with: `max_model_len`, or the longest this model supports.
+
+        Without sliding-window attention in the kernels, a context longer than the window would attend past
+        it and give wrong outputs, so asking for one is an error rather than a silent divergence.
+        """
+        limit = self.max_position_embeddings if self.sliding_window is None else min(
+            self.max_position_embeddings, self.sliding_window)
+        if max_model_len is None:
+            return limit
+        if max_model_len > self.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context window "
+                             f"max_position_embeddings={self.max_position_embeddings}")
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's sliding_window={self.sliding_window}: "
+                             f"ridgeline has no sliding-window attention, so tokens past {self.sliding_window} would "
+                             f"attend outside the window; use max_model_len <= {self.sliding_window}")
+        return max_model_len
 
     @property
     def q_per_kv(self) -> int:

@@ -88,6 +88,8 @@ def config_from_metadata(meta: dict, name: str = "gguf") -> LlamaConfig:
         tie_word_embeddings=False,  # decided from the tensors present, below
         attention_bias=False,
         max_position_embeddings=int(get("context_length", 4096)),
+        sliding_window=int(meta[f"{arch}.attention.sliding_window"]) if meta.get(f"{arch}.attention.sliding_window")
+        else None,
         architecture=arch, name=str(meta.get("general.name", name)))
 
 

@@ -60,7 +60,11 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)), architecture=arch,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        # Qwen2 configs carry a sliding_window that is off unless use_sliding_window is set.
+        sliding_window=(int(hf["sliding_window"]) if hf.get("sliding_window") and hf.get("use_sliding_window", True)
+                        else None),
+        architecture=arch,
         name=str(hf.get("_name_or_path") or arch))
 
 
