@@ -346,11 +346,11 @@ class LLM:
         return self.engine.scheduler_stats()
 
     def close(self):
-        """Releases device memory (params, KV pool, compiled programs)."""
+        """Releases this LLM's device memory (params, KV pool). Compiled programs are JAX's process-wide
+        cache, shared with every other LLM of the same shapes, so they are left alone."""
         if not self._closed:
             self.engine.close()
             self._closed = True
-            jax.clear_caches()
 
     def __enter__(self):
         return self
