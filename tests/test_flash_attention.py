@@ -79,10 +79,29 @@ def test_chunked_prefill_queries_continue_a_prefix(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("group", [1, 3, 4, 6, 8])
 def test_gqa_ratios(impl, group):
+    # 4 and 8 put a whole group in one program (rows = tokens x heads); 6 splits it into 3 programs
+    # of 2 heads; 3 gives one head per program.
     inputs = make_inputs([9, 5], [9, 12], num_kv_heads=1 if group == 8 else 2, group=group)
     check_against_reference(inputs, impl)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ragged_batch_unmasked_and_masked_key_blocks(causal, dtype):
+    # Small tiles so a query block meets full (unmasked) key blocks, the diagonal block and a
+    # kv_len tail block; chunked prefixes of different lengths per sequence; GQA 4 shares programs.
+    inputs = make_inputs([37, 5, 50, 1], [90, 5, 61, 77], q_len=53, kv_len=93, num_kv_heads=2, group=4,
+                         head_dim=32, dtype=dtype, seed=3)
+    check_against_reference(inputs, "pallas_interpret", causal=causal, dtype=dtype,
+                            block_sizes=FlashAttentionBlockSizes(block_q=32, block_k=16))
+
+
+def test_more_queries_than_keys():
+    # Queries at negative positions (q_len > kv_len) see no key when causal and come out as zeros.
+    inputs = make_inputs([9], [4], group=2)
+    check_against_reference(inputs, "pallas_interpret")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -177,6 +196,10 @@ class TestValidation:
             FlashAttentionBlockSizes(block_q=48)
         with pytest.raises(ValueError, match=r"block_k=0 must be a power of two"):
             FlashAttentionBlockSizes(block_k=0)
+        with pytest.raises(ValueError, match=r"block_q=8 must be >= 16"):
+            FlashAttentionBlockSizes(block_q=8)
+        with pytest.raises(ValueError, match=r"num_stages=0 must be >= 1"):
+            FlashAttentionBlockSizes(num_stages=0)
 
 
 def lower_for_cuda(fn, *args) -> str:
