@@ -389,6 +389,11 @@ def _flash_attention_jit(q, k, v, q_lens, kv_lens, *, causal, sm_scale, impl, bl
                                     block_q=XLA_BLOCK_Q, block_k=XLA_BLOCK_K)
     if k.dtype != q.dtype:  # the kernel's dots need one element type
         k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if lowering == "mosaic":
+        from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic
+
+        return flash_attention_mosaic(q, k, v, q_lens, kv_lens, causal=causal, sm_scale=sm_scale,
+                                      block_sizes=block_sizes)
     return _flash_attention_pallas(q, k, v, q_lens, kv_lens, causal=causal, sm_scale=sm_scale,
                                    block_sizes=block_sizes, interpret=impl == "pallas_interpret",
                                    lowering=lowering)
@@ -410,14 +415,21 @@ def flash_attention(
     """Attention of padded dense batches; query i of sequence b sits at kv_lens[b] - q_lens[b] + i.
 
     sm_scale defaults to 1/sqrt(head_dim). ``lowering`` ("triton" | "mosaic", default from
-    $RIDGELINE_PALLAS_LOWERING) only matters for impl="pallas".
+    $RIDGELINE_PALLAS_LOWERING) only matters for impl="pallas"; "mosaic" (opt-in) takes bf16/f16
+    with head_dim 64 or 128 and block sizes as ``flash_attention_mosaic.validate_block_sizes`` says.
     """
     impl = backend.resolve_impl(impl)
     _validate(q, k, v, q_lens, kv_lens, impl)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    if block_sizes is None:
+    lowering = backend.kernel_lowering(impl, lowering, "flash_attention", implemented=("triton", "mosaic"))
+    if lowering == "mosaic":  # imported only when chosen: CPU installs never load Mosaic GPU
+        from pallas_kernels import flash_attention_mosaic
+
+        if block_sizes is None:
+            block_sizes = flash_attention_mosaic.default_block_sizes(q.shape[-1])
+        flash_attention_mosaic.validate_block_sizes(block_sizes, q.shape[-1], q.dtype)
+    elif block_sizes is None:
         block_sizes = FlashAttentionBlockSizes.for_head_dim(q.shape[-1], q.dtype)
-    lowering = backend.kernel_lowering(impl, lowering, "flash_attention")
     return _flash_attention_jit(q, k, v, q_lens, kv_lens, causal=causal, sm_scale=float(sm_scale),
                                 impl=impl, block_sizes=block_sizes, lowering=lowering)

@@ -243,10 +243,11 @@ class TestBackend:
         assert isinstance(gpu_compiler_params("triton", num_warps=4, num_stages=2), triton.CompilerParams)
         assert isinstance(gpu_compiler_params("mosaic", num_stages=2), mosaic_gpu.CompilerParams)
 
-    def test_mosaic_kernels_not_implemented(self):
-        inputs = make_inputs([3], [3], head_dim=64)
-        with pytest.raises(NotImplementedError, match=r"flash_attention has no 'mosaic' Pallas kernel"):
-            flash_attention(*inputs, impl="pallas", lowering="mosaic")
+    def test_lowering_a_kernel_does_not_implement(self):
+        from pallas_kernels.backend import kernel_lowering
+        with pytest.raises(NotImplementedError, match=r"update_kv_cache has no 'mosaic' Pallas kernel"):
+            kernel_lowering("pallas", "mosaic", "update_kv_cache")
+        assert kernel_lowering("pallas", "mosaic", "flash_attention", implemented=("triton", "mosaic")) == "mosaic"
 
     def test_lowering_ignored_off_gpu_paths(self, monkeypatch):
         monkeypatch.setenv("RIDGELINE_PALLAS_LOWERING", "mosaic")
