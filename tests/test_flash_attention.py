@@ -98,6 +98,13 @@ def test_ragged_batch_unmasked_and_masked_key_blocks(causal, dtype):
                             block_sizes=FlashAttentionBlockSizes(block_q=32, block_k=16))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bfloat16_hopper_default_blocks(head_dim):
+    # The sm_90 tiles (128 rows = 32 tokens x 4 heads; 64 or 128 keys) over several key blocks.
+    inputs = make_inputs([150, 61], [200, 61], num_kv_heads=1, group=4, head_dim=head_dim, dtype=jnp.bfloat16)
+    check_against_reference(inputs, "pallas_interpret", dtype=jnp.bfloat16, block_sizes=None)
+
+
 def test_more_queries_than_keys():
     # Queries at negative positions (q_len > kv_len) see no key when causal and come out as zeros.
     inputs = make_inputs([9], [4], group=2)
