@@ -18,10 +18,9 @@ TMA copies / barriers / ``wgmma``, and it does not lower ``dot_general`` or gath
 here (argument, else ``RIDGELINE_PALLAS_LOWERING``, else ``"triton"``) is the one that runs.
 
 Status: the kernels in this package are written for the Triton lowering (works on JAX 0.10 and,
-with a deprecation warning, on 0.11). ``"mosaic"`` is accepted and validated, but the kernels
-raise NotImplementedError for it until Mosaic GPU versions (plgpu.kernel + TMA + wgmma) exist; in
-JAX 0.10 the Mosaic GPU interpreter on CPU cannot yet run wgmma on transposed operands, so such
-kernels could not be tested without a GPU.
+with a deprecation warning, on 0.11). ``"mosaic"`` is accepted and validated; flash attention has
+a Mosaic GPU kernel (``flash_attention_mosaic.py``, opt-in), the other kernels raise
+NotImplementedError for it.
 """
 
 from __future__ import annotations
@@ -86,16 +85,18 @@ def gpu_compiler_params(lowering: str, *, num_warps: int | None = None, num_stag
 IMPLEMENTED_LOWERINGS = ("triton",)
 
 
-def kernel_lowering(impl: str, lowering: str | None, kernel_name: str) -> str | None:
+def kernel_lowering(impl: str, lowering: str | None, kernel_name: str,
+                    implemented: tuple[str, ...] = IMPLEMENTED_LOWERINGS) -> str | None:
     """The lowering a kernel call compiles with: None unless impl == "pallas".
 
-    Raises NotImplementedError for a valid lowering that the kernels do not implement yet.
+    ``implemented``: the lowerings this kernel has. Raises NotImplementedError for a valid
+    lowering that the kernel does not implement yet.
     """
     if impl != "pallas":
         return None
     lowering = resolve_lowering(lowering)
-    if lowering not in IMPLEMENTED_LOWERINGS:
+    if lowering not in implemented:
         raise NotImplementedError(
-            f"{kernel_name} has no {lowering!r} Pallas kernel yet (implemented: {IMPLEMENTED_LOWERINGS}); "
+            f"{kernel_name} has no {lowering!r} Pallas kernel yet (implemented: {implemented}); "
             f"pass lowering='triton' or unset ${LOWERING_ENV_VAR}")
     return lowering

@@ -79,10 +79,36 @@ def test_chunked_prefill_queries_continue_a_prefix(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("group", [1, 3, 4, 6, 8])
 def test_gqa_ratios(impl, group):
+    # 4 and 8 put a whole group in one program (rows = tokens x heads); 6 splits it into 3 programs
+    # of 2 heads; 3 gives one head per program.
     inputs = make_inputs([9, 5], [9, 12], num_kv_heads=1 if group == 8 else 2, group=group)
     check_against_reference(inputs, impl)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ragged_batch_unmasked_and_masked_key_blocks(causal, dtype):
+    # Small tiles so a query block meets full (unmasked) key blocks, the diagonal block and a
+    # kv_len tail block; chunked prefixes of different lengths per sequence; GQA 4 shares programs.
+    inputs = make_inputs([37, 5, 50, 1], [90, 5, 61, 77], q_len=53, kv_len=93, num_kv_heads=2, group=4,
+                         head_dim=32, dtype=dtype, seed=3)
+    check_against_reference(inputs, "pallas_interpret", causal=causal, dtype=dtype,
+                            block_sizes=FlashAttentionBlockSizes(block_q=32, block_k=16))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bfloat16_hopper_default_blocks(head_dim):
+    # The sm_90 tiles (128 rows = 32 tokens x 4 heads; 64 or 128 keys) over several key blocks.
+    inputs = make_inputs([150, 61], [200, 61], num_kv_heads=1, group=4, head_dim=head_dim, dtype=jnp.bfloat16)
+    check_against_reference(inputs, "pallas_interpret", dtype=jnp.bfloat16, block_sizes=None)
+
+
+def test_more_queries_than_keys():
+    # Queries at negative positions (q_len > kv_len) see no key when causal and come out as zeros.
+    inputs = make_inputs([9], [4], group=2)
+    check_against_reference(inputs, "pallas_interpret")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -177,6 +203,10 @@ class TestValidation:
             FlashAttentionBlockSizes(block_q=48)
         with pytest.raises(ValueError, match=r"block_k=0 must be a power of two"):
             FlashAttentionBlockSizes(block_k=0)
+        with pytest.raises(ValueError, match=r"block_q=8 must be >= 16"):
+            FlashAttentionBlockSizes(block_q=8)
+        with pytest.raises(ValueError, match=r"num_stages=0 must be >= 1"):
+            FlashAttentionBlockSizes(num_stages=0)
 
 
 def lower_for_cuda(fn, *args) -> str:
@@ -220,10 +250,11 @@ class TestBackend:
         assert isinstance(gpu_compiler_params("triton", num_warps=4, num_stages=2), triton.CompilerParams)
         assert isinstance(gpu_compiler_params("mosaic", num_stages=2), mosaic_gpu.CompilerParams)
 
-    def test_mosaic_kernels_not_implemented(self):
-        inputs = make_inputs([3], [3], head_dim=64)
-        with pytest.raises(NotImplementedError, match=r"flash_attention has no 'mosaic' Pallas kernel"):
-            flash_attention(*inputs, impl="pallas", lowering="mosaic")
+    def test_lowering_a_kernel_does_not_implement(self):
+        from pallas_kernels.backend import kernel_lowering
+        with pytest.raises(NotImplementedError, match=r"update_kv_cache has no 'mosaic' Pallas kernel"):
+            kernel_lowering("pallas", "mosaic", "update_kv_cache")
+        assert kernel_lowering("pallas", "mosaic", "flash_attention", implemented=("triton", "mosaic")) == "mosaic"
 
     def test_lowering_ignored_off_gpu_paths(self, monkeypatch):
         monkeypatch.setenv("RIDGELINE_PALLAS_LOWERING", "mosaic")
