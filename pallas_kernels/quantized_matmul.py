@@ -366,7 +366,9 @@ def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
     elif impl == "xla":
         out = _xla_matmul(x2, qw)
     elif impl in ("pallas", "pallas_interpret"):
-        if impl == "pallas" and jax.default_backend() != "gpu":
+        from pallas_kernels.backend import targets_gpu
+
+        if impl == "pallas" and not targets_gpu():
             raise ValueError(f"impl='pallas' needs a GPU, the backend is {jax.default_backend()!r}; "
                              f"use 'pallas_interpret' or 'xla'")
         block_sizes.validate(k=k, n=n, bits=qw.bits, group_size=qw.group_size)
