@@ -185,9 +185,10 @@ class QuantizedMatmulBlockSizes:
         """
         decode = m <= _DECODE_MAX_ROWS
         block_m = max(_MIN_DOT_DIM, min(64, pl.next_power_of_2(max(m, 1))))
-        # Narrow N tiles give decode more programs (and fewer K splits, whose partial sums cost traffic);
-        # 64 int8 columns are still two full 32-byte sectors per weight row.
-        block_n = _fit_block(n, 64 if decode else 128)
+        # Narrow N tiles give decode more programs and so fewer K splits, whose f32 partial sums cost
+        # traffic (k_splits * M * N * 8 bytes written and read back); 32 int8 columns are still one full
+        # 32-byte sector per weight row.
+        block_n = _fit_block(n, 32 if decode else 128)
         min_k = 2 * _MIN_DOT_DIM if bits == 4 else _MIN_DOT_DIM
         block_k = _fit_block(k, max(128, group_size or 1), multiple_of=group_size or 1, minimum=min_k)
         if block_n is None:

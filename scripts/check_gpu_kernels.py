@@ -370,7 +370,8 @@ def _row(result: dict[str, Any]) -> list[str]:
     if "smem_bytes" not in result:
         return [result["case"], str(result.get("programs", "-")), "-", "-", "-", "-", "-", "-",
                 "FAIL: " + "; ".join(result["reasons"])]
-    return [result["case"], str(result["programs"]), f"{result['smem_bytes'] / 1024:.0f}",
+    grid = "x".join(str(g) for g in result["grid"] if g > 1) or "1"
+    return [result["case"], f"{result['programs']} ({grid})", f"{result['smem_bytes'] / 1024:.0f}",
             str(result["registers"]), str(result["spill_store_bytes"] + result["spill_load_bytes"]),
             str(result["wgmma"]), str(result["mma_sync"]), f"{result['num_warps']}/{result['num_stages']}",
             "PASS" if result["passed"] else "FAIL: " + "; ".join(result["reasons"])]
