@@ -290,8 +290,9 @@ def _split_x_int4(x: jax.Array, group_size: int):
     return x[:, :, 0, :].reshape(m, k // 2), x[:, :, 1, :].reshape(m, k // 2)
 
 
-def _pallas_matmul(x: jax.Array, qw, blocks: QuantizedMatmulBlockSizes, interpret: bool) -> jax.Array:
-    """x [M, K] (M a multiple of block_m) -> [M, N] in x.dtype."""
+def _pallas_matmul(x: jax.Array, qw, blocks: QuantizedMatmulBlockSizes, interpret: bool,
+                   rows: Optional[int] = None) -> jax.Array:
+    """x [M, K] (M a multiple of block_m) -> [rows, N] in x.dtype: the first `rows` (default M) rows."""
     m, k = x.shape
     n, g = qw.out_features, qw.group_size
     bm, bn, splits = blocks.block_m, blocks.block_n, blocks.k_splits
@@ -342,7 +343,9 @@ def _pallas_matmul(x: jax.Array, qw, blocks: QuantizedMatmulBlockSizes, interpre
         interpret=interpret,
         name=f"quantized_matmul_int{qw.bits}" + (f"_{splits}_k_splits" if splits > 1 else ""),
     )(*operands)
-    return out if splits == 1 else out.sum(axis=0).astype(x.dtype)
+    rows = m if rows is None else rows
+    # Slice before summing the K splits: the padding rows' partial sums are never read back.
+    return out[:rows] if splits == 1 else out[:, :rows].sum(axis=0).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,7 +419,7 @@ def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
         # Pad M up to the row tile (decode has M = batch, 1..64); padded rows are sliced off.
         m_pad = pl.cdiv(m, block_sizes.block_m) * block_sizes.block_m
         x_pad = jnp.pad(x2, ((0, m_pad - m), (0, 0)))                   # [M_pad, K]
-        out = _pallas_matmul(x_pad, qw, block_sizes, interpret=impl == "pallas_interpret")[:m]
+        out = _pallas_matmul(x_pad, qw, block_sizes, interpret=impl == "pallas_interpret", rows=m)
     else:
         raise ValueError(f"impl={impl!r} is not supported by quantized_matmul")
     return out.astype(x.dtype).reshape(*lead, n)
