@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -273,15 +274,22 @@ class TritonCapture:
         return False
 
 
+def _abstract_cuda_device():
+    """backend.abstract_cuda_device, or nothing for a checkout that predates it (JAX 0.10 needs none)."""
+    from pallas_kernels import backend
+
+    helper = getattr(backend, "abstract_cuda_device", None)
+    return contextlib.nullcontext() if helper is None else helper()
+
+
 def lower_case(case: Case, capture: TritonCapture) -> list[dict[str, Any]]:
     """Lowers one case for CUDA; returns the Triton kernels it launches (IR, grid, warps, stages)."""
     import jax
-    from pallas_kernels.backend import abstract_cuda_device
 
     fn, args, donate = case.build()
     jax.clear_caches()  # a cached lowering would skip the hooks
     first = len(capture.kernels)
-    with abstract_cuda_device():
+    with _abstract_cuda_device():
         jax.jit(fn, donate_argnums=donate).trace(*args).lower(lowering_platforms=("cuda",))
     kernels = capture.kernels[first:]
     if not kernels:
