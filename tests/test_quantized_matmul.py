@@ -168,6 +168,24 @@ def test_kernel_lowers_to_triton_without_a_gpu(bits, group_size, k_splits):
     assert "triton" in text.lower()
 
 
+def test_public_wrapper_lowers_for_cuda_only_when_targeting_a_gpu():
+    # impl="pallas" refuses a CPU backend, but lowers under the abstract H100 that cross-lowering installs.
+    from pallas_kernels.backend import abstract_cuda_device
+
+    qw = _weight(8, 32, 256, 128)
+    f = jax.jit(lambda x, w: quantized_matmul(x, w, impl="pallas"))
+    x = jnp.ones((3, 256), jnp.bfloat16)
+    try:
+        with abstract_cuda_device():
+            text = f.trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+    except ImportError as e:  # a jaxlib without the Triton bindings
+        pytest.skip(f"cannot cross-lower for cuda here: {e}")
+    assert "__gpu$xla.gpu.triton" in text
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=r"impl='pallas' needs a GPU"):
+            f.trace(x, qw)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------
