@@ -180,7 +180,7 @@ class QuantizedMatmulBlockSizes:
                     group_size: Optional[int]) -> "QuantizedMatmulBlockSizes":
         """Largest power-of-two tiles (up to untuned defaults) that divide this problem exactly.
 
-        Decode shapes (m <= 64) get 64-column tiles and the fewest K splits that launch >= 264 programs
+        Decode shapes (m <= 64) get 32-column tiles and the fewest K splits that launch >= 264 programs
         (2 per H100 SM); the split depends only on (K, N), so every decode batch size reduces K alike.
         """
         decode = m <= _DECODE_MAX_ROWS
