@@ -11,7 +11,9 @@ A case FAILS when it spills registers (every case computes in bf16), needs more 
 memory, is a prefill / flash / M>=64 matmul case whose dots do not use wgmma, or launches too few programs
 to fill the GPU: batch-1 decode at 8k context must launch >= 264 programs (2 per SM on 132 SMs) or, with
 few KV heads, num_kv_heads * 8192 / 128 (blocks of ~128 tokens); a decode-shaped quantized matmul
-(M <= 64) must launch >= 264. Lowering or compile errors fail the case too.
+(M <= 64) must launch >= 264. Lowering or compile errors fail the case too. A case that launches several
+kernels (e.g. split-K attention plus a combine kernel) gets one row per kernel (``name#i``); wgmma and the
+program count are judged over the case (any kernel's wgmma, the largest launch).
 
 XLA compiles the IR with its own bundled Triton on a real GPU, so pip triton is a proxy: a good one for
 shared-memory overflow, spills and wgmma selection, not for speed.
@@ -358,20 +360,31 @@ def _compile_job(ir: str, num_warps: int, num_stages: int) -> dict[str, Any]:
 # Criteria and report
 # ----------------------------------------------------------------------------------------------------
 
-def failure_reasons(case: Case, kernel: dict[str, Any]) -> list[str]:
-    if "error" in kernel:
-        return [kernel["error"]]
-    reasons = []
-    spill = kernel["spill_store_bytes"] + kernel["spill_load_bytes"]
-    if spill:
-        reasons.append(f"spills {kernel['spill_store_bytes']} B stores / {kernel['spill_load_bytes']} B loads")
-    if kernel["smem_bytes"] > SMEM_LIMIT_BYTES:
-        reasons.append(f"smem {kernel['smem_bytes'] / 1024:.0f} KB > {SMEM_LIMIT_BYTES // 1024} KB")
-    if case.needs_wgmma and kernel["wgmma"] == 0:
-        reasons.append(f"no wgmma ({kernel['mma_sync']} mma.sync)")
-    if case.min_programs is not None and kernel["programs"] < case.min_programs:
-        reasons.append(f"{kernel['programs']} programs < {case.min_programs}")
-    return reasons
+def judge(case: Case, kernels: list[dict[str, Any]]) -> None:
+    """Sets "reasons" and "passed" on each compiled kernel of one case.
+
+    Spills and shared memory are judged per kernel; wgmma and the program count per case, so a case that
+    launches a second, small kernel (e.g. a split-K combine) is judged by its main one: the wgmma
+    criterion by any kernel's wgmma, the program count by the largest launch.
+    """
+    for kernel in kernels:
+        kernel["reasons"] = [kernel["error"]] if "error" in kernel else []
+    compiled = [k for k in kernels if "error" not in k]
+    for kernel in compiled:
+        if kernel["spill_store_bytes"] + kernel["spill_load_bytes"]:
+            kernel["reasons"].append(f"spills {kernel['spill_store_bytes']} B stores / "
+                                     f"{kernel['spill_load_bytes']} B loads")
+        if kernel["smem_bytes"] > SMEM_LIMIT_BYTES:
+            kernel["reasons"].append(f"smem {kernel['smem_bytes'] / 1024:.0f} KB > {SMEM_LIMIT_BYTES // 1024} KB")
+    if compiled and case.needs_wgmma and not any(k["wgmma"] for k in compiled):
+        dot_kernel = max(compiled, key=lambda k: k["mma_sync"])
+        dot_kernel["reasons"].append(f"no wgmma ({dot_kernel['mma_sync']} mma.sync)")
+    if compiled and case.min_programs is not None:
+        largest = max(compiled, key=lambda k: k["programs"])
+        if largest["programs"] < case.min_programs:
+            largest["reasons"].append(f"{largest['programs']} programs < {case.min_programs}")
+    for kernel in kernels:
+        kernel["passed"] = not kernel["reasons"]
 
 
 def _row(result: dict[str, Any]) -> list[str]:
@@ -449,13 +462,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         compiled[key] = pool.submit(_compile_job, *key)
                     name = case.name if len(kernels) == 1 else f"{case.name}#{i}"
                     pending.append((case, name, kernel, compiled[key]))
+        by_case: dict[str, list[dict[str, Any]]] = {}
         for case, name, kernel, future in pending:
             info = dict(case=name, family=case.family, kernel=kernel["name"], grid=kernel["grid"],
                         programs=math.prod(kernel["grid"]), num_warps=kernel["num_warps"],
                         num_stages=kernel["num_stages"], **future.result())
-            info["reasons"] = failure_reasons(case, info)
-            info["passed"] = not info["reasons"]
-            results.append(info)
+            by_case.setdefault(case.name, []).append(info)
+        for case in cases:
+            judge(case, by_case.get(case.name, []))
+            results.extend(by_case.get(case.name, []))
     results.sort(key=lambda r: [c.name for c in cases].index(r["case"].split("#")[0]))
 
     print_table(results)

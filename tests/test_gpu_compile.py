@@ -122,3 +122,31 @@ def test_full_matrix_lowers_and_compiles_for_sm90(full_matrix):
 @pytest.mark.parametrize("family", _family_params())
 def test_full_matrix_fits_an_h100(full_matrix, family):
     assert_family_meets_criteria(full_matrix[3], family)
+
+
+def test_multi_kernel_case_is_judged_by_its_main_kernel():
+    # A split-K attention step = a big attention kernel + a small combine kernel without dots: the case
+    # passes on the attention kernel's wgmma and grid; each kernel still answers for its own spills.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_gpu_kernels", SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = check  # dataclasses look their module up while the script loads
+    try:
+        spec.loader.exec_module(check)
+    finally:
+        del sys.modules[spec.name]
+
+    def kernel(programs, wgmma, mma_sync, spill=0):
+        return dict(programs=programs, wgmma=wgmma, mma_sync=mma_sync, smem_bytes=64 << 10,
+                    spill_store_bytes=spill, spill_load_bytes=0)
+
+    case = check.Case("ragged/x", "ragged_paged_attention", build=None, needs_wgmma=True, min_programs=264)
+    attention, combine = kernel(512, 12, 0), kernel(8, 0, 0)
+    check.judge(case, [attention, combine])
+    assert attention["passed"] and combine["passed"]
+
+    attention, combine = kernel(128, 0, 64), kernel(8, 0, 0, spill=16)
+    check.judge(case, [attention, combine])
+    assert attention["reasons"] == ["no wgmma (64 mma.sync)", "128 programs < 264"]
+    assert combine["reasons"] == ["spills 16 B stores / 0 B loads"]
