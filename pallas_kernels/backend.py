@@ -25,6 +25,7 @@ NotImplementedError for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -100,3 +101,31 @@ def kernel_lowering(impl: str, lowering: str | None, kernel_name: str,
             f"{kernel_name} has no {lowering!r} Pallas kernel yet (implemented: {implemented}); "
             f"pass lowering='triton' or unset ${LOWERING_ENV_VAR}")
     return lowering
+
+
+# The GPU that cross-lowering targets when no GPU is attached (the kernels are tuned for Hopper).
+ABSTRACT_CUDA_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+
+
+@contextlib.contextmanager
+def abstract_cuda_device(device_kind: str = ABSTRACT_CUDA_DEVICE_KIND):
+    """Lets ``jit(f).trace(...).lower(lowering_platforms=("cuda",))`` lower Pallas Triton kernels on a host
+    without a GPU.
+
+    JAX >= 0.11 asks the Triton lowering for a target GPU and, with none attached, raises "No supported GPU
+    devices found, please specify an abstract GPU device"; a one-device abstract mesh carrying an abstract
+    CUDA device answers it. JAX 0.10 ignores the abstract device (it falls back to sm_90 by itself).
+    """
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    device = AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
+    with use_abstract_mesh(AbstractMesh((1,), ("_abstract_cuda",), abstract_device=device)):
+        yield
+
+
+def targets_gpu() -> bool:
+    """True when traced kernels will run on (or are being lowered for) a CUDA/ROCm GPU."""
+    if jax.default_backend() == "gpu":
+        return True
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) in ("cuda", "rocm")

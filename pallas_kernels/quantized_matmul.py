@@ -36,6 +36,10 @@ from jax.experimental import pallas as pl
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _MIN_DOT_DIM = 16  # Triton's tl.dot needs every operand dim >= 16
+# Decode-shaped matmuls (M = batch rows <= this) stream the weight once and do little math: they need
+# many programs to pull full HBM bandwidth, so their K reduction is split over programs.
+_DECODE_MAX_ROWS = 64
+_TARGET_PROGRAMS = 264  # 2 per SM on an H100's 132 SMs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,6 +138,8 @@ class QuantizedMatmulBlockSizes:
     block_k: input rows (unpacked) per step of the in-kernel K loop; grouped formats need a
       multiple of group_size so each step sees whole groups (for int4 the dot sees block_k / 2).
     num_warps, num_stages: Triton launch parameters.
+    k_splits: programs that share one output tile, each reducing K / k_splits input rows into a float32
+      partial sum that the wrapper adds up (a grid axis; no atomics, so results are deterministic).
     All block sizes are powers of two >= 16 (Triton's arange/dot constraints).
     """
 
@@ -142,13 +148,14 @@ class QuantizedMatmulBlockSizes:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    k_splits: int = 1
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or not _is_pow2(v) or v < _MIN_DOT_DIM:
                 raise ValueError(f"{name}={v!r} must be a power of two >= {_MIN_DOT_DIM}")
-        for name in ("num_warps", "num_stages"):
+        for name in ("num_warps", "num_stages", "k_splits"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive int")
@@ -162,16 +169,26 @@ class QuantizedMatmulBlockSizes:
             raise ValueError(f"int4 needs {block_k=} >= {2 * _MIN_DOT_DIM} (the dot sees block_k // 2 rows)")
         if k % block_k:
             raise ValueError(f"in_features K={k} must be a multiple of {block_k=}")
+        if (k // block_k) % self.k_splits:
+            raise ValueError(f"k_splits={self.k_splits} must divide the K={k} // {block_k=} = {k // block_k} "
+                             f"K steps")
         if n % block_n:
             raise ValueError(f"out_features N={n} must be a multiple of {block_n=}")
 
     @classmethod
     def get_default(cls, *, m: int, k: int, n: int, bits: int,
                     group_size: Optional[int]) -> "QuantizedMatmulBlockSizes":
-        """Largest power-of-two tiles (up to untuned defaults) that divide this problem exactly."""
+        """Largest power-of-two tiles (up to untuned defaults) that divide this problem exactly.
+
+        Decode shapes (m <= 64) get 32-column tiles and the fewest K splits that launch >= 264 programs
+        (2 per H100 SM); the split depends only on (K, N), so every decode batch size reduces K alike.
+        """
+        decode = m <= _DECODE_MAX_ROWS
         block_m = max(_MIN_DOT_DIM, min(64, pl.next_power_of_2(max(m, 1))))
-        # Decode (small M) is weight-bandwidth bound: narrower N tiles give more programs.
-        block_n = _fit_block(n, 64 if m <= _MIN_DOT_DIM else 128)
+        # Narrow N tiles give decode more programs and so fewer K splits, whose f32 partial sums cost
+        # traffic (k_splits * M * N * 8 bytes written and read back); 32 int8 columns are still one full
+        # 32-byte sector per weight row.
+        block_n = _fit_block(n, 32 if decode else 128)
         min_k = 2 * _MIN_DOT_DIM if bits == 4 else _MIN_DOT_DIM
         block_k = _fit_block(k, max(128, group_size or 1), multiple_of=group_size or 1, minimum=min_k)
         if block_n is None:
@@ -180,7 +197,15 @@ class QuantizedMatmulBlockSizes:
         if block_k is None:
             raise ValueError(f"no power-of-two block_k >= {min_k} that is a multiple of group_size="
                              f"{group_size} divides in_features K={k}; use impl='xla' for this shape")
-        blocks = cls(block_m=block_m, block_n=block_n, block_k=block_k)
+        k_splits = 1
+        if decode:
+            steps = k // block_k
+            k_splits = next((d for d in range(1, steps + 1)
+                             if steps % d == 0 and (n // block_n) * d >= _TARGET_PROGRAMS), steps)
+        # Prefill tiles (64 x 128, dequantize + f32 accumulator) spill with 4 warps; 8 warps halve the
+        # registers each thread holds.
+        num_warps = 4 if decode else 8
+        blocks = cls(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, k_splits=k_splits)
         blocks.validate(k=k, n=n, bits=bits, group_size=group_size)
         return blocks
 
@@ -196,12 +221,14 @@ def _fit_block(dim: int, want: int, multiple_of: int = 1, minimum: int = _MIN_DO
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pallas kernels: one program computes a [block_m, block_n] output tile, looping over K in-kernel
-# (Triton programs run in parallel, so the K reduction cannot be a grid axis).
+# Pallas kernels: one program computes a [block_m, block_n] output tile over its share of K, looping over
+# it in-kernel; with k_splits > 1 the tile is a float32 partial sum (Triton programs run in parallel, so
+# programs of one tile cannot accumulate into one buffer without atomics: the wrapper adds the partials).
 # ----------------------------------------------------------------------------------------------------
 
 def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, group_size: Optional[int]):
-    # x_ref [bm, K] float; w_ref [K, bn] int8; s_ref [1, bn] (per channel) or [K/G, bn]; o_ref [bm, bn]
+    # Ks = K / k_splits, this program's rows of K.
+    # x_ref [bm, Ks] float; w_ref [Ks, bn] int8; s_ref [1, bn] (per channel) or [Ks/G, bn]; o_ref [bm, bn]
     bm, bn = o_ref.shape
     num_steps = w_ref.shape[0] // block_k
 
@@ -220,14 +247,16 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, group_size: Option
 
     acc = lax.fori_loop(0, num_steps, step, jnp.zeros((bm, bn), jnp.float32))
     if group_size is None:
-        # A per-output-channel scale commutes with the K sum: scale the f32 accumulator, not the tile.
+        # A per-output-channel scale commutes with the K sum (and with the sum of K splits): scale the
+        # f32 accumulator, not the tile.
         acc = acc * s_ref[...].astype(jnp.float32)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def _int4_kernel(xlo_ref, xhi_ref, w_ref, s_ref, z_ref, o_ref, *, block_k: int, group_size: int):
-    # xlo_ref, xhi_ref [bm, K/2] float (x columns matching the low / high nibbles, see _split_x_int4);
-    # w_ref [K/2, bn] uint8 packed; s_ref, z_ref [K/G, bn]; o_ref [bm, bn]
+    # Ks = K / k_splits, this program's rows of K.
+    # xlo_ref, xhi_ref [bm, Ks/2] float (x columns matching the low / high nibbles, see _split_x_int4);
+    # w_ref [Ks/2, bn] uint8 packed; s_ref, z_ref [Ks/G, bn]; o_ref [bm, bn]
     bm, bn = o_ref.shape
     half_group = group_size // 2
     packed_k = block_k // 2           # packed rows per step
@@ -261,30 +290,42 @@ def _split_x_int4(x: jax.Array, group_size: int):
     return x[:, :, 0, :].reshape(m, k // 2), x[:, :, 1, :].reshape(m, k // 2)
 
 
-def _pallas_matmul(x: jax.Array, qw, blocks: QuantizedMatmulBlockSizes, interpret: bool) -> jax.Array:
-    """x [M, K] (M a multiple of block_m) -> [M, N] in x.dtype."""
+def _pallas_matmul(x: jax.Array, qw, blocks: QuantizedMatmulBlockSizes, interpret: bool,
+                   rows: Optional[int] = None) -> jax.Array:
+    """x [M, K] (M a multiple of block_m) -> [rows, N] in x.dtype: the first `rows` (default M) rows."""
     m, k = x.shape
     n, g = qw.out_features, qw.group_size
-    bm, bn = blocks.block_m, blocks.block_n
-    grid = (m // bm, n // bn)
-    row_panel = lambda i, j: (i, 0)  # noqa: E731 -- x rows of this program, all of K
-    col_panel = lambda i, j: (0, j)  # noqa: E731 -- weight/scale columns of this program, all of K
+    bm, bn, splits = blocks.block_m, blocks.block_n, blocks.k_splits
+    ks = k // splits  # input rows each program reduces
+    grid = (m // bm, n // bn, splits)
+    row_panel = lambda i, j, s: (i, s)  # noqa: E731 -- x rows of this program, its share of K
+    col_panel = lambda i, j, s: (s, j)  # noqa: E731 -- weight/scale columns of this program, its share of K
     if qw.bits == 8:
-        scales = qw.scales.reshape(1, n) if g is None else qw.scales
         kernel = functools.partial(_int8_kernel, block_k=blocks.block_k, group_size=g)
-        operands = (x, qw.values, scales)
-        in_specs = [pl.BlockSpec((bm, k), row_panel),
-                    pl.BlockSpec((k, bn), col_panel),
-                    pl.BlockSpec((scales.shape[0], bn), col_panel)]
+        if g is None:
+            operands = (x, qw.values, qw.scales.reshape(1, n))
+            scale_spec = pl.BlockSpec((1, bn), lambda i, j, s: (0, j))
+        else:
+            operands = (x, qw.values, qw.scales)
+            scale_spec = pl.BlockSpec((ks // g, bn), col_panel)
+        in_specs = [pl.BlockSpec((bm, ks), row_panel),
+                    pl.BlockSpec((ks, bn), col_panel),
+                    scale_spec]
     else:
         x_lo, x_hi = _split_x_int4(x, g)
         kernel = functools.partial(_int4_kernel, block_k=blocks.block_k, group_size=g)
         operands = (x_lo, x_hi, qw.values, qw.scales, qw.zeros)
-        in_specs = [pl.BlockSpec((bm, k // 2), row_panel),
-                    pl.BlockSpec((bm, k // 2), row_panel),
-                    pl.BlockSpec((k // 2, bn), col_panel),
-                    pl.BlockSpec((k // g, bn), col_panel),
-                    pl.BlockSpec((k // g, bn), col_panel)]
+        in_specs = [pl.BlockSpec((bm, ks // 2), row_panel),
+                    pl.BlockSpec((bm, ks // 2), row_panel),
+                    pl.BlockSpec((ks // 2, bn), col_panel),
+                    pl.BlockSpec((ks // g, bn), col_panel),
+                    pl.BlockSpec((ks // g, bn), col_panel)]
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)       # partial sums over K
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
     compiler_params = None
     if not interpret:
         from pallas_kernels.backend import gpu_compiler_params
@@ -292,16 +333,19 @@ def _pallas_matmul(x: jax.Array, qw, blocks: QuantizedMatmulBlockSizes, interpre
         # Always Triton: the body uses jnp.dot inside pallas_call, which Mosaic GPU does not lower.
         compiler_params = gpu_compiler_params("triton", num_warps=blocks.num_warps,
                                               num_stages=blocks.num_stages)
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        out_specs=out_spec,
+        out_shape=out_shape,
         compiler_params=compiler_params,
         interpret=interpret,
-        name=f"quantized_matmul_int{qw.bits}",
+        name=f"quantized_matmul_int{qw.bits}" + (f"_{splits}_k_splits" if splits > 1 else ""),
     )(*operands)
+    rows = m if rows is None else rows
+    # Slice before summing the K splits: the padding rows' partial sums are never read back.
+    return out[:rows] if splits == 1 else out[:, :rows].sum(axis=0).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,14 +410,16 @@ def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
     elif impl == "xla":
         out = _xla_matmul(x2, qw)
     elif impl in ("pallas", "pallas_interpret"):
-        if impl == "pallas" and jax.default_backend() != "gpu":
+        from pallas_kernels.backend import targets_gpu
+
+        if impl == "pallas" and not targets_gpu():
             raise ValueError(f"impl='pallas' needs a GPU, the backend is {jax.default_backend()!r}; "
                              f"use 'pallas_interpret' or 'xla'")
         block_sizes.validate(k=k, n=n, bits=qw.bits, group_size=qw.group_size)
         # Pad M up to the row tile (decode has M = batch, 1..64); padded rows are sliced off.
         m_pad = pl.cdiv(m, block_sizes.block_m) * block_sizes.block_m
         x_pad = jnp.pad(x2, ((0, m_pad - m), (0, 0)))                   # [M_pad, K]
-        out = _pallas_matmul(x_pad, qw, block_sizes, interpret=impl == "pallas_interpret")[:m]
+        out = _pallas_matmul(x_pad, qw, block_sizes, interpret=impl == "pallas_interpret", rows=m)
     else:
         raise ValueError(f"impl={impl!r} is not supported by quantized_matmul")
     return out.astype(x.dtype).reshape(*lead, n)

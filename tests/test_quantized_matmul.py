@@ -61,12 +61,36 @@ def test_matches_reference_bf16(impl, bits, group_size):
 @pytest.mark.parametrize("blocks", [
     QuantizedMatmulBlockSizes(block_m=16, block_n=32, block_k=64),   # several K steps, several N tiles
     QuantizedMatmulBlockSizes(block_m=32, block_n=64, block_k=256),  # one K step, M padded 19 -> 32
+    QuantizedMatmulBlockSizes(block_m=16, block_n=32, block_k=64, k_splits=2),  # 2 K steps per split
 ])
 def test_explicit_block_sizes(bits, group_size, blocks):
     qw = _weight(bits, group_size, 256, 128)
     x = _x((19, 256))
     out = quantized_matmul(x, qw, impl="pallas_interpret", block_sizes=blocks)
     _assert_close(out, quantized_matmul_reference(x, qw), F32_TOL)
+
+
+@pytest.mark.parametrize("bits,group_size", FORMATS)
+def test_k_splits_bf16_decode(bits, group_size):
+    # Odd K step count (3) split 3 ways, bf16 activations: partial sums are f32, the output bf16.
+    qw = _weight(bits, group_size, 192, 64, seed=2)
+    x = _x((5, 192), jnp.bfloat16)
+    blocks = QuantizedMatmulBlockSizes(block_m=16, block_n=32, block_k=64, k_splits=3)
+    out = quantized_matmul(x, qw, impl="pallas_interpret", block_sizes=blocks)
+    assert out.dtype == jnp.bfloat16
+    _assert_close(out, quantized_matmul_reference(x, qw), BF16_TOL)
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096)])
+def test_default_decode_blocks_split_k_to_fill_an_h100(k, n):
+    # 264 programs = 2 per SM on 132 SMs; the split must not depend on the decode batch size.
+    splits = set()
+    for m in (1, 5, 16, 64):
+        b = QuantizedMatmulBlockSizes.get_default(m=m, k=k, n=n, bits=8, group_size=32)
+        assert (n // b.block_n) * b.k_splits >= 264
+        splits.add(b.k_splits)
+    assert len(splits) == 1
+    assert QuantizedMatmulBlockSizes.get_default(m=512, k=k, n=n, bits=8, group_size=32).k_splits == 1
 
 
 def test_leading_batch_dims_and_impls_agree():
@@ -106,7 +130,7 @@ def test_dense_dispatches_on_weight_type():
 def test_default_block_sizes_fit_model_shapes():
     # SmolLM2: K = 576 = 64 * 9 has no power-of-two divisor above 64.
     b = QuantizedMatmulBlockSizes.get_default(m=1, k=576, n=192, bits=4, group_size=64)
-    assert (b.block_m, b.block_n, b.block_k) == (16, 64, 64)
+    assert (b.block_m, b.block_n, b.block_k) == (16, 32, 64)  # decode: narrow N tiles for more programs
     b = QuantizedMatmulBlockSizes.get_default(m=300, k=1536, n=576, bits=8, group_size=None)
     assert (b.block_m, b.block_n, b.block_k) == (64, 64, 128)
     b = QuantizedMatmulBlockSizes.get_default(m=8, k=512, n=256, bits=4, group_size=256)
@@ -126,19 +150,40 @@ def test_auto_falls_back_to_xla_when_no_tile_fits(monkeypatch):
 
 
 @pytest.mark.parametrize("bits,group_size", FORMATS)
-def test_kernel_lowers_to_triton_without_a_gpu(bits, group_size):
+@pytest.mark.parametrize("k_splits", [1, 2])
+def test_kernel_lowers_to_triton_without_a_gpu(bits, group_size, k_splits):
     # Cross-lowering for CUDA runs every Pallas->Triton lowering rule the kernel body needs
     # (reshapes, nibble shifts, dots); it does not compile PTX.
+    from pallas_kernels.backend import abstract_cuda_device
     from pallas_kernels.quantized_matmul import _pallas_matmul
 
     qw = _weight(bits, group_size, 256, 128)
-    blocks = QuantizedMatmulBlockSizes(block_m=16, block_n=64, block_k=64)
+    blocks = QuantizedMatmulBlockSizes(block_m=16, block_n=64, block_k=64, k_splits=k_splits)
     f = jax.jit(lambda x, w: _pallas_matmul(x, w, blocks, interpret=False))
     try:
-        text = f.trace(jnp.ones((16, 256), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
+        with abstract_cuda_device():
+            text = f.trace(jnp.ones((16, 256), jnp.bfloat16), qw).lower(lowering_platforms=("cuda",)).as_text()
     except (ImportError, NotImplementedError) as e:  # a jaxlib without the Triton bindings
         pytest.skip(f"cannot cross-lower for cuda here: {e}")
     assert "triton" in text.lower()
+
+
+def test_public_wrapper_lowers_for_cuda_only_when_targeting_a_gpu():
+    # impl="pallas" refuses a CPU backend, but lowers under the abstract H100 that cross-lowering installs.
+    from pallas_kernels.backend import abstract_cuda_device
+
+    qw = _weight(8, 32, 256, 128)
+    f = jax.jit(lambda x, w: quantized_matmul(x, w, impl="pallas"))
+    x = jnp.ones((3, 256), jnp.bfloat16)
+    try:
+        with abstract_cuda_device():
+            text = f.trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+    except ImportError as e:  # a jaxlib without the Triton bindings
+        pytest.skip(f"cannot cross-lower for cuda here: {e}")
+    assert "__gpu$xla.gpu.triton" in text
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=r"impl='pallas' needs a GPU"):
+            f.trace(x, qw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,6 +197,10 @@ def test_block_size_errors():
         QuantizedMatmulBlockSizes(block_m=8)
     with pytest.raises(ValueError, match=r"num_warps=0 must be a positive int"):
         QuantizedMatmulBlockSizes(num_warps=0)
+    with pytest.raises(ValueError, match=r"k_splits=0 must be a positive int"):
+        QuantizedMatmulBlockSizes(k_splits=0)
+    with pytest.raises(ValueError, match=r"k_splits=3 must divide the K=256 // block_k=64 = 4 K steps"):
+        QuantizedMatmulBlockSizes(block_k=64, k_splits=3).validate(k=256, n=64, bits=8, group_size=None)
     blocks = QuantizedMatmulBlockSizes(block_m=16, block_n=32, block_k=32)
     with pytest.raises(ValueError, match=r"block_k=32 must be a multiple of group_size=64"):
         blocks.validate(k=128, n=64, bits=4, group_size=64)

@@ -1,0 +1,152 @@
+"""scripts/check_gpu_kernels.py: every Pallas kernel lowers for CUDA, compiles for sm_90 and fits an H100.
+
+The script cross-lowers each kernel wrapper under an abstract H100 device, compiles the captured Triton IR
+with pip triton and judges the result (no spills, <= 227 KB shared memory, wgmma for prefill-shaped dots,
+enough programs for long-context decode). The default set runs a representative subset; the full production
+matrix is marked slow. Skips when pip triton is missing or JAX's private Triton lowering moved (exit 77).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Kernel families whose H100 criteria are reported but not yet required (xfail, non-strict): their reshaped
+# versions (split-K decode, 64-row query tiles, larger flash tiles) are being merged. Empty this set once they
+# land; the lowering and compiling of their cases is asserted regardless.
+KERNELS_STILL_BEING_RESHAPED = {"ragged_paged_attention", "flash_attention"}
+
+FAMILIES = ("ragged_paged_attention", "flash_attention", "kv_cache_update", "quantized_matmul")
+
+# One or two cases of each kind: long-context batch-1 decode (grid size), mixed prefill steps (wgmma), int8
+# pages, every model shape, every quantized format at decode and prefill sizes.
+REPRESENTATIVE_CASES = (
+    "ragged/llama3-8b/bf16/ps16/decode-b1-ctx8192",
+    "ragged/llama3-8b/bf16/ps16/mixed-b64-ctx8192",
+    "ragged/llama3-8b/int8/ps64/decode-b1-ctx8192",
+    "ragged/llama3-70b-tp8/bf16/ps64/decode-b1-ctx8192",
+    "ragged/smollm2/int8/ps16/mixed-b64-ctx8192",
+    "ragged/smollm2/bf16/ps16/verify-k4-b16-ctx8192",
+    "kv_update/llama3-8b/bf16/ps16/decode-t64",
+    "kv_update/smollm2/int8/ps64/prefill-t512",
+    "flash/llama3-8b/prefill-2k",
+    "flash/smollm2/prefill-8k",
+    "qmm/int8/K4096xN4096/M16",  # the same kernel as M1 (rows pad to 16)
+    "qmm/int8-g32/K14336xN4096/M64",
+    "qmm/int4-g32/K4096xN14336/M16",
+    "qmm/int4-g32/K4096xN4096/M512",
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "check_gpu_kernels.py"
+EXIT_CANNOT_CHECK = 77
+
+
+def _run(args, timeout):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+def run_check(tmp_path, only=(), timeout=900):
+    """Runs the script; returns (the case names it lists, its exit status, stderr, its JSON results)."""
+    selection = [arg for name in only for arg in ("--only", name)]
+    listed = _run([*selection, "--list"], timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    names = listed.stdout.split()
+    out = tmp_path / "check.json"
+    proc = _run([*selection, "--json", str(out)], timeout=timeout)
+    if proc.returncode == EXIT_CANNOT_CHECK:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode in (0, 1), f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return names, proc.returncode, proc.stderr, json.loads(out.read_text())["results"]
+
+
+def assert_every_case_compiled(names, returncode, stderr, results):
+    assert sorted(r["case"] for r in results) == sorted(names)
+    for r in results:
+        assert "smem_bytes" in r, f"{r['case']}: {r['reasons']}"  # lowered, compiled and parsed
+        assert r["registers"] > 0 and r["programs"] >= 1 and r["num_warps"] >= 1, r
+        assert r["kernel"], r
+    failed = [r["case"] for r in results if not r["passed"]]
+    assert returncode == (1 if failed else 0)
+    for name in failed:  # the exit message names every failing case
+        assert name in stderr
+
+
+def assert_family_meets_criteria(results, family):
+    cases = [r for r in results if r["family"] == family]
+    assert cases, f"no {family} case ran"
+    failing = [f"{r['case']}: {'; '.join(r['reasons'])}" for r in cases if not r["passed"]]
+    assert not failing, "\n".join(failing)
+
+
+def _family_params():
+    return [pytest.param(f, marks=pytest.mark.xfail(reason=f"{f} is still being reshaped for Hopper", strict=False))
+            if f in KERNELS_STILL_BEING_RESHAPED else f for f in FAMILIES]
+
+
+@pytest.fixture(scope="module")
+def representative(tmp_path_factory):
+    return run_check(tmp_path_factory.mktemp("gpu_compile"), REPRESENTATIVE_CASES)
+
+
+def test_representative_cases_lower_and_compile_for_sm90(representative):
+    names, *_ = representative
+    assert len(names) == len(REPRESENTATIVE_CASES)  # each name selects exactly one case
+    assert_every_case_compiled(*representative)
+
+
+@pytest.mark.parametrize("family", _family_params())
+def test_representative_cases_fit_an_h100(representative, family):
+    assert_family_meets_criteria(representative[3], family)
+
+
+@pytest.fixture(scope="module")
+def full_matrix(tmp_path_factory):
+    return run_check(tmp_path_factory.mktemp("gpu_compile_full"))
+
+
+@pytest.mark.slow
+def test_full_matrix_lowers_and_compiles_for_sm90(full_matrix):
+    assert_every_case_compiled(*full_matrix)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", _family_params())
+def test_full_matrix_fits_an_h100(full_matrix, family):
+    assert_family_meets_criteria(full_matrix[3], family)
+
+
+def test_multi_kernel_case_is_judged_by_its_main_kernel():
+    # A split-K attention step = a big attention kernel + a small combine kernel without dots: the case
+    # passes on the attention kernel's wgmma and grid; each kernel still answers for its own spills.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_gpu_kernels", SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = check  # dataclasses look their module up while the script loads
+    try:
+        spec.loader.exec_module(check)
+    finally:
+        del sys.modules[spec.name]
+
+    def kernel(programs, wgmma, mma_sync, spill=0):
+        return dict(programs=programs, wgmma=wgmma, mma_sync=mma_sync, smem_bytes=64 << 10,
+                    spill_store_bytes=spill, spill_load_bytes=0)
+
+    case = check.Case("ragged/x", "ragged_paged_attention", build=None, needs_wgmma=True, min_programs=264)
+    attention, combine = kernel(512, 12, 0), kernel(8, 0, 0)
+    check.judge(case, [attention, combine])
+    assert attention["passed"] and combine["passed"]
+
+    attention, combine = kernel(128, 0, 64), kernel(8, 0, 0, spill=16)
+    check.judge(case, [attention, combine])
+    assert attention["reasons"] == ["no wgmma (64 mma.sync)", "128 programs < 264"]
+    assert combine["reasons"] == ["spills 16 B stores / 0 B loads"]
