@@ -36,6 +36,7 @@ REPRESENTATIVE_CASES = (
     "kv_update/smollm2/int8/ps64/prefill-t512",
     "flash/llama3-8b/prefill-2k",
     "flash/smollm2/prefill-8k",
+    "flash-mosaic/llama3-8b/prefill-8k",
     "qmm/int8/K4096xN4096/M16",  # the same kernel as M1 (rows pad to 16)
     "qmm/int8-g32/K14336xN4096/M64",
     "qmm/int4-g32/K4096xN14336/M16",
@@ -71,6 +72,9 @@ def run_check(tmp_path, only=(), timeout=900):
 def assert_every_case_compiled(names, returncode, stderr, results):
     assert sorted(r["case"] for r in results) == sorted(names)
     for r in results:
+        if r["kernel"] == "mosaic_gpu":  # compiled to PTX only inside the CUDA plugin: lowering is the check
+            assert r["passed"], f"{r['case']}: {r['reasons']}"
+            continue
         assert "smem_bytes" in r, f"{r['case']}: {r['reasons']}"  # lowered, compiled and parsed
         assert r["registers"] > 0 and r["programs"] >= 1 and r["num_warps"] >= 1, r
         assert r["kernel"], r
