@@ -29,9 +29,14 @@ class Recorder:
 
     Each section owns a share of the budget: items of a section start only while
     `now + est_s <= start + budget_s * cumulative_share`, so a slow section cannot eat the later ones
-    (unused time rolls over, the deadlines being cumulative)."""
+    (unused time rolls over, the deadlines being cumulative).
 
-    def __init__(self, out_dir: str, budget_s: float, meta: dict, fail_items=(), echo: bool = True):
+    resume=True continues the results.json of a process that died (a segfault in a compiler, say): the
+    time it spent counts against the budget, the item it died in is recorded as an error, and items
+    already recorded are not run again (except those run with redo=True, which later items depend on)."""
+
+    def __init__(self, out_dir: str, budget_s: float, meta: dict, fail_items=(), echo: bool = True,
+                 resume: bool = False):
         self.out_dir, self.budget_s, self.meta = out_dir, budget_s, dict(meta)
         self.fail_items = {name for name in fail_items if name}
         self.echo = echo
@@ -41,7 +46,17 @@ class Recorder:
         self.deadline = self.t0 + budget_s
         self.current_item: Optional[str] = None
         self._lock = threading.RLock()
+        self._died_in: Optional[list] = None  # [section, item] the previous process died in (resume)
+        self._insert_at: Optional[int] = None  # where a redone item's outcome goes
         os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "results.json")
+        if resume and os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
+            self.sections = previous["sections"]
+            self.t0 -= float(previous["meta"].get("elapsed_s", 0.0))
+            self._died_in = previous["meta"].get("running")
+            self.meta["resumed"] = previous["meta"].get("resumed", 0) + 1
 
     # ------------------------------------------------------------------ structure
     def elapsed(self) -> float:
@@ -49,7 +64,11 @@ class Recorder:
 
     def section(self, name: str, title: str, cumulative_share: float) -> "_Section":
         with self._lock:
-            self.sections.append({"name": name, "title": title, "items": []})
+            if not self.sections or self.sections[-1]["name"] != name:
+                known = [s for s in self.sections if s["name"] == name]
+                if known:  # resumed: continue the recorded section (sections come in a fixed order)
+                    self.sections.remove(known[0])
+                self.sections.append(known[0] if known else {"name": name, "title": title, "items": []})
             self.deadline = self.t0 + self.budget_s * cumulative_share
         if self.echo:
             print(f"\n== {title} (t={self.elapsed():.0f}s, section ends by t={self.deadline - self.t0:.0f}s)",
@@ -57,14 +76,28 @@ class Recorder:
         self.write()
         return _Section(self, name)
 
-    def run(self, name: str, fn: Callable[[], dict], *, est_s: float = 0.0) -> Optional[dict]:
+    def run(self, name: str, fn: Callable[[], dict], *, est_s: float = 0.0, redo: bool = False) -> Optional[dict]:
         """Runs one item: fn() returns its figures (a dict; "passed": False marks a failed check).
         Returns the figures, or None when the item was skipped or raised."""
-        left = self.deadline - time.perf_counter()
+        section = self.sections[-1]
+        if self._died_in == [section["name"], name]:
+            self._died_in = None
+            self._add(name, "error", reason="the process died during this item (crash, or killed); resumed after it")
+            return None
+        done = [it for it in section["items"] if it["name"] == name]
+        if done and not redo:  # resumed: recorded by the previous process
+            return done[0].get("figures") if done[0]["status"] in ("ok", "fail") else None
+        if done:  # redo: the new outcome takes the recorded one's place
+            self._insert_at = section["items"].index(done[0])
+            section["items"].remove(done[0])
+        # Items later ones depend on (redo) may use the whole budget, not only their section's share.
+        left = (self.t0 + self.budget_s if redo else self.deadline) - time.perf_counter()
         if est_s > left:
             self._add(name, "skipped", reason=f"budget: {max(left, 0):.0f}s left in this section, needs ~{est_s:.0f}s")
             return None
         self.current_item = name
+        self.meta["running"] = [section["name"], name]
+        self.write()
         t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             if name in self.fail_items:
@@ -101,7 +134,10 @@ class Recorder:
         if traceback:
             entry["traceback"] = traceback
         with self._lock:
-            self.sections[-1]["items"].append(entry)
+            items = self.sections[-1]["items"]
+            items.insert(len(items) if self._insert_at is None else self._insert_at, entry)
+            self._insert_at = None
+            self.meta.pop("running", None)  # this outcome ends the item in flight
         if self.echo:
             extra = f" {reason}" if reason else " " + _headline(entry.get("figures", {}))
             print(f"  [{status:7s}] {name} ({seconds:.1f}s){extra}", flush=True)
@@ -154,7 +190,7 @@ class Recorder:
             print(self.summary(), flush=True)
             os._exit(3)
 
-        timer = threading.Timer(self.budget_s + grace_s, fire)
+        timer = threading.Timer(max(1.0, self.budget_s + grace_s - self.elapsed()), fire)
         timer.daemon = True
         timer.start()
 

@@ -118,3 +118,27 @@ def test_compare_catches_wrong_and_non_finite_outputs():
     nan[0, 0] = np.nan
     assert not compare(nan, ref, atol=1.0, rel_l2=1.0)["passed"]
     assert compare(wrong, ref, atol=1e-4, rel_l2=1e-4, rows=3)["passed"]  # only the rows that matter
+
+
+def test_resume_after_the_process_died_mid_item(tmp_path):
+    rec = Recorder(str(tmp_path), budget_s=60, meta={}, echo=False)
+    rec.section("s", "Section", cumulative_share=1.0)
+    rec.run("setup", lambda: {"peak": 1.0})
+    rec.run("done", lambda: {"x": 2.0})
+
+    def dies():
+        raise KeyboardInterrupt  # not an Exception: escapes the recorder like a crash would end the process
+
+    with pytest.raises(KeyboardInterrupt):
+        rec.run("crashes", dies)
+
+    resumed = Recorder(str(tmp_path), budget_s=60, meta={}, echo=False, resume=True)
+    resumed.section("s", "Section", cumulative_share=1.0)
+    assert resumed.run("setup", lambda: {"peak": 3.0}, redo=True) == {"peak": 3.0}  # re-measured
+    assert resumed.run("done", lambda: pytest.fail("recorded items are not run again")) == {"x": 2.0}
+    assert resumed.run("crashes", lambda: pytest.fail("the item that killed the process is not retried")) is None
+    resumed.run("after", lambda: {"y": 1.0})
+    items = json.loads((tmp_path / "results.json").read_text())["sections"][0]["items"]
+    assert [(it["name"], it["status"]) for it in items] == [
+        ("setup", "ok"), ("done", "ok"), ("crashes", "error"), ("after", "ok")]
+    assert "died" in items[2]["reason"] and items[0]["figures"] == {"peak": 3.0}
