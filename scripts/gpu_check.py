@@ -540,7 +540,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fail", default="", help=f"comma-separated item names that raise on purpose (or ${FAIL_ENV_VAR})")
     parser.add_argument("--resume", action="store_true",
                         help="continue DIR/results.json of a run that died (scripts/gpu_check.sh does this once)")
-    parser.add_argument("--watchdog-grace-s", type=float, default=120.0,
+    parser.add_argument("--watchdog-grace-s", type=float, default=90.0,
                         help="past budget + this, write the results and exit even if an item hangs")
     args = parser.parse_args(argv)
 

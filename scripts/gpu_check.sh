@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one GPU run: scripts/gpu_check.py under a hard time limit, its output logged to OUT/log.txt. If the
-# process dies (a signal: a compiler crash, the OOM killer), it is started once more with --resume: the
-# item it died in is recorded as an error and the rest of the budget goes to the items after it.
+# process dies (a signal: a compiler crash, the OOM killer) or exits 75 (a kernel fault left the CUDA
+# context unusable), it is started again with --resume, at most twice: the item it died in is recorded as
+# an error and what is left of the budget goes to the items after it. Compiled programs are cached in
+# /tmp so a resumed process does not compile them again.
 #
 #   scripts/gpu_check.sh OUT_DIR [BUDGET_S] [more gpu_check.py flags, e.g. --quick]
 set -u
@@ -12,15 +14,21 @@ here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-limit=$(( ${budget%.*} + 150 ))  # the script stops itself by budget + 120 s (its watchdog)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/ridgeline-jax-cache}
+limit=$(( ${budget%.*} + 120 ))  # the script stops itself by budget + 90 s (its watchdog)
 
-timeout -k 10 "$limit" "$python" "$here/gpu_check.py" --out "$out" --budget-s "$budget" "$@" 2>&1 | tee -a "$out/log.txt"
-status=${PIPESTATUS[0]}
-# Only a death by signal (status >= 128) well inside the budget is worth a second process.
-if [ "$status" -ge 128 ] && [ "$status" -ne 124 ] && [ "$SECONDS" -lt $(( ${budget%.*} - 30 )) ]; then
-  echo "gpu_check.py died with status $status; resuming once" | tee -a "$out/log.txt"
-  timeout -k 10 "$limit" "$python" "$here/gpu_check.py" --out "$out" --budget-s "$budget" --resume "$@" 2>&1 \
-    | tee -a "$out/log.txt"
+resume=()
+for attempt in 1 2 3; do
+  timeout -k 10 "$limit" "$python" "$here/gpu_check.py" --out "$out" --budget-s "$budget" ${resume[@]+"${resume[@]}"} "$@" \
+    2>&1 | tee -a "$out/log.txt"
   status=${PIPESTATUS[0]}
-fi
+  # Restart only after a death by signal (>= 128, not timeout's 124) or a device fault (75), inside the budget.
+  if { [ "$status" -lt 128 ] && [ "$status" -ne 75 ]; } || [ "$status" -eq 124 ] \
+     || [ "$SECONDS" -ge $(( ${budget%.*} - 30 )) ] || [ "$attempt" -eq 3 ]; then
+    break
+  fi
+  echo "gpu_check.py ended with status $status after ${SECONDS}s; resuming (attempt $((attempt + 1)))" \
+    | tee -a "$out/log.txt"
+  resume=(--resume)
+done
 exit "$status"

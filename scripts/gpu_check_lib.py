@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import threading
 import time
@@ -18,6 +19,11 @@ from typing import Callable, Optional
 import numpy as np
 
 FAIL_ENV_VAR = "RIDGELINE_GPU_CHECK_FAIL"  # comma-separated item names that raise on purpose (tests)
+# After a kernel faults, the CUDA context is unusable: every later item would fail the same way. The
+# process exits with this status instead, and scripts/gpu_check.sh resumes in a fresh one.
+POISONED_EXIT_STATUS = 75
+_POISONED = re.compile(r"ILLEGAL_ADDRESS|illegal memory access|illegal instruction|unspecified launch failure|"
+                       r"CUDA_ERROR_LAUNCH_FAILED|misaligned address", re.IGNORECASE)
 
 
 class Skip(Exception):
@@ -112,6 +118,10 @@ class Recorder:
         except Exception as e:  # noqa: BLE001 - one broken item must not end the run
             self._add(name, "error", reason=f"{type(e).__name__}: {str(e)[:600]}", seconds=time.perf_counter() - t0,
                       traceback=traceback.format_exc()[-3000:])
+            if _POISONED.search(str(e)):
+                self.write(stopped=f"device fault in {name!r}: exit {POISONED_EXIT_STATUS} (resume in a new process)")
+                print(self.summary(), flush=True)
+                os._exit(POISONED_EXIT_STATUS)
             return None
         finally:
             self.current_item = None

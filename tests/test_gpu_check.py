@@ -142,3 +142,17 @@ def test_resume_after_the_process_died_mid_item(tmp_path):
     assert [(it["name"], it["status"]) for it in items] == [
         ("setup", "ok"), ("done", "ok"), ("crashes", "error"), ("after", "ok")]
     assert "died" in items[2]["reason"] and items[0]["figures"] == {"peak": 3.0}
+
+
+def test_a_device_fault_ends_the_process_for_a_fresh_one(tmp_path):
+    """A CUDA fault poisons the context: the process records it and exits 75 (gpu_check.sh resumes)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpu_check_lib import Recorder\n"
+            "rec = Recorder(sys.argv[2], 60, {}, echo=False); rec.section('s', 'S', 1.0)\n"
+            "def fault(): raise RuntimeError('CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access')\n"
+            "rec.run('kernel', fault); rec.run('never', lambda: {'x': 1})\n")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "scripts"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [it["name"] for it in results["sections"][0]["items"]] == ["kernel"]
+    assert "device fault" in results["meta"]["stopped"]
