@@ -103,6 +103,13 @@ def _quantize(w, bits: int, group: int):
     return quantize_int8(w) if bits == 8 else quantize_int4(w, group)
 
 
+def _default_repr(cls) -> str:
+    try:
+        return repr(cls())
+    except Exception as e:  # noqa: BLE001 - a class without defaults is no reason to lose the device row
+        return f"no defaults ({type(e).__name__})"
+
+
 def _ceiling(ctx, kind: str) -> Optional[float]:
     peaks = ctx.get("peaks")
     if peaks is None:
@@ -129,6 +136,12 @@ def section_machine(rec: Recorder, plan: Plan, ctx: dict):
                 figures[package] = metadata.version(package)
             except metadata.PackageNotFoundError:
                 pass
+        import pallas_kernels
+
+        # Default tiles of the kernels as they stand (they are tuned between GPU runs).
+        figures["default_block_sizes"] = {name: _default_repr(getattr(pallas_kernels, name))
+                                          for name in dir(pallas_kernels) if name.endswith("BlockSizes")}
+        figures["env"] = {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_", "RIDGELINE_"))}
         stats = d.memory_stats() if hasattr(d, "memory_stats") else None
         if stats and "bytes_limit" in stats:
             figures["memory_limit_GB"] = stats["bytes_limit"] / 1e9
