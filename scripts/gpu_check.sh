@@ -6,6 +6,10 @@
 # /tmp so a resumed process does not compile them again.
 #
 #   scripts/gpu_check.sh OUT_DIR [BUDGET_S] [more gpu_check.py flags, e.g. --quick]
+#
+# On the lent GPU machine (one 10-minute command): `bash scripts/gpu_check.sh $OUT 420`, timeout_s 600.
+# It ends by ~budget + 90 s + start-up even when resumed; $OUT then holds results.json, results.md,
+# roofline.png, roofline.json and log.txt.
 set -u
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [BUDGET_S] [gpu_check.py flags]}
 budget=${2:-420}
