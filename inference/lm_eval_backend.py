@@ -39,10 +39,11 @@ _GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "to
 @register_model("ridgeline")
 class RidgelineLM(TemplateLM):
     def __init__(self, pretrained: Optional[str] = None, *, llm: Optional[LLM] = None,
-                 max_length: Optional[int] = None, max_gen_toks: int = 256, **kwargs):
+                 max_length: Optional[int] = None, max_gen_toks: int = 256,
+                 prefix_token_id: Optional[int] = None, **kwargs):
         """pretrained: a .gguf / HF directory / checkpoint (default: the default model), or `llm` an LLM
-        already built. max_length caps the tokens of one forward (default: the LLM's max_model_len). Other
-        keyword arguments (dtype, max_model_len, quantization, attn_impl, ...) go to `LLM(...)`."""
+        already built. max_length caps the tokens of one forward (default: the LLM's max_model_len);
+        prefix_token_id overrides the token an empty context is conditioned on. Other keyword arguments (dtype, max_model_len, quantization, attn_impl, ...) go to `LLM(...)`."""
         super().__init__()
         for name in _HARNESS_ARGS:
             kwargs.pop(name, None)
@@ -55,6 +56,7 @@ class RidgelineLM(TemplateLM):
         self.max_length = int(max_length) if max_length is not None else model_len
         if not 2 <= self.max_length <= model_len:
             raise ValueError(f"max_length={max_length} must be in [2, max_model_len={model_len}]")
+        self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         self.max_gen_toks = int(max_gen_toks)
         if self.max_gen_toks < 1:
             raise ValueError(f"max_gen_toks={max_gen_toks} must be >= 1")
@@ -69,8 +71,12 @@ class RidgelineLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
+        # What an empty context and the first rolling window condition on: as lm-eval's hf and vllm
+        # backends choose it (BOS when the tokenizer has one, else EOS), so the numbers compare.
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
         bos = self.llm.tokenizer.bos_token_id
-        return bos if self.llm.tokenizer.add_bos_token and bos is not None else self.eot_token_id
+        return bos if bos is not None else self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
         return self.llm.tokenizer.encode(string, add_special_tokens=add_special_tokens is not False)
