@@ -176,3 +176,15 @@ def test_ridgeline_eval_cli(tmp_path):
     results = json.loads(result_file.read_text())["results"]["ridgeline_tiny_mc"]
     assert 0 <= results["acc,none"] <= 1
     assert "ridgeline_tiny_mc" in proc.stdout  # lm-eval's results table
+
+
+def test_bad_arguments_are_named(lm, default_llm):
+    from inference.lm_eval_backend import RidgelineLM
+    from inference.scoring import score_continuations
+
+    with pytest.raises(ValueError, match="max_length=100000"):
+        RidgelineLM(llm=default_llm, max_length=100000)
+    with pytest.raises(ValueError, match="num_beams"):
+        lm.generate_until(requests("generate_until", [("Hi", {"until": ["\n"], "num_beams": 4})]))
+    with pytest.raises(ValueError, match="request 1: context"):
+        score_continuations(default_llm.engine.runner.params, default_llm.config, [([1, 2], [3]), ([1], [])])
