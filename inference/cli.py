@@ -5,6 +5,7 @@
     ridgeline convert model.gguf out_dir/
     ridgeline roofline --model default --batches 1,8 --contexts 128 --png docs/roofline.png
     ridgeline bench --preset llama3-8b --dtype bfloat16     (random weights at real shapes)
+    ridgeline eval --model ridgeline --model_args pretrained=PATH --tasks hellaswag   (lm-eval's own flags)
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ def cmd_roofline(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    try:
+        from inference.lm_eval_backend import cli_evaluate
+    except ImportError as e:
+        raise SystemExit(f"ridgeline eval needs lm-evaluation-harness: pip install -e '.[eval]' ({e})")
+    return cli_evaluate(args.lm_eval_args)
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="ridgeline", description="LLM inference in JAX/XLA with Pallas kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,9 +143,15 @@ def main(argv: Optional[list] = None) -> int:
                        help="--model/--preset, --batches 1,4,16, --contexts 128,512, --png, --json (see --help)")
         r.set_defaults(func=cmd_roofline)
 
+    e = sub.add_parser("eval", help="lm-evaluation-harness with the `ridgeline` model registered", add_help=False)
+    e.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's flags (see `ridgeline eval --help`)")
+    e.set_defaults(func=cmd_eval)
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("roofline", "bench"):  # its own flags: see `ridgeline roofline --help`
         args = argparse.Namespace(func=cmd_roofline, roofline_args=argv[1:])
+    elif argv and argv[0] == "eval":  # lm_eval's own flags
+        args = argparse.Namespace(func=cmd_eval, lm_eval_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:
