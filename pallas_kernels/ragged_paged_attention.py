@@ -18,7 +18,7 @@ are masked. Two launches cover a step, and which one a sequence takes depends on
 - split-K tiles, for decode and speculative verify (q_len <= ``split_max_q_len``): small tiles
   (``split_block_rows``) and the KV range cut into fixed splits of ``split_k_tokens``, one program
   each, so that a batch-1 decode at long context still fills every SM. A split writes its
-  normalised partial output and log-sum-exp; XLA ops merge the splits (log-sum-exp weights).
+  normalised partial output and log-sum-exp; a second small kernel merges a tile's splits.
 - chunk tiles, for prefill chunks: ``block_rows`` rows (>= 64 so the dots compile to Hopper wgmma),
   one program per tile and KV head over the whole KV range.
 
@@ -80,9 +80,12 @@ class RaggedPagedAttentionBlockSizes:
     split_num_warps, split_num_stages: Triton launch parameters of the split-K tiles.
     """
 
-    block_rows: int = 64
+    # Defaults from compiling for sm_90 (scripts/check_gpu_kernels.py): chunk tiles of 128 rows x 64 keys
+    # with 8 warps use wgmma and no spills at head_dim 128, bf16 and int8; split-K tiles of 16 rows with
+    # 4 warps; 128-token splits give a batch-1 8k decode 64 programs per KV head.
+    block_rows: int = 128
     block_k_tokens: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
     split_max_q_len: int = 8
     split_block_rows: int = 16
@@ -170,6 +173,11 @@ def ragged_paged_attention_reference(
 # --------------------------------------------------------------------------------------------
 # Pallas kernel
 # --------------------------------------------------------------------------------------------
+def _keys_needed(first_position, num_tokens, kv_len):
+    """Keys a tile attends to: causal, so its last real token sees the most. 0 for an idle tile."""
+    return jnp.where(num_tokens > 0, jnp.minimum(kv_len, first_position + num_tokens), 0)
+
+
 def ragged_paged_attention_kernel(
     tile_seq_ref,  # [1] int32: sequence this tile belongs to
     tile_first_position_ref,  # [1] int32: absolute position of the tile's first token
@@ -204,9 +212,7 @@ def ragged_paged_attention_kernel(
     token_in_tile = jnp.arange(block_rows) // group
     row_is_real = token_in_tile < num_tokens
     positions = first_position + token_in_tile  # [block_rows]
-    # Causal: the tile's last real token sees the most keys. Idle tiles visit no block.
-    keys_needed = jnp.where(num_tokens > 0, jnp.minimum(kv_len, first_position + num_tokens), 0)
-    first_block, end_block = 0, pl.cdiv(keys_needed, block_k)
+    first_block, end_block = 0, pl.cdiv(_keys_needed(first_position, num_tokens, kv_len), block_k)
     if split:
         first_block = pl.program_id(2) * blocks_per_split
         end_block = jnp.minimum(end_block, first_block + blocks_per_split)
@@ -348,37 +354,64 @@ def _attend_tiles(q, k_pages, v_pages, block_tables, scales, layout, *, block_ro
         interpret=interpret,
         compiler_params=None if interpret else backend.gpu_compiler_params(
             lowering, num_warps=num_warps, num_stages=num_stages),
-        name=(f"ragged_paged_attention_{block_rows=}_{pages_per_block=}"
-              + ("" if split_k_tokens is None else f"_split_{blocks_per_split=}") + ("_int8" if scales else "")),
+        name=(f"ragged_paged_attention_chunk_{block_rows=}_{pages_per_block=}" if split_k_tokens is None else
+              f"ragged_paged_attention_split_k_{block_rows=}_{pages_per_block=}_{blocks_per_split=}")
+        + ("_int8" if scales else ""),
     )(layout["seq"], layout["first_position"], layout["num_tokens"], layout["kv_len"], block_tables,
       q_tiles, k_pages, v_pages, *scales)
 
     if split_k_tokens is None:
         out_tiles = result
     else:
-        out_tiles = _combine_splits(*result, layout, block_k=block_k, blocks_per_split=blocks_per_split)
+        keys_needed = _keys_needed(layout["first_position"], layout["num_tokens"], layout["kv_len"])
+        tile_num_splits = pl.cdiv(pl.cdiv(keys_needed, block_k), blocks_per_split).astype(jnp.int32)
+        out_tiles = _combine_splits(*result, tile_num_splits, interpret=interpret, lowering=lowering)
     # Token t, head h -> tile of t, row slot * group + h % group.
     head = jnp.arange(num_heads)
     row_of_token = layout["slot_of_token"] * group
     return out_tiles[head[None, :] // group, layout["tile_of_token"][:, None], row_of_token[:, None] + head % group]
 
 
-def _combine_splits(partial_out, lse, layout, *, block_k, blocks_per_split):
-    """Log-sum-exp merge of the splits: partial_out [KVH, tiles, splits, rows, hd] (each normalised over
-    its own keys), lse [KVH, tiles, splits, rows] -> [KVH, tiles, rows, hd] float32.
+def split_combine_kernel(
+    tile_num_splits_ref,  # [1] int32: splits the attention kernel ran for this tile (the rest hold no data)
+    partial_ref,  # [num_splits, block_rows, head_dim]: each split's output, normalised over its own keys
+    lse_ref,  # [num_splits, block_rows] float32: each split's log-sum-exp of scores
+    o_ref,  # [block_rows, head_dim]
+):
+    """Log-sum-exp merge of a tile's splits, in split order. A kernel rather than XLA ops so that the
+    arithmetic is per tile and cannot depend on how many other tiles the batch has."""
+    num_splits = tile_num_splits_ref[0]
+    block_rows, head_dim = o_ref.shape
+    lse_max = lax.fori_loop(0, num_splits, lambda j, m: jnp.maximum(m, lse_ref[j]),
+                            jnp.full((block_rows,), MASK_VALUE, jnp.float32))
 
-    Splits the kernel skipped (past the tile's keys) hold no data and are masked out here. A fixed
-    reduction over the static split axis: the same order whatever else is in the batch.
-    """
-    num_splits = lse.shape[2]
-    keys_needed = jnp.where(layout["num_tokens"] > 0,
-                            jnp.minimum(layout["kv_len"], layout["first_position"] + layout["num_tokens"]), 0)
-    ran = jnp.arange(num_splits)[None, :] * blocks_per_split < pl.cdiv(keys_needed, block_k)[:, None]
-    ran = ran[None, :, :, None]  # [1, tiles, splits, 1]
-    lse = jnp.where(ran, lse, MASK_VALUE)
-    weights = jnp.exp(lse - jnp.max(lse, axis=2, keepdims=True))  # the largest split weighs 1
-    partial_out = jnp.where(ran[..., None], partial_out.astype(jnp.float32), 0.0)
-    return jnp.sum(weights[..., None] * partial_out, axis=2) / jnp.sum(weights, axis=2)[..., None]
+    def add_split(j, carry):
+        acc, weight_sum = carry
+        weight = jnp.exp(lse_ref[j] - lse_max)  # the largest split weighs 1
+        return acc + weight[:, None] * partial_ref[j].astype(jnp.float32), weight_sum + weight
+
+    acc, weight_sum = lax.fori_loop(0, num_splits, add_split, (jnp.zeros((block_rows, head_dim), jnp.float32),
+                                                                jnp.zeros((block_rows,), jnp.float32)))
+    o_ref[...] = (acc / jnp.where(weight_sum > 0, weight_sum, 1.0)[:, None]).astype(o_ref.dtype)
+
+
+def _combine_splits(partial_out, lse, tile_num_splits, *, interpret, lowering):
+    """partial_out [KVH, tiles, splits, rows, hd], lse [KVH, tiles, splits, rows] -> [KVH, tiles, rows, hd]."""
+    num_kv_heads, num_tiles, num_splits, block_rows, head_dim = partial_out.shape
+    return pl.pallas_call(
+        split_combine_kernel,
+        grid=(num_tiles, num_kv_heads),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, h: (i,)),  # tile_num_splits
+            pl.BlockSpec((None, None, num_splits, block_rows, head_dim), lambda i, h: (h, i, 0, 0, 0)),
+            pl.BlockSpec((None, None, num_splits, block_rows), lambda i, h: (h, i, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, block_rows, head_dim), lambda i, h: (h, i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_kv_heads, num_tiles, block_rows, head_dim), partial_out.dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else backend.gpu_compiler_params(lowering, num_warps=4, num_stages=1),
+        name=f"ragged_paged_attention_split_k_combine_{block_rows=}",
+    )(tile_num_splits, partial_out, lse)
 
 
 def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales=None,
