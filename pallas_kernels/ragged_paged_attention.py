@@ -77,6 +77,8 @@ class RaggedPagedAttentionBlockSizes:
         split-K tiles; 0 sends everything through chunk tiles.
     split_block_rows: rows of a split-K tile (raised to the next power of two >= the head group).
     split_k_tokens: KV tokens per split, one program each (at least one KV block).
+    max_splits: splits per sequence at most; block tables longer than max_splits * split_k_tokens get
+        longer splits (bounds the [KVH, tiles, splits, rows, head_dim] partial outputs).
     split_num_warps, split_num_stages: Triton launch parameters of the split-K tiles.
     """
 
@@ -92,6 +94,7 @@ class RaggedPagedAttentionBlockSizes:
     split_k_tokens: int = 128
     split_num_warps: int = 4
     split_num_stages: int = 2
+    max_splits: int = 64
 
     def __post_init__(self):
         for name in ("block_rows", "block_k_tokens", "num_warps", "split_block_rows", "split_k_tokens",
@@ -101,6 +104,8 @@ class RaggedPagedAttentionBlockSizes:
         for name in ("num_stages", "split_num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_splits < 1:
+            raise ValueError(f"max_splits={self.max_splits} must be >= 1")
         if self.split_max_q_len < 0:
             raise ValueError(f"split_max_q_len={self.split_max_q_len} must be >= 0")
 
@@ -220,7 +225,7 @@ def ragged_paged_attention_kernel(
     # (position < kv_len): no mask there.
     mask_from = jnp.clip((first_position + 1) // block_k, first_block, end_block)
 
-    def kv_block(kj, carry, *, masked):
+    def kv_block(kj, carry, *, q, masked):
         acc, row_max, row_sum = carry
         page_ids = block_tables_ref[seq, pl.ds(kj * pages_per_block, pages_per_block)]  # [pages_per_block]
         k = k_pages_ref[page_ids].reshape(block_k, head_dim)
@@ -231,8 +236,8 @@ def ragged_paged_attention_kernel(
             k_scales_ref, v_scales_ref = scale_refs
             k_scale = k_scales_ref[page_ids].reshape(block_k)
             v_scale = v_scales_ref[page_ids].reshape(block_k)
-            k, v = k.astype(q_ref.dtype), v.astype(q_ref.dtype)
-        scores = jnp.dot(q_ref[...], k.T, precision=precision, preferred_element_type=jnp.float32) * sm_scale
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        scores = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32) * sm_scale
         if quantized:
             scores = scores * k_scale[None, :]
         if masked:
@@ -256,8 +261,10 @@ def ragged_paged_attention_kernel(
     def _attend():
         init = (jnp.zeros((block_rows, head_dim), jnp.float32), jnp.full((block_rows,), MASK_VALUE, jnp.float32),
                 jnp.zeros((block_rows,), jnp.float32))
-        carry = lax.fori_loop(first_block, mask_from, functools.partial(kv_block, masked=False), init)
-        acc, row_max, row_sum = lax.fori_loop(mask_from, end_block, functools.partial(kv_block, masked=True), carry)
+        q = q_ref[...]
+        carry = lax.fori_loop(first_block, mask_from, functools.partial(kv_block, q=q, masked=False), init)
+        acc, row_max, row_sum = lax.fori_loop(mask_from, end_block, functools.partial(kv_block, q=q, masked=True),
+                                              carry)
         # A row can see no key of a split (speculative verify: the split starts past its position).
         seen = row_sum > 0
         safe_sum = jnp.where(seen, row_sum, 1.0)
@@ -295,7 +302,7 @@ def _tile_layout(q_lens, cu_q_lens, kv_lens, seq_of_token, *, tokens_per_tile, n
 
 
 def _attend_tiles(q, k_pages, v_pages, block_tables, scales, layout, *, block_rows, block_k_tokens, split_k_tokens,
-                  num_warps, num_stages, sm_scale, interpret, lowering):
+                  max_splits, num_warps, num_stages, sm_scale, interpret, lowering):
     """One launch over the tiles of `layout`; split_k_tokens=None: no split. Returns [num_tokens, H, hd]
     (rows of tokens outside this layout's sequences are garbage)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -307,8 +314,12 @@ def _attend_tiles(q, k_pages, v_pages, block_tables, scales, layout, *, block_ro
     block_k = pages_per_block * page_size
     num_kv_blocks = pl.cdiv(pages_per_seq, pages_per_block)
     block_tables = jnp.pad(block_tables, ((0, 0), (0, num_kv_blocks * pages_per_block - pages_per_seq)))
-    blocks_per_split = None if split_k_tokens is None else max(1, split_k_tokens // block_k)
-    num_splits = 1 if split_k_tokens is None else pl.cdiv(num_kv_blocks, blocks_per_split)
+    blocks_per_split, num_splits = None, 1
+    if split_k_tokens is not None:
+        # Longer splits for tables too long for max_splits: bounds the partial outputs' memory; depends on
+        # the table width only (static), so a sequence splits the same way in any batch.
+        blocks_per_split = max(1, split_k_tokens // block_k, pl.cdiv(num_kv_blocks, max_splits))
+        num_splits = pl.cdiv(num_kv_blocks, blocks_per_split)
 
     # Gather query tiles [KVH, num_tiles, block_rows, hd]: row r of a tile = token r // group of the
     # tile, query head (kv_head * group + r % group). Rows past the real tokens read row 0.
@@ -428,7 +439,8 @@ def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, c
     takes_split = q_lens <= block_sizes.split_max_q_len
     launch = functools.partial(_attend_tiles, q, k_pages, v_pages, block_tables,
                                [] if k_scales is None else [k_scales, v_scales], sm_scale=sm_scale,
-                               block_k_tokens=block_sizes.block_k_tokens, interpret=interpret, lowering=lowering)
+                               block_k_tokens=block_sizes.block_k_tokens, max_splits=block_sizes.max_splits,
+                               interpret=interpret, lowering=lowering)
     outputs = []
     # Static bounds on each launch's tiles: a tile holds >= 1 token, and a sequence's tiles number
     # cdiv(q_len, tokens_per_tile) <= q_len / tokens_per_tile + 1.

@@ -154,7 +154,8 @@ def test_speculative_verify_across_split_boundaries(group, q_len):
     RaggedPagedAttentionBlockSizes(16, 16, split_max_q_len=0),  # everything in chunk tiles
     RaggedPagedAttentionBlockSizes(16, 16, split_max_q_len=64, split_k_tokens=32),  # everything split, 2 blocks each
     RaggedPagedAttentionBlockSizes(32, 8, split_block_rows=32, split_k_tokens=8),  # one page per block and split
-], ids=["chunk_only", "split_only", "page_splits"])
+    RaggedPagedAttentionBlockSizes(16, 8, split_k_tokens=8, max_splits=2),  # 6-page tables: 2 splits of 3 pages
+], ids=["chunk_only", "split_only", "page_splits", "capped_splits"])
 def test_split_and_chunk_tiles_each_match_reference(block_sizes):
     batch = make_batch([1, 3, 17, 0, 6, 2], [30, 21, 17, 4, 40, 9], page_size=8, group=3, padded_seqs=2)
     check_against_reference(batch, "pallas_interpret", block_sizes=block_sizes)
