@@ -142,11 +142,10 @@ def test_all_sequences_padded(impl):
 
 
 @pytest.mark.parametrize("group", [4, 8])
-@pytest.mark.parametrize("q_len", [2, 3, 4, 5])
-def test_speculative_verify_across_split_boundaries(group, q_len):
-    """Verify windows that straddle a 16-token split: the later split holds no key of the early drafts."""
-    kv_lens = [16 + q_len // 2, 32 + 1, 47 + q_len]
-    batch = make_batch([q_len, q_len, q_len], kv_lens, num_kv_heads=1, group=group, page_size=8)
+def test_speculative_verify_across_split_boundaries(group):
+    """Verify windows (q_len 2-5) that straddle a 16-token split, where the later split holds no key of
+    the early drafts, and one that starts exactly on a split."""
+    batch = make_batch([2, 3, 4, 5, 5], [17, 34, 50, 67, 85], num_kv_heads=1, group=group, page_size=8)
     check_against_reference(batch, "pallas_interpret")
 
 
