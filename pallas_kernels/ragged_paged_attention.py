@@ -49,12 +49,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
 from pallas_kernels.kv_cache_update import check_kv_scales, dequantize_kv
-from pallas_kernels.ragged_paged_attention_xla import (
-    MASK_VALUE,
-    ragged_paged_attention_xla,
-    round_up,
-    sequence_q_lens,
-)
+from pallas_kernels.ragged_paged_attention_xla import MASK_VALUE, ragged_paged_attention_xla, sequence_q_lens
 
 
 def _is_power_of_two(n: int) -> bool:

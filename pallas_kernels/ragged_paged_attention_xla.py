@@ -7,7 +7,7 @@ batched pass instead. Only one KV block per chunk is ever live, so memory stays 
 how long the contexts are. int8 pages are dequantized per block, the per-token scales folded into
 the score and probability columns (``q . (s_k k) = s_k (q . k)``, ``p @ (s_v v) = (p s_v) @ v``).
 
-The lowest module of the family: the Pallas module imports MASK_VALUE and the small helpers here.
+The lowest module of the family: the Pallas module imports MASK_VALUE and sequence_q_lens from here.
 """
 
 from __future__ import annotations
