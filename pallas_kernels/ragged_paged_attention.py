@@ -1,4 +1,4 @@
-"""Ragged paged attention: decode, chunked prefill and speculative verification in one kernel.
+"""Ragged paged attention: decode, chunked prefill and speculative verification in one call.
 
 Tokens of several sequences are concatenated along the first axis of ``q``: sequence s owns rows
 ``cu_q_lens[s]:cu_q_lens[s+1]`` (padded sequences have q_len 0; rows past
@@ -9,21 +9,31 @@ positions ``0..that position``. KV position p of sequence s lives in page
 ``k_pages [num_kv_heads, num_pages, page_size, head_dim]``. Query head h reads KV head
 ``h // (num_heads // num_kv_heads)``.
 
-Work decomposition shared by the XLA path and the Pallas kernel: a sequence's queries are cut into
-chunks, and each chunk runs an online softmax over blocks of ``pages_per_block`` pages, stopping at
-the last key its last query may see. Only one KV block per chunk is ever live, so memory stays
-bounded no matter how long the contexts are.
+The Pallas kernel packs a sequence's queries into tiles of rows = (tokens x query heads of one KV
+head): the GQA group shares every KV load. A tile runs an online softmax over KV blocks of whole
+pages (gathered through the block table), stopping at the last key its last query may see; only
+blocks that reach past the tile's first query position -- the causal diagonal and the KV tail --
+are masked. Two launches cover a step, and which one a sequence takes depends on its own q_len:
 
-The Pallas kernel packs a chunk as a tile of ``block_rows`` rows = (tokens x query heads of one
-KV head) -- the GQA group shares every KV load, and a decode token still fills ``group`` rows of the
-matmul. The wrapper gathers those tiles with plain XLA ops, so the kernel itself only does dense
-block loads, a page gather through the block table, and two dots.
+- split-K tiles, for decode and speculative verify (q_len <= ``split_max_q_len``): small tiles
+  (``split_block_rows``) and the KV range cut into fixed splits of ``split_k_tokens``, one program
+  each, so that a batch-1 decode at long context still fills every SM. A split writes its
+  normalised partial output and log-sum-exp; a second small kernel merges a tile's splits.
+- chunk tiles, for prefill chunks: ``block_rows`` rows (>= 64 so the dots compile to Hopper wgmma),
+  one program per tile and KV head over the whole KV range.
+
+Tile boundaries and split points depend only on a sequence's own q_len and kv_len (and static
+shapes), never on the rest of the batch: a sequence's output is bitwise the same batched or alone.
+The wrapper gathers the query tiles and scatters the results with plain XLA ops, so the kernel
+itself only does dense loads, a page gather through the block table, and two dots (bf16 inputs,
+float32 accumulation).
 
 int8 KV pages (see ``kv_cache_update``): pass ``k_scales`` / ``v_scales`` [num_kv_heads, num_pages,
-page_size] float32 with int8 pages. The kernel and the XLA path load the int8 block (a quarter of the
-float32 bytes) and dequantize it on chip, folding the per-token scales into the score and probability
+page_size] float32 with int8 pages. The kernel loads the int8 block (a quarter of the float32
+bytes) and dequantizes it on chip, folding the per-token scales into the score and probability
 columns: ``q . (s_k k) = s_k (q . k)`` and ``p @ (s_v v) = (p s_v) @ v``, i.e. O(rows x block)
-multiplies instead of O(block x head_dim). The reference dequantizes the whole pool first.
+multiplies instead of O(block x head_dim). The reference dequantizes the whole pool first. The XLA
+path (``impl="xla"``) lives in ``ragged_paged_attention_xla``.
 """
 
 from __future__ import annotations
@@ -39,62 +49,65 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
 from pallas_kernels.kv_cache_update import check_kv_scales, dequantize_kv
-
-# Finite "minus infinity": exp(MASK_VALUE - m) underflows to 0 without inf - inf = NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-# XLA path: chunk sizes the queries of a non-decode sequence are cut into, picked per sequence as
-# the smallest one that holds all its queries (speculative verify -> 8 rows; long prefill -> 64).
-# Decode sequences (q_len 1) skip this and go through one batched pass.
-XLA_QUERY_CHUNKS = (8, 64)
-# XLA path: tokens per KV block (rounded to whole pages). Bigger amortises loop overhead on CPU,
-# smaller wastes less on short contexts.
-XLA_BLOCK_K_TOKENS = 256
-# XLA path: float32 bytes of one batched-decode K block ([KVH, max_seqs, block, hd]); ~1 MiB keeps the
-# gathered block in cache between the gather and the dots (measured faster than bigger blocks).
-XLA_DECODE_BLOCK_BYTES = 1 << 20
+from pallas_kernels.ragged_paged_attention_xla import MASK_VALUE, ragged_paged_attention_xla, sequence_q_lens
 
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
 class RaggedPagedAttentionBlockSizes:
     """Tiling of the Pallas kernel.
 
-    block_rows: rows of one query tile = tokens_per_tile * (num_heads // num_kv_heads); must hold at
-        least one token's query-head group.
+    block_rows: rows of a prefill-chunk tile = tokens_per_tile * (num_heads // num_kv_heads); must hold
+        at least one token's query-head group. >= 64 rows compile to wgmma on Hopper.
     block_k_tokens: KV tokens per inner step, rounded down to whole pages (at least one page).
+    num_warps, num_stages: Triton launch parameters of the chunk tiles.
+    split_max_q_len: sequences with 1..split_max_q_len queries (decode, speculative verify) take the
+        split-K tiles; 0 sends everything through chunk tiles.
+    split_block_rows: rows of a split-K tile (raised to the next power of two >= the head group).
+    split_k_tokens: KV tokens per split, one program each (at least one KV block).
+    max_splits: splits per sequence at most; block tables longer than max_splits * split_k_tokens get
+        longer splits (bounds the [KVH, tiles, splits, rows, head_dim] partial outputs).
+    split_num_warps, split_num_stages: Triton launch parameters of the split-K tiles.
     """
 
-    block_rows: int = 32
+    # Defaults from compiling for sm_90 (scripts/check_gpu_kernels.py): chunk tiles of 128 rows x 64 keys
+    # with 8 warps use wgmma and no spills at head_dim 128, bf16 and int8; split-K tiles of 16 rows with
+    # 4 warps; 128-token splits give a batch-1 8k decode 64 programs per KV head.
+    block_rows: int = 128
     block_k_tokens: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
+    split_max_q_len: int = 8
+    split_block_rows: int = 16
+    split_k_tokens: int = 128
+    split_num_warps: int = 4
+    split_num_stages: int = 2
+    max_splits: int = 64
 
     def __post_init__(self):
-        if not _is_power_of_two(self.block_rows):
-            raise ValueError(f"block_rows={self.block_rows} must be a power of two")
-        if not _is_power_of_two(self.block_k_tokens):
-            raise ValueError(f"block_k_tokens={self.block_k_tokens} must be a power of two")
-        if not _is_power_of_two(self.num_warps):
-            raise ValueError(f"num_warps={self.num_warps} must be a power of two")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+        for name in ("block_rows", "block_k_tokens", "num_warps", "split_block_rows", "split_k_tokens",
+                     "split_num_warps"):
+            if not _is_power_of_two(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be a power of two")
+        for name in ("num_stages", "split_num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_splits < 1:
+            raise ValueError(f"max_splits={self.max_splits} must be >= 1")
+        if self.split_max_q_len < 0:
+            raise ValueError(f"split_max_q_len={self.split_max_q_len} must be >= 0")
 
-    def pages_per_block(self, page_size: int) -> int:
-        return max(1, self.block_k_tokens // page_size)
 
-
-def _sequence_q_lens(cu_q_lens, num_seqs):
-    """Per-sequence query counts [S]; sequences at index >= num_seqs count as empty."""
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    return jnp.where(jnp.arange(q_lens.shape[0]) < num_seqs[0], q_lens, 0)
+def _pages_per_block(block_k_tokens: int, page_size: int, pages_per_seq: int) -> int:
+    """Whole pages per KV block: block_k_tokens worth, at least one, at most the table (power of two)."""
+    return max(1, min(block_k_tokens // page_size, 1 << (pages_per_seq.bit_length() - 1)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +146,7 @@ def ragged_paged_attention_reference(
     k_seq = contiguous(k_pages).astype(jnp.float32)
     v_seq = contiguous(v_pages).astype(jnp.float32)
 
-    q_lens = _sequence_q_lens(cu_q_lens, num_seqs)
+    q_lens = sequence_q_lens(cu_q_lens, num_seqs)
     tokens = jnp.arange(num_tokens)
     # Sequence of token t = number of sequences that end at or before t.
     seq_of_token = jnp.sum(cu_q_lens[None, 1:] <= tokens[:, None], axis=1)
@@ -158,180 +171,13 @@ def ragged_paged_attention_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# XLA (CPU) path
-# --------------------------------------------------------------------------------------------
-def _gather_kv_block(pages, scales, page_ids):
-    """pages[:, page_ids] merged into one token axis, as float32, with the per-token scales (or None).
-
-    pages [KVH, P, ps, hd], page_ids [..., n] -> ([KVH, ..., n * ps, hd] f32, [KVH, ..., n * ps] f32 | None).
-    """
-    block = pages[:, page_ids]
-    block = block.reshape(block.shape[:-3] + (-1, block.shape[-1])).astype(jnp.float32)
-    if scales is None:
-        return block, None
-    token_scales = scales[:, page_ids]
-    return block, token_scales.reshape(token_scales.shape[:-2] + (-1,))
-
-
-def _online_softmax_init(stats_shape, head_dim):
-    """(acc [*stats, hd], row_max [*stats], row_sum [*stats]) before the first KV block."""
-    return (jnp.zeros(stats_shape + (head_dim,), jnp.float32), jnp.full(stats_shape, MASK_VALUE, jnp.float32),
-            jnp.zeros(stats_shape, jnp.float32))
-
-
-def _online_softmax_step(carry, scores, allowed, v_block, v_scale, pv_einsum):
-    """One KV block of the online softmax: scores [*stats, k] masked by `allowed`; probabilities times
-    v_block via `pv_einsum`; v_scale (int8 pages, already broadcast to the probabilities) or None."""
-    acc, row_max, row_sum = carry
-    scores = jnp.where(allowed, scores, MASK_VALUE)
-    new_max = jnp.maximum(row_max, scores.max(axis=-1))
-    correction = jnp.exp(row_max - new_max)
-    probs = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
-    row_sum = row_sum * correction + probs.sum(axis=-1)
-    if v_scale is not None:
-        probs = probs * v_scale
-    acc = acc * correction[..., None] + jnp.einsum(pv_einsum, probs, v_block)
-    return acc, new_max, row_sum
-
-
-def _online_softmax_finish(acc, row_sum):
-    """Normalised output; rows that saw no key (row_sum 0) stay zero."""
-    return acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
-
-
-def _compact_pages(pages, scales, block_tables):
-    """pages [KVH, P, ps, hd] -> [KVH, S * maxP, ps, hd]: the pages of block_tables [S, maxP] in table order."""
-    flat_ids = block_tables.reshape(-1)
-    return pages[:, flat_ids], (None if scales is None else scales[:, flat_ids])
-
-
-def _ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-                                k_scales=None, v_scales=None, *, sm_scale, query_chunks=XLA_QUERY_CHUNKS,
-                                block_k_tokens=XLA_BLOCK_K_TOKENS, decode_block_bytes=XLA_DECODE_BLOCK_BYTES):
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_pages.shape
-    max_seqs, pages_per_seq = block_tables.shape
-    group = num_heads // num_kv_heads
-    # Gather the batch's pages out of the pool once, up front, and renumber the block tables into that
-    # compact copy. The loops below then never touch the (much larger, donated) pool, which would
-    # otherwise make XLA copy the whole pool into every loop.
-    k_pages, k_scales = _compact_pages(k_pages, k_scales, block_tables)
-    v_pages, v_scales = _compact_pages(v_pages, v_scales, block_tables)
-    block_tables = jnp.arange(max_seqs * pages_per_seq, dtype=block_tables.dtype).reshape(max_seqs, pages_per_seq)
-    pages_per_block = max(1, min(block_k_tokens // page_size, pages_per_seq))
-    block_k = pages_per_block * page_size
-    # Pad so every block-table slice and every query chunk slice stays in bounds (page 0 is a
-    # real page; whatever it holds is masked out).
-    num_kv_blocks = pl.cdiv(pages_per_seq, pages_per_block)
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, num_kv_blocks * pages_per_block - pages_per_seq)))
-    largest_chunk = max(query_chunks)
-    q_lens = _sequence_q_lens(cu_q_lens, num_seqs)
-
-    q_padded = jnp.pad(q, ((0, largest_chunk), (0, 0), (0, 0)))
-
-    def attend_chunk(chunk_size, seq, chunk_start, out):
-        """Queries chunk_start..chunk_start+chunk_size of `seq` against its pages."""
-        q_len, kv_len, row0 = q_lens[seq], kv_lens[seq], cu_q_lens[seq] + chunk_start
-        q_chunk = lax.dynamic_slice_in_dim(q_padded, row0, chunk_size, axis=0)
-        q_chunk = q_chunk.astype(jnp.float32).reshape(chunk_size, num_kv_heads, group, head_dim) * sm_scale
-        offsets = chunk_start + jnp.arange(chunk_size)
-        positions = kv_len - q_len + offsets  # [chunk]
-        row_is_real = offsets < q_len
-        keys_needed = jnp.minimum(kv_len, kv_len - q_len + chunk_start + chunk_size)
-        pages = block_tables[seq]
-
-        def kv_block(kj, carry):
-            page_ids = lax.dynamic_slice_in_dim(pages, kj * pages_per_block, pages_per_block)
-            k_block, k_scale = _gather_kv_block(k_pages, k_scales, page_ids)  # [KVH, block_k, hd], [KVH, block_k]
-            v_block, v_scale = _gather_kv_block(v_pages, v_scales, page_ids)
-            scores = jnp.einsum("chgd,hkd->hgck", q_chunk, k_block)
-            if k_scale is not None:
-                scores = scores * k_scale[:, None, None, :]
-            kv_positions = kj * block_k + jnp.arange(block_k)
-            allowed = (kv_positions[None, :] <= positions[:, None]) & (kv_positions[None, :] < kv_len)
-            return _online_softmax_step(carry, scores, allowed, v_block,
-                                        None if v_scale is None else v_scale[:, None, None, :], "hgck,hkd->hgcd")
-
-        init = _online_softmax_init((num_kv_heads, group, chunk_size), head_dim)
-        acc, _, row_sum = lax.fori_loop(0, pl.cdiv(jnp.maximum(keys_needed, 0), block_k), kv_block, init)
-        result = _online_softmax_finish(acc, row_sum)
-        result = jnp.transpose(result, (2, 0, 1, 3)).reshape(chunk_size, num_heads, head_dim).astype(out.dtype)
-        # Rows past this sequence's queries belong to the next sequence (written later) or to
-        # padding: keep whatever is there.
-        previous = lax.dynamic_slice_in_dim(out, row0, chunk_size, axis=0)
-        result = jnp.where(row_is_real[:, None, None], result, previous)
-        return lax.dynamic_update_slice_in_dim(out, result, row0, axis=0)
-
-    def attend_sequence(chunk_size, seq, out):
-        num_chunks = pl.cdiv(q_lens[seq], chunk_size)
-        return lax.fori_loop(0, num_chunks,
-                             lambda c, out: attend_chunk(chunk_size, seq, c * chunk_size, out), out)
-
-    branches = [functools.partial(attend_sequence, size) for size in query_chunks]
-
-    def one_sequence(seq, out):
-        # Decode sequences were done by the batched pass. Otherwise pick the smallest chunk
-        # size that covers q_len (the largest one otherwise).
-        branch = jnp.sum(q_lens[seq] > jnp.asarray(query_chunks[:-1]))
-        return lax.cond(q_lens[seq] == 1, lambda s, out: out,
-                        lambda s, out: lax.switch(branch, branches, s, out), seq, out)
-
-    # The batched decode block holds every sequence's KV: size it to stay cache-resident.
-    decode_pages_per_block = max(1, min(pages_per_block, decode_block_bytes // (
-        max_seqs * num_kv_heads * page_size * head_dim * 4)))
-    out = _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, k_scales, v_scales,
-                          sm_scale=sm_scale, pages_per_block=decode_pages_per_block)
-    out = jnp.pad(out, ((0, largest_chunk), (0, 0), (0, 0)))
-    out = lax.fori_loop(0, jnp.minimum(num_seqs[0], max_seqs), one_sequence, out)
-    return out[:num_tokens]
-
-
-def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, k_scales=None, v_scales=None, *,
-                    sm_scale, pages_per_block):
-    """Sequences with exactly one query, all at once: one loop over KV blocks for the whole batch.
-
-    A per-sequence loop would pay loop overhead per (sequence, block); decode-heavy batches are
-    the engine's steady state, so they get big batched ops instead. Returns [num_tokens(+pad), H, hd]
-    with the decode rows filled and zeros elsewhere.
-    """
-    num_rows, num_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_pages.shape
-    max_seqs = kv_lens.shape[0]
-    group = num_heads // num_kv_heads
-    block_k = pages_per_block * page_size
-    # Whole blocks only: a clamped dynamic_slice at the table's end would shift pages.
-    padded_width = _round_up(block_tables.shape[1], pages_per_block)
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, padded_width - block_tables.shape[1])))
-    is_decode = q_lens == 1
-    rows = jnp.where(is_decode, cu_q_lens[:-1], 0)
-    decode_kv_lens = jnp.where(is_decode, kv_lens, 0)
-    q_decode = q[rows].astype(jnp.float32).reshape(max_seqs, num_kv_heads, group, head_dim) * sm_scale
-
-    def kv_block(kj, carry):
-        page_ids = lax.dynamic_slice_in_dim(block_tables, kj * pages_per_block, pages_per_block, axis=1)
-        k_block, k_scale = _gather_kv_block(k_pages, k_scales, page_ids)  # [KVH, S, block_k, hd], [KVH, S, block_k]
-        v_block, v_scale = _gather_kv_block(v_pages, v_scales, page_ids)
-        scores = jnp.einsum("shgd,hskd->shgk", q_decode, k_block)
-        if k_scale is not None:
-            scores = scores * jnp.transpose(k_scale, (1, 0, 2))[:, :, None, :]
-        kv_positions = kj * block_k + jnp.arange(block_k)
-        allowed = (kv_positions[None, :] < decode_kv_lens[:, None])[:, None, None, :]  # [S, 1, 1, block_k]
-        v_scale = None if v_scale is None else jnp.transpose(v_scale, (1, 0, 2))[:, :, None, :]
-        return _online_softmax_step(carry, scores, allowed, v_block, v_scale, "shgk,hskd->shgd")
-
-    init = _online_softmax_init((max_seqs, num_kv_heads, group), head_dim)
-    num_blocks = pl.cdiv(jnp.max(decode_kv_lens), block_k)
-    acc, _, row_sum = lax.fori_loop(0, num_blocks, kv_block, init)
-    result = _online_softmax_finish(acc, row_sum).reshape(max_seqs, num_heads, head_dim)
-    # Non-decode sequences scatter out of bounds, i.e. nowhere.
-    target_rows = jnp.where(is_decode, rows, num_rows)
-    out = jnp.zeros(q.shape, q.dtype)
-    return out.at[target_rows].set(result.astype(q.dtype), mode="drop")
-
-
-# --------------------------------------------------------------------------------------------
 # Pallas kernel
 # --------------------------------------------------------------------------------------------
+def _keys_needed(first_position, num_tokens, kv_len):
+    """Keys a tile attends to: causal, so its last real token sees the most. 0 for an idle tile."""
+    return jnp.where(num_tokens > 0, jnp.minimum(kv_len, first_position + num_tokens), 0)
+
+
 def ragged_paged_attention_kernel(
     tile_seq_ref,  # [1] int32: sequence this tile belongs to
     tile_first_position_ref,  # [1] int32: absolute position of the tile's first token
@@ -342,11 +188,17 @@ def ragged_paged_attention_kernel(
     k_pages_ref,  # [num_pages, page_size, head_dim] (this tile's KV head)
     v_pages_ref,  # [num_pages, page_size, head_dim]
     *refs,  # int8 pages: k_scales_ref, v_scales_ref [num_pages, page_size]; then o_ref [block_rows, head_dim]
+    # and, split-K only, lse_ref [block_rows] float32
     sm_scale: float,
     group: int,
     pages_per_block: int,
+    blocks_per_split: int | None,  # None: the program visits the tile's whole KV range
 ):
-    *scale_refs, o_ref = refs
+    split = blocks_per_split is not None
+    if split:
+        *scale_refs, o_ref, lse_ref = refs
+    else:
+        *scale_refs, o_ref = refs
     quantized = bool(scale_refs)
     block_rows, head_dim = q_ref.shape
     page_size = k_pages_ref.shape[1]
@@ -360,12 +212,15 @@ def ragged_paged_attention_kernel(
     token_in_tile = jnp.arange(block_rows) // group
     row_is_real = token_in_tile < num_tokens
     positions = first_position + token_in_tile  # [block_rows]
-    # Causal: the tile's last real token sees the most keys. Idle tiles visit no block.
-    keys_needed = jnp.where(num_tokens > 0, jnp.minimum(kv_len, first_position + num_tokens), 0)
-    num_kv_blocks = pl.cdiv(keys_needed, block_k)
-    q = q_ref[...]
+    first_block, end_block = 0, pl.cdiv(_keys_needed(first_position, num_tokens, kv_len), block_k)
+    if split:
+        first_block = pl.program_id(2) * blocks_per_split
+        end_block = jnp.minimum(end_block, first_block + blocks_per_split)
+    # Blocks that end at or before the first token's position hold only keys every row may see
+    # (position < kv_len): no mask there.
+    mask_from = jnp.clip((first_position + 1) // block_k, first_block, end_block)
 
-    def kv_block(kj, carry):
+    def kv_block(kj, carry, *, q, masked):
         acc, row_max, row_sum = carry
         page_ids = block_tables_ref[seq, pl.ds(kj * pages_per_block, pages_per_block)]  # [pages_per_block]
         k = k_pages_ref[page_ids].reshape(block_k, head_dim)
@@ -380,117 +235,232 @@ def ragged_paged_attention_kernel(
         scores = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32) * sm_scale
         if quantized:
             scores = scores * k_scale[None, :]
-        kv_positions = kj * block_k + jnp.arange(block_k)
-        allowed = (kv_positions[None, :] <= positions[:, None]) & (kv_positions[None, :] < kv_len)
-        scores = jnp.where(allowed, scores, MASK_VALUE)
+        if masked:
+            # Keys past a row's position (which also covers the KV tail: positions < kv_len).
+            allowed = (kj * block_k + jnp.arange(block_k))[None, :] <= positions[:, None]
+            scores = jnp.where(allowed, scores, MASK_VALUE)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
         correction = jnp.exp(row_max - new_max)
-        probs = jnp.where(allowed, jnp.exp(scores - new_max[:, None]), 0.0)
+        probs = jnp.exp(scores - new_max[:, None])
+        if masked:  # a row with no allowed key yet has new_max == MASK_VALUE and exp(0) == 1 there
+            probs = jnp.where(allowed, probs, 0.0)
         row_sum = row_sum * correction + jnp.sum(probs, axis=1)
         if quantized:
             probs = probs * v_scale[None, :]
         pv = jnp.dot(probs.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
         return acc * correction[:, None] + pv, new_max, row_sum
 
-    init = (
-        jnp.zeros((block_rows, head_dim), jnp.float32),
-        jnp.full((block_rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((block_rows,), jnp.float32),
-    )
-    acc, _, row_sum = lax.fori_loop(0, num_kv_blocks, kv_block, init)
-    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]
-    o_ref[...] = jnp.where(row_is_real[:, None], out, 0.0).astype(o_ref.dtype)
+    # Idle programs (padding tiles, splits past the sequence's keys) exit at once: nothing is loaded or
+    # stored; the wrapper knows which ones they are.
+    @pl.when(first_block < end_block)
+    def _attend():
+        init = (jnp.zeros((block_rows, head_dim), jnp.float32), jnp.full((block_rows,), MASK_VALUE, jnp.float32),
+                jnp.zeros((block_rows,), jnp.float32))
+        q = q_ref[...]
+        carry = lax.fori_loop(first_block, mask_from, functools.partial(kv_block, q=q, masked=False), init)
+        acc, row_max, row_sum = lax.fori_loop(mask_from, end_block, functools.partial(kv_block, q=q, masked=True),
+                                              carry)
+        # A row can see no key of a split (speculative verify: the split starts past its position).
+        seen = row_sum > 0
+        safe_sum = jnp.where(seen, row_sum, 1.0)
+        out = acc / safe_sum[:, None]
+        if split:
+            o_ref[...] = out.astype(o_ref.dtype)
+            lse_ref[...] = jnp.where(seen, row_max + jnp.log(safe_sum), MASK_VALUE)
+        else:
+            o_ref[...] = jnp.where(row_is_real[:, None], out, 0.0).astype(o_ref.dtype)
 
 
-def _query_tiles(cu_q_lens, num_seqs, kv_lens, *, tokens_per_tile, num_tiles):
-    """Splits every sequence's queries into tiles of tokens_per_tile tokens.
+def _tile_layout(q_lens, cu_q_lens, kv_lens, seq_of_token, *, tokens_per_tile, num_tiles):
+    """Cuts every sequence's q_lens[s] queries into tiles of tokens_per_tile tokens, in sequence order.
 
-    Returns per-tile arrays [num_tiles]: sequence, first token row in q, real token count (0 for
-    idle tiles past the last sequence's tiles), absolute position of the first token and the
-    sequence's KV length.
+    Returns per-tile arrays [num_tiles] (sequence, first token row in q, real token count -- 0 for idle
+    tiles past the last one --, absolute position of the first token, the sequence's KV length) and,
+    per token [num_tokens], its tile and its token slot in that tile (meaningless for tokens of
+    sequences with q_lens 0 here).
     """
     max_seqs = kv_lens.shape[0]
-    q_lens = _sequence_q_lens(cu_q_lens, num_seqs)
     tiles_per_seq = pl.cdiv(q_lens, tokens_per_tile)
     tile_ends = jnp.cumsum(tiles_per_seq)  # inclusive prefix sums
+    tiles_before = tile_ends - tiles_per_seq
     tiles = jnp.arange(num_tiles)
     seq = jnp.minimum(jnp.searchsorted(tile_ends, tiles, side="right"), max_seqs - 1)
-    is_active = tiles < tile_ends[-1]
-    tile_in_seq = tiles - (tile_ends[seq] - tiles_per_seq[seq])
-    offset = tile_in_seq * tokens_per_tile
-    num_tokens = jnp.where(is_active, jnp.clip(q_lens[seq] - offset, 0, tokens_per_tile), 0)
-    first_row = cu_q_lens[seq] + offset
-    first_position = kv_lens[seq] - q_lens[seq] + offset
-    return dict(seq=seq.astype(jnp.int32), first_row=first_row.astype(jnp.int32),
-                num_tokens=num_tokens.astype(jnp.int32), first_position=first_position.astype(jnp.int32),
-                kv_len=kv_lens[seq].astype(jnp.int32))
+    offset = (tiles - tiles_before[seq]) * tokens_per_tile
+    num_tokens = jnp.where(tiles < tile_ends[-1], jnp.clip(q_lens[seq] - offset, 0, tokens_per_tile), 0)
+    token_offset = jnp.arange(seq_of_token.shape[0]) - cu_q_lens[seq_of_token]
+    return dict(
+        seq=seq.astype(jnp.int32), first_row=(cu_q_lens[seq] + offset).astype(jnp.int32),
+        num_tokens=num_tokens.astype(jnp.int32),
+        first_position=(kv_lens[seq] - q_lens[seq] + offset).astype(jnp.int32), kv_len=kv_lens[seq].astype(jnp.int32),
+        tile_of_token=jnp.clip(tiles_before[seq_of_token] + token_offset // tokens_per_tile, 0, num_tiles - 1),
+        slot_of_token=token_offset % tokens_per_tile)
 
 
-def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales=None,
-                                   v_scales=None, *, sm_scale, block_sizes, interpret, lowering):
+def _attend_tiles(q, k_pages, v_pages, block_tables, scales, layout, *, block_rows, block_k_tokens, split_k_tokens,
+                  max_splits, num_warps, num_stages, sm_scale, interpret, lowering):
+    """One launch over the tiles of `layout`; split_k_tokens=None: no split. Returns [num_tokens, H, hd]
+    (rows of tokens outside this layout's sequences are garbage)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
-    max_seqs, pages_per_seq = block_tables.shape
+    pages_per_seq = block_tables.shape[1]
     group = num_heads // num_kv_heads
-    block_rows = max(block_sizes.block_rows, 16)
-    tokens_per_tile = block_rows // group
-    # Sum over sequences of cdiv(q_len, tokens_per_tile) never exceeds this.
-    num_tiles = pl.cdiv(num_tokens, tokens_per_tile) + max_seqs
-    pages_per_block = min(block_sizes.pages_per_block(page_size), 1 << (pages_per_seq.bit_length() - 1))
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, _round_up(pages_per_seq, pages_per_block) - pages_per_seq)))
+    num_tiles = layout["seq"].shape[0]
+    pages_per_block = _pages_per_block(min(block_k_tokens, split_k_tokens or block_k_tokens), page_size, pages_per_seq)
+    block_k = pages_per_block * page_size
+    num_kv_blocks = pl.cdiv(pages_per_seq, pages_per_block)
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, num_kv_blocks * pages_per_block - pages_per_seq)))
+    blocks_per_split, num_splits = None, 1
+    if split_k_tokens is not None:
+        # Longer splits for tables too long for max_splits: bounds the partial outputs' memory; depends on
+        # the table width only (static), so a sequence splits the same way in any batch.
+        blocks_per_split = max(1, split_k_tokens // block_k, pl.cdiv(num_kv_blocks, max_splits))
+        num_splits = pl.cdiv(num_kv_blocks, blocks_per_split)
 
-    tiles = _query_tiles(cu_q_lens, num_seqs, kv_lens, tokens_per_tile=tokens_per_tile, num_tiles=num_tiles)
     # Gather query tiles [KVH, num_tiles, block_rows, hd]: row r of a tile = token r // group of the
-    # tile, query head (kv_head * group + r % group). Rows past the real tokens read row 0 and are
-    # masked in the kernel.
+    # tile, query head (kv_head * group + r % group). Rows past the real tokens read row 0.
     rows = jnp.arange(block_rows)
     token_in_tile = rows // group
-    row_is_real = token_in_tile[None, :] < tiles["num_tokens"][:, None]  # [num_tiles, block_rows]
-    token_rows = jnp.where(row_is_real, tiles["first_row"][:, None] + token_in_tile[None, :], 0)
+    row_is_real = token_in_tile[None, :] < layout["num_tokens"][:, None]  # [num_tiles, block_rows]
+    token_rows = jnp.where(row_is_real, layout["first_row"][:, None] + token_in_tile[None, :], 0)
     heads = jnp.arange(num_kv_heads)[:, None] * group + (rows % group)[None, :]  # [KVH, block_rows]
     q_tiles = q[token_rows[None, :, :], heads[:, None, :]]  # [KVH, num_tiles, block_rows, hd]
 
     kernel = functools.partial(ragged_paged_attention_kernel, sm_scale=sm_scale, group=group,
-                               pages_per_block=pages_per_block)
+                               pages_per_block=pages_per_block, blocks_per_split=blocks_per_split)
     # Tiles on the first grid axis: CUDA allows 2**31 - 1 blocks there (65535 on the others), and
     # neighbouring programs then share a sequence's KV pages in L2.
-    per_tile = pl.BlockSpec((1,), lambda i, h: (i,))
-    scales = [] if k_scales is None else [k_scales, v_scales]
-    scales_spec = pl.BlockSpec((None, num_pages, page_size), lambda i, h: (h, 0, 0))
-    out_tiles = pl.pallas_call(
+    grid = (num_tiles, num_kv_heads, num_splits)
+    per_tile = pl.BlockSpec((1,), lambda i, h, j: (i,))
+    scales_spec = pl.BlockSpec((None, num_pages, page_size), lambda i, h, j: (h, 0, 0))
+    pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h, j: (h, 0, 0, 0))
+    if split_k_tokens is None:
+        out_shape = jax.ShapeDtypeStruct(q_tiles.shape, q.dtype)
+        out_specs = pl.BlockSpec((None, None, block_rows, head_dim), lambda i, h, j: (h, i, 0, 0))
+    else:  # per split: normalised partial output (q's dtype) and its log-sum-exp
+        out_shape = (jax.ShapeDtypeStruct((num_kv_heads, num_tiles, num_splits, block_rows, head_dim), q.dtype),
+                     jax.ShapeDtypeStruct((num_kv_heads, num_tiles, num_splits, block_rows), jnp.float32))
+        out_specs = (pl.BlockSpec((None, None, None, block_rows, head_dim), lambda i, h, j: (h, i, j, 0, 0)),
+                     pl.BlockSpec((None, None, None, block_rows), lambda i, h, j: (h, i, j, 0)))
+    result = pl.pallas_call(
         kernel,
-        grid=(num_tiles, num_kv_heads),
+        grid=grid,
         in_specs=[
             per_tile,  # tile_seq
             per_tile,  # tile_first_position
             per_tile,  # tile_num_tokens
             per_tile,  # tile_kv_len
-            pl.BlockSpec(block_tables.shape, lambda i, h: (0, 0)),  # block_tables
-            pl.BlockSpec((None, None, block_rows, head_dim), lambda i, h: (h, i, 0, 0)),  # q tiles
-            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),  # k_pages
-            pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0)),  # v_pages
+            pl.BlockSpec(block_tables.shape, lambda i, h, j: (0, 0)),  # block_tables
+            pl.BlockSpec((None, None, block_rows, head_dim), lambda i, h, j: (h, i, 0, 0)),  # q tiles
+            pages_spec,  # k_pages
+            pages_spec,  # v_pages
             *[scales_spec] * len(scales),  # k_scales, v_scales (int8 pages only)
         ],
-        out_specs=pl.BlockSpec((None, None, block_rows, head_dim), lambda i, h: (h, i, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else backend.gpu_compiler_params(
-            lowering, num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
-        name=f"ragged_paged_attention_{block_rows=}_{pages_per_block=}" + ("_int8" if scales else ""),
-    )(tiles["seq"], tiles["first_position"], tiles["num_tokens"], tiles["kv_len"], block_tables,
+            lowering, num_warps=num_warps, num_stages=num_stages),
+        name=(f"ragged_paged_attention_chunk_{block_rows=}_{pages_per_block=}" if split_k_tokens is None else
+              f"ragged_paged_attention_split_k_{block_rows=}_{pages_per_block=}_{blocks_per_split=}")
+        + ("_int8" if scales else ""),
+    )(layout["seq"], layout["first_position"], layout["num_tokens"], layout["kv_len"], block_tables,
       q_tiles, k_pages, v_pages, *scales)
 
-    # Scatter tiles back to [T, H, hd]: token t, head h -> tile of t, row (t - first_row) * group + h % group.
+    if split_k_tokens is None:
+        out_tiles = result
+    else:
+        keys_needed = _keys_needed(layout["first_position"], layout["num_tokens"], layout["kv_len"])
+        tile_num_splits = pl.cdiv(pl.cdiv(keys_needed, block_k), blocks_per_split).astype(jnp.int32)
+        out_tiles = _combine_splits(*result, tile_num_splits, interpret=interpret, lowering=lowering)
+    # Token t, head h -> tile of t, row slot * group + h % group.
+    head = jnp.arange(num_heads)
+    row_of_token = layout["slot_of_token"] * group
+    return out_tiles[head[None, :] // group, layout["tile_of_token"][:, None], row_of_token[:, None] + head % group]
+
+
+def split_combine_kernel(
+    tile_num_splits_ref,  # [1] int32: splits the attention kernel ran for this tile (the rest hold no data)
+    partial_ref,  # [num_splits, block_rows, head_dim]: each split's output, normalised over its own keys
+    lse_ref,  # [num_splits, block_rows] float32: each split's log-sum-exp of scores
+    o_ref,  # [block_rows, head_dim]
+):
+    """Log-sum-exp merge of a tile's splits, in split order. A kernel rather than XLA ops so that the
+    arithmetic is per tile and cannot depend on how many other tiles the batch has."""
+    num_splits = tile_num_splits_ref[0]
+    block_rows, head_dim = o_ref.shape
+    lse_max = lax.fori_loop(0, num_splits, lambda j, m: jnp.maximum(m, lse_ref[j]),
+                            jnp.full((block_rows,), MASK_VALUE, jnp.float32))
+
+    def add_split(j, carry):
+        acc, weight_sum = carry
+        weight = jnp.exp(lse_ref[j] - lse_max)  # the largest split weighs 1
+        return acc + weight[:, None] * partial_ref[j].astype(jnp.float32), weight_sum + weight
+
+    acc, weight_sum = lax.fori_loop(0, num_splits, add_split, (jnp.zeros((block_rows, head_dim), jnp.float32),
+                                                                jnp.zeros((block_rows,), jnp.float32)))
+    o_ref[...] = (acc / jnp.where(weight_sum > 0, weight_sum, 1.0)[:, None]).astype(o_ref.dtype)
+
+
+def _combine_splits(partial_out, lse, tile_num_splits, *, interpret, lowering):
+    """partial_out [KVH, tiles, splits, rows, hd], lse [KVH, tiles, splits, rows] -> [KVH, tiles, rows, hd]."""
+    num_kv_heads, num_tiles, num_splits, block_rows, head_dim = partial_out.shape
+    return pl.pallas_call(
+        split_combine_kernel,
+        grid=(num_tiles, num_kv_heads),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, h: (i,)),  # tile_num_splits
+            pl.BlockSpec((None, None, num_splits, block_rows, head_dim), lambda i, h: (h, i, 0, 0, 0)),
+            pl.BlockSpec((None, None, num_splits, block_rows), lambda i, h: (h, i, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, block_rows, head_dim), lambda i, h: (h, i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_kv_heads, num_tiles, block_rows, head_dim), partial_out.dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else backend.gpu_compiler_params(lowering, num_warps=4, num_stages=1),
+        name=f"ragged_paged_attention_split_k_combine_{block_rows=}",
+    )(tile_num_splits, partial_out, lse)
+
+
+def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k_scales=None,
+                                   v_scales=None, *, sm_scale, block_sizes, interpret, lowering):
+    num_tokens, num_heads, _ = q.shape
+    num_kv_heads = k_pages.shape[0]
+    max_seqs = block_tables.shape[0]
+    group = num_heads // num_kv_heads
+    q_lens = sequence_q_lens(cu_q_lens, num_seqs)
     tokens = jnp.arange(num_tokens)
     seq_of_token = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], tokens, side="right"), max_seqs - 1)
-    offset = tokens - cu_q_lens[seq_of_token]
-    q_lens = _sequence_q_lens(cu_q_lens, num_seqs)
-    tiles_before = jnp.cumsum(pl.cdiv(q_lens, tokens_per_tile)) - pl.cdiv(q_lens, tokens_per_tile)
-    tile_of_token = jnp.clip(tiles_before[seq_of_token] + offset // tokens_per_tile, 0, num_tiles - 1)
-    row_of_token = (offset % tokens_per_tile) * group
     is_real = tokens < cu_q_lens[num_seqs[0]]
-    head = jnp.arange(num_heads)
-    out = out_tiles[head[None, :] // group, tile_of_token[:, None], row_of_token[:, None] + head[None, :] % group]
+    # Decided per sequence by its own q_len only (batch invariance).
+    takes_split = q_lens <= block_sizes.split_max_q_len
+    launch = functools.partial(_attend_tiles, q, k_pages, v_pages, block_tables,
+                               [] if k_scales is None else [k_scales, v_scales], sm_scale=sm_scale,
+                               block_k_tokens=block_sizes.block_k_tokens, max_splits=block_sizes.max_splits,
+                               interpret=interpret, lowering=lowering)
+    outputs = []
+    # Static bounds on each launch's tiles: a tile holds >= 1 token, and a sequence's tiles number
+    # cdiv(q_len, tokens_per_tile) <= q_len / tokens_per_tile + 1.
+    if block_sizes.split_max_q_len > 0:
+        rows = max(block_sizes.split_block_rows, _next_power_of_two(group))
+        tokens_per_tile = rows // group
+        num_tiles = min(num_tokens, pl.cdiv(num_tokens, tokens_per_tile) + max_seqs,
+                        max_seqs * pl.cdiv(block_sizes.split_max_q_len, tokens_per_tile))
+        layout = _tile_layout(jnp.where(takes_split, q_lens, 0), cu_q_lens, kv_lens, seq_of_token,
+                              tokens_per_tile=tokens_per_tile, num_tiles=num_tiles)
+        outputs.append((takes_split, launch(layout, block_rows=rows, split_k_tokens=block_sizes.split_k_tokens,
+                                            num_warps=block_sizes.split_num_warps,
+                                            num_stages=block_sizes.split_num_stages)))
+    max_chunk_seqs = min(max_seqs, num_tokens // (block_sizes.split_max_q_len + 1))
+    if max_chunk_seqs > 0:
+        rows = max(block_sizes.block_rows, 16)
+        tokens_per_tile = rows // group
+        layout = _tile_layout(jnp.where(takes_split, 0, q_lens), cu_q_lens, kv_lens, seq_of_token,
+                              tokens_per_tile=tokens_per_tile,
+                              num_tiles=pl.cdiv(num_tokens, tokens_per_tile) + max_chunk_seqs)
+        outputs.append((~takes_split, launch(layout, block_rows=rows, split_k_tokens=None,
+                                             num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)))
+    out = jnp.zeros(q.shape, q.dtype)
+    for taken, launch_out in outputs:
+        out = jnp.where(taken[seq_of_token][:, None, None], launch_out.astype(q.dtype), out)
     return jnp.where(is_real[:, None, None], out, 0.0).astype(q.dtype)
 
 
@@ -545,8 +515,7 @@ def _ragged_paged_attention_jit(q, k_pages, v_pages, kv_lens, block_tables, cu_q
     if impl == "reference":
         return ragged_paged_attention_reference(*args, sm_scale=sm_scale)
     if impl == "xla":
-        return _ragged_paged_attention_xla(*args, sm_scale=sm_scale, query_chunks=XLA_QUERY_CHUNKS,
-                                           block_k_tokens=XLA_BLOCK_K_TOKENS)
+        return ragged_paged_attention_xla(*args, sm_scale=sm_scale)
     if k_scales is None and k_pages.dtype != q.dtype:  # the kernel's dots need one element type
         q = q.astype(k_pages.dtype)
     out = _ragged_paged_attention_pallas(q, *args[1:], sm_scale=sm_scale, block_sizes=block_sizes,

@@ -16,7 +16,7 @@ from pallas_kernels.kv_cache_update import dequantize_kv, quantize_kv
 from test_ragged_paged_attention import make_batch
 
 IMPLS = ("xla", "pallas_interpret")
-SMALL_BLOCKS = RaggedPagedAttentionBlockSizes(block_rows=16, block_k_tokens=16)
+SMALL_BLOCKS = RaggedPagedAttentionBlockSizes(block_rows=16, block_k_tokens=16, split_k_tokens=16)
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 
 

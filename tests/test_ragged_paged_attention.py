@@ -17,8 +17,8 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention_referen
 
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 IMPLS = ("xla", "pallas_interpret")
-# Small tiles so interpret mode exercises several tiles and KV blocks even at tiny shapes.
-SMALL_BLOCKS = RaggedPagedAttentionBlockSizes(block_rows=16, block_k_tokens=16)
+# Small tiles so interpret mode exercises several tiles, KV blocks and splits even at tiny shapes.
+SMALL_BLOCKS = RaggedPagedAttentionBlockSizes(block_rows=16, block_k_tokens=16, split_k_tokens=16)
 
 
 def make_batch(q_lens, kv_lens, *, page_size=8, num_kv_heads=2, group=2, head_dim=16, dtype=jnp.float32,
@@ -105,10 +105,10 @@ def test_mixed_decode_prefill_and_speculative_batch(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
 def test_gqa_ratios(impl, group):
-    batch = make_batch([1, 5, 2], [12, 5, 19], num_kv_heads=2 if group < 8 else 1, group=group, page_size=8)
-    block_sizes = RaggedPagedAttentionBlockSizes(block_rows=max(16, group), block_k_tokens=16)
+    batch = make_batch([1, 5, 2, 11], [12, 5, 19, 30], num_kv_heads=2 if group < 8 else 1, group=group, page_size=8)
+    block_sizes = RaggedPagedAttentionBlockSizes(block_rows=max(16, group), block_k_tokens=16, split_k_tokens=16)
     check_against_reference(batch, impl, block_sizes=block_sizes)
 
 
@@ -116,7 +116,8 @@ def test_gqa_ratios(impl, group):
 @pytest.mark.parametrize("page_size", [8, 16, 64])
 def test_page_sizes(impl, page_size):
     batch = make_batch([1, 4, 1], [page_size, page_size + 3, 2 * page_size + 1], page_size=page_size)
-    check_against_reference(batch, impl, block_sizes=RaggedPagedAttentionBlockSizes(16, page_size))
+    check_against_reference(batch, impl, block_sizes=RaggedPagedAttentionBlockSizes(16, page_size,
+                                                                                    split_k_tokens=page_size))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -127,7 +128,8 @@ def test_bfloat16(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_head_dim_64_and_default_blocks(impl):
-    batch = make_batch([3, 1], [40, 70], head_dim=64, page_size=16, group=4)
+    # Default blocks: the 3-query and 1-query sequences take split-K tiles, the 12-query one a chunk tile.
+    batch = make_batch([3, 1, 12], [40, 70, 12], head_dim=64, page_size=16, group=4)
     check_against_reference(batch, impl, block_sizes=RaggedPagedAttentionBlockSizes())
 
 
@@ -137,6 +139,45 @@ def test_all_sequences_padded(impl):
     batch = batch[:6] + (jnp.zeros((1,), jnp.int32),)  # num_seqs = 0: everything is padding
     got = ragged_paged_attention(*batch, impl=impl, block_sizes=SMALL_BLOCKS)
     assert bool(jnp.all(jnp.isfinite(got)))
+
+
+@pytest.mark.parametrize("group", [4, 8])
+def test_speculative_verify_across_split_boundaries(group):
+    """Verify windows (q_len 2-5) that straddle a 16-token split, where the later split holds no key of
+    the early drafts, and one that starts exactly on a split."""
+    batch = make_batch([2, 3, 4, 5, 5], [17, 34, 50, 67, 85], num_kv_heads=1, group=group, page_size=8)
+    check_against_reference(batch, "pallas_interpret")
+
+
+@pytest.mark.parametrize("block_sizes", [
+    RaggedPagedAttentionBlockSizes(16, 16, split_max_q_len=0),  # everything in chunk tiles
+    RaggedPagedAttentionBlockSizes(16, 16, split_max_q_len=64, split_k_tokens=32),  # everything split, 2 blocks each
+    RaggedPagedAttentionBlockSizes(32, 8, split_block_rows=32, split_k_tokens=8),  # one page per block and split
+    RaggedPagedAttentionBlockSizes(16, 8, split_k_tokens=8, max_splits=2),  # 6-page tables: 2 splits of 3 pages
+], ids=["chunk_only", "split_only", "page_splits", "capped_splits"])
+def test_split_and_chunk_tiles_each_match_reference(block_sizes):
+    batch = make_batch([1, 3, 17, 0, 6, 2], [30, 21, 17, 4, 40, 9], page_size=8, group=3, padded_seqs=2)
+    check_against_reference(batch, "pallas_interpret", block_sizes=block_sizes)
+
+
+def alone(batch, seq):
+    """The batch cut down to sequence `seq` (same pool, same block-table width)."""
+    q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, _ = batch
+    start, stop = int(cu_q_lens[seq]), int(cu_q_lens[seq + 1])
+    return (q[start:stop], k_pages, v_pages, kv_lens[seq:seq + 1], block_tables[seq:seq + 1],
+            jnp.asarray([0, stop - start], jnp.int32), jnp.ones((1,), jnp.int32))
+
+
+def test_pallas_output_is_batch_invariant():
+    """Each sequence's rows are bitwise the same computed alone as inside a mixed batch (decode,
+    speculative verify, prefill chunk): tiles and splits depend only on the sequence itself."""
+    batch = make_batch([1, 4, 13, 1, 2], [37, 21, 29, 5, 50], page_size=8, group=4, head_dim=32)
+    together = np.asarray(ragged_paged_attention(*batch, impl="pallas_interpret", block_sizes=SMALL_BLOCKS))
+    cu_q_lens = np.asarray(batch[5])
+    for seq in range(3):  # decode over 3 splits, verify, chunk
+        by_itself = ragged_paged_attention(*alone(batch, seq), impl="pallas_interpret", block_sizes=SMALL_BLOCKS)
+        np.testing.assert_array_equal(together[cu_q_lens[seq]:cu_q_lens[seq + 1]], np.asarray(by_itself),
+                                      err_msg=f"sequence {seq}")
 
 
 def test_long_sequences_xla():
@@ -249,6 +290,10 @@ class TestValidation:
             RaggedPagedAttentionBlockSizes(block_rows=24)
         with pytest.raises(ValueError, match=r"block_k_tokens=0 must be a power of two"):
             RaggedPagedAttentionBlockSizes(block_k_tokens=0)
+        with pytest.raises(ValueError, match=r"split_k_tokens=96 must be a power of two"):
+            RaggedPagedAttentionBlockSizes(split_k_tokens=96)
+        with pytest.raises(ValueError, match=r"split_max_q_len=-1 must be >= 0"):
+            RaggedPagedAttentionBlockSizes(split_max_q_len=-1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -274,9 +319,9 @@ DECODE_PAGE_BYTES = 5 * 2 * 8 * 16 * 4
 def test_xla_decode_blocks_smaller_than_prefill_blocks(decode_pages):
     """Batched-decode KV blocks of 1 and 4 pages against 6-page tables (not a multiple of 4)."""
     import importlib
-    module = importlib.import_module("pallas_kernels.ragged_paged_attention")
+    module = importlib.import_module("pallas_kernels.ragged_paged_attention_xla")
     batch = make_batch([1, 1, 2, 1], [40, 33, 9, 17], page_size=8, group=2)  # 5 + 1 spare pages per seq
-    got = jax.jit(functools.partial(module._ragged_paged_attention_xla, sm_scale=0.25, block_k_tokens=64,
+    got = jax.jit(functools.partial(module.ragged_paged_attention_xla, sm_scale=0.25, block_k_tokens=64,
                                     decode_block_bytes=decode_pages * DECODE_PAGE_BYTES))(*batch)
     expected = ragged_paged_attention_reference(*batch, sm_scale=0.25)
     assert float(jnp.max(jnp.abs(got[:5] - expected[:5]))) <= 1e-4
