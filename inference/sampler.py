@@ -252,9 +252,9 @@ def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     return jnp.where(top_p >= 1.0, kth, cutoff)
 
 
-def _candidate_threshold(scaled: jax.Array, top_k: jax.Array,
-                         top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """([B] cut-off, [B] settled) of top-k then top-p, computed from the top candidates only.
+def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                         width: int) -> tuple[jax.Array, jax.Array]:
+    """([B] cut-off, [B] settled) of top-k then top-p, computed from the top `width` values only.
 
     Follows a descending sort: the k-th largest value is the top-k cut-off (ties with it kept, as
     in vLLM); a token stays in the nucleus while the top-k mass strictly before it is < p, and the
@@ -262,7 +262,7 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array,
     provably among the candidates; otherwise its cut-off here is meaningless.
     """
     vocab = scaled.shape[-1]
-    width = min(TOP_CANDIDATES, vocab)
+    width = min(width, vocab)
     # The barrier keeps XLA from folding later slices into top_k's sort + slice, which would stop
     # XLA:CPU from rewriting it into its partial-selection TopK (a full sort instead, ~50x slower).
     cand = jax.lax.optimization_barrier(jax.lax.top_k(scaled, width)[0])  # [B, width] descending
@@ -287,18 +287,18 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array,
 
 
 def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                           active: jax.Array) -> jax.Array:
+                           active: jax.Array, *, width: int, chunk_rows: int) -> jax.Array:
     """[B] logit cut-off of top-k then top-p; -inf for rows that are not `active` [B]."""
     rows = scaled.shape[0]
-    threshold, settled = _candidate_threshold(scaled, top_k, top_p)
+    threshold, settled = _candidate_threshold(scaled, top_k, top_p, width)
     unsettled = active & ~settled
-    # Unsettled rows first, bisected in chunks of FALLBACK_ROWS: the cost follows their number, and
+    # Unsettled rows first, bisected in chunks of `chunk_rows`: the cost follows their number, and
     # a row's cut-off depends only on its own logits (never on the batch or its chunk).
-    order = jnp.pad(jnp.argsort(~unsettled, stable=True), (0, FALLBACK_ROWS), constant_values=rows)
-    n_chunks = (jnp.sum(unsettled) + FALLBACK_ROWS - 1) // FALLBACK_ROWS
+    order = jnp.pad(jnp.argsort(~unsettled, stable=True), (0, chunk_rows), constant_values=rows)
+    n_chunks = (jnp.sum(unsettled) + chunk_rows - 1) // chunk_rows
 
     def bisect_chunk(i, threshold):
-        chunk = jax.lax.dynamic_slice(order, (i * FALLBACK_ROWS,), (FALLBACK_ROWS,))
+        chunk = jax.lax.dynamic_slice(order, (i * chunk_rows,), (chunk_rows,))
         safe = jnp.minimum(chunk, rows - 1)
         cut = _bisect_threshold(scaled[safe], top_k[safe], top_p[safe])
         target = jnp.where((chunk < rows) & unsettled[safe], chunk, rows)  # rows = dropped
@@ -319,9 +319,11 @@ def filter_mask(scaled: jax.Array, tensors: SamplingTensors,
     active = (top_k < vocab) | (tensors.top_p < 1.0)
     if skip_rows is not None:
         active &= ~skip_rows
-    # Skip the candidate selection entirely when no row in the batch uses top-k or top-p.
+    # Skip the candidate selection entirely when no row in the batch uses top-k or top-p. (The
+    # sizes are bound here, at trace time, rather than read inside the traced branch.)
     threshold = jax.lax.cond(jnp.any(active),
-                             _top_k_top_p_threshold,
+                             partial(_top_k_top_p_threshold, width=TOP_CANDIDATES,
+                                     chunk_rows=FALLBACK_ROWS),
                              lambda s, k, p, a: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
                              scaled, top_k, tensors.top_p, active)
     keep = scaled >= threshold[:, None]
