@@ -199,11 +199,11 @@ def apply_penalties(logits: jax.Array, tensors: SamplingTensors,
 
 
 # Top-k / top-p candidates: one `lax.top_k` of this width settles the cut-off of every row whose
-# k-th value and nucleus lie inside it (a partial selection is ~50x cheaper than a full sort of
-# the vocab on XLA:CPU).
-TOP_CANDIDATES = 256
+# k-th value and nucleus lie inside it (at [64, 49152] on XLA:CPU a top-64 selection takes ~5 ms,
+# a full sort ~470 ms).
+TOP_CANDIDATES = 64
 # Rows the candidates cannot settle are bisected exactly, this many rows at a time.
-FALLBACK_ROWS = 8
+FALLBACK_ROWS = 4
 # Block width of the two-level inverse-CDF draw in `categorical`.
 DRAW_BLOCK = 256
 
@@ -233,38 +233,48 @@ def _largest_value_where(pred, rows: int) -> jax.Array:
     return _from_ordered(jax.lax.fori_loop(0, 32, set_bit, jnp.zeros(rows, jnp.uint32)))
 
 
-def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """[R] top-k-then-top-p cut-off by bisection on values: exact, no sort, 64 O(V) passes.
+def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, kth: jax.Array,
+                      kth_known: jax.Array) -> jax.Array:
+    """[R] top-k-then-top-p cut-off by bisection on values: exact, no sort, 32 O(V) passes per
+    bisection (one for the k-th value where unknown, one for the nucleus where top-p is on).
 
-    scaled [R, V]; top_k [R] in 1..V (V = off); top_p [R]. The rule of `_candidate_threshold`:
-    the k-th largest value, then the smallest value whose strictly-larger top-k mass is < p.
+    scaled [R, V]; top_k [R] in 1..V (V = off); top_p [R]; kth [R] the k-th largest value where
+    kth_known [R]. The rule of `_candidate_threshold`: the k-th largest value, then the smallest
+    value whose strictly-larger top-k mass is < p.
     """
-    rows, vocab = scaled.shape
-    kth = _largest_value_where(lambda t: jnp.sum(scaled >= t, axis=-1) >= top_k, rows)
-    kth = jnp.where(top_k >= vocab, -jnp.inf, kth)
-    weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
-    weights = jnp.where(scaled >= kth[:, None], weights, 0.0)
-    mass = top_p * jnp.sum(weights, axis=-1)
-    # The largest t whose strictly-larger mass still reaches p; the cut-off is the next value up.
-    below = _largest_value_where(
-        lambda t: jnp.sum(jnp.where(scaled > t, weights, 0.0), axis=-1) >= mass, rows)
-    cutoff = jnp.min(jnp.where(scaled > below[:, None], scaled, jnp.inf), axis=-1)
-    return jnp.where(top_p >= 1.0, kth, cutoff)
+    rows = scaled.shape[0]
+    # Each row's result is the same whichever branch its chunk takes.
+    kth = jax.lax.cond(
+        jnp.all(kth_known), lambda: kth,
+        lambda: jnp.where(kth_known, kth, _largest_value_where(
+            lambda t: jnp.sum(scaled >= t, axis=-1) >= top_k, rows)))
+
+    def nucleus_cutoff():
+        weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+        weights = jnp.where(scaled >= kth[:, None], weights, 0.0)
+        mass = top_p * jnp.sum(weights, axis=-1)
+        # The largest t whose strictly-larger mass still reaches p; the cut-off is the next value up.
+        below = _largest_value_where(
+            lambda t: jnp.sum(jnp.where(scaled > t, weights, 0.0), axis=-1) >= mass, rows)
+        cutoff = jnp.min(jnp.where(scaled > below[:, None], scaled, jnp.inf), axis=-1)
+        return jnp.where(top_p >= 1.0, kth, cutoff)
+
+    return jax.lax.cond(jnp.all(top_p >= 1.0), lambda: kth, nucleus_cutoff)
 
 
-def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                         width: int) -> tuple[jax.Array, jax.Array]:
-    """([B] cut-off, [B] settled) of top-k then top-p, computed from the top `width` values only.
+def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, width: int):
+    """[B] (cut-off, settled, kth, kth_known) of top-k then top-p from the top `width` values only.
 
     Follows a descending sort: the k-th largest value is the top-k cut-off (ties with it kept, as
     in vLLM); a token stays in the nucleus while the top-k mass strictly before it is < p, and the
     value at the nucleus' last position is the cut-off. A row is settled when that position is
-    provably among the candidates; otherwise its cut-off here is meaningless.
+    provably among the candidates; otherwise its cut-off here is meaningless. kth is the k-th
+    largest value (-inf with top-k off) where kth_known, i.e. where it is among the candidates.
     """
     vocab = scaled.shape[-1]
     width = min(width, vocab)
     # The barrier keeps XLA from folding later slices into top_k's sort + slice, which would stop
-    # XLA:CPU from rewriting it into its partial-selection TopK (a full sort instead, ~50x slower).
+    # XLA:CPU from rewriting it into its partial-selection TopK (a full sort instead).
     cand = jax.lax.optimization_barrier(jax.lax.top_k(scaled, width)[0])  # [B, width] descending
     k_known = (top_k <= width) | (top_k >= vocab)
     kth = jnp.take_along_axis(cand, (jnp.minimum(top_k, width) - 1)[:, None], axis=-1)[:, 0]
@@ -283,14 +293,14 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
     p_off = top_p >= 1.0
     nucleus_inside = (n_keep == n_keep_lo) & ((n_keep < width) | (width == vocab))
     settled = jnp.where(p_off, k_known, nucleus_inside)
-    return jnp.where(p_off, kth, cutoff), settled
+    return jnp.where(p_off, kth, cutoff), settled, kth, k_known
 
 
 def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
                            active: jax.Array, *, width: int, chunk_rows: int) -> jax.Array:
     """[B] logit cut-off of top-k then top-p; -inf for rows that are not `active` [B]."""
     rows = scaled.shape[0]
-    threshold, settled = _candidate_threshold(scaled, top_k, top_p, width)
+    threshold, settled, kth, kth_known = _candidate_threshold(scaled, top_k, top_p, width)
     unsettled = active & ~settled
     # Unsettled rows first, bisected in chunks of `chunk_rows`: the cost follows their number, and
     # a row's cut-off depends only on its own logits (never on the batch or its chunk).
@@ -300,7 +310,7 @@ def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
     def bisect_chunk(i, threshold):
         chunk = jax.lax.dynamic_slice(order, (i * chunk_rows,), (chunk_rows,))
         safe = jnp.minimum(chunk, rows - 1)
-        cut = _bisect_threshold(scaled[safe], top_k[safe], top_p[safe])
+        cut = _bisect_threshold(scaled[safe], top_k[safe], top_p[safe], kth[safe], kth_known[safe])
         target = jnp.where((chunk < rows) & unsettled[safe], chunk, rows)  # rows = dropped
         return threshold.at[target].set(cut, mode="drop")
 

@@ -211,7 +211,7 @@ def test_filter_mask_past_the_candidates_matches_vllm_reference(shrink_candidate
     refs = [ref_keep(scaled[i], p.top_k, p.top_p, p.min_p) for i, p in enumerate(params)]
     # The test data really needs the fallback: 4 candidates cannot settle these rows.
     top_k = np.asarray(SamplingTensors.from_params(params).top_k)
-    _, settled = sampler._candidate_threshold(scaled, np.where(top_k <= 0, V, np.minimum(top_k, V)),
+    _, settled, _, _ = sampler._candidate_threshold(scaled, np.where(top_k <= 0, V, np.minimum(top_k, V)),
                                               np.array([p.top_p for p in params], np.float32), 4)
     assert (~np.asarray(settled)).sum() >= 12
     for i in range(b):
