@@ -375,10 +375,26 @@ def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
-    """[B] i32 = jnp.argmax(x [B, V], axis=-1) (first maximum; first NaN if any), as two plain
-    reductions: XLA:CPU runs argmax's paired (value, index) reduction several times slower."""
-    hit = (x == jnp.max(x, axis=-1, keepdims=True)) | jnp.isnan(x)
-    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+    """[B] i32 = jnp.argmax(x [B, V], axis=-1): the first maximum (the first NaN if there is one).
+
+    Two levels over blocks of DRAW_BLOCK: the first block holding the row maximum, then the first
+    maximum inside it. XLA:CPU's argmax reduction and a one-pass "first index equal to the max"
+    both materialise [B, V] temporaries (~20 ms at [64, 49152]); this reads the row 3 times, ~1 ms.
+    """
+    rows, vocab = x.shape
+    block = min(DRAW_BLOCK, vocab)
+    n_blocks = -(-vocab // block)
+    blocks = jnp.pad(x, ((0, 0), (0, n_blocks * block - vocab)), constant_values=-jnp.inf)
+    blocks = blocks.reshape(rows, n_blocks, block)                        # [B, n_blocks, block]
+    block_max = jnp.max(blocks, axis=-1)                                  # [B, n_blocks]
+    row_max = jnp.max(block_max, axis=-1, keepdims=True)
+    # NaN handled apart: XLA:CPU's max reduction may skip NaNs, while argmax picks the first NaN.
+    block_nan = jnp.any(jnp.isnan(blocks), axis=-1)                      # [B, n_blocks]
+    row_nan = jnp.any(block_nan, axis=-1, keepdims=True)
+    first_block = jnp.argmax(jnp.where(row_nan, block_nan, block_max == row_max), axis=-1)
+    in_block = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]  # [B, block]
+    offset = jnp.argmax(jnp.where(row_nan, jnp.isnan(in_block), in_block == row_max), axis=-1)
+    return (first_block * block + offset).astype(jnp.int32)
 
 
 def _ban(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:

@@ -230,11 +230,14 @@ def test_filter_mask_ties_keep_every_token_tied_with_the_cutoff(shrink_candidate
                                       err_msg=f"row {i}: {p}")
 
 
-def test_first_argmax_equals_argmax():
-    x = np.round(_logits(6, seed=13))  # ties: the first maximum wins
+@pytest.mark.parametrize("v", [V, 700])  # one block; several blocks with a padded last one
+def test_first_argmax_equals_argmax(v):
+    x = np.round(_logits(8, v=v, seed=13))  # ties: the first maximum wins
     x[1] = -np.inf
-    x[2, [3, 9]] = np.nan
+    x[2, [3, v - 9]] = np.nan
     x[3, 5] = np.inf
+    x[4, [v - 1, v - 2]] = 100.0  # maximum in the padded block
+    x[5, [10, v - 1]] = 100.0     # tie across blocks
     np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), np.argmax(x, axis=-1))
 
 # Five filter settings x 20k draws each, all in one [100000, 8] batch (a single compile).
