@@ -318,11 +318,13 @@ def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
     return jnp.where(active, threshold, -jnp.inf)
 
 
-def filter_mask(scaled: jax.Array, tensors: SamplingTensors,
-                skip_rows: Optional[jax.Array] = None) -> jax.Array:
-    """[B, V] bool: tokens allowed after top-k, top-p and min-p on temperature-scaled logits.
+def filter_cutoff(scaled: jax.Array, tensors: SamplingTensors,
+                  skip_rows: Optional[jax.Array] = None) -> jax.Array:
+    """[B] f32: per row, the smallest temperature-scaled logit that top-k, top-p and min-p allow;
+    a token is kept iff scaled >= cutoff (every filter is a cut-off on values, so they compose as
+    a max). The row maximum always passes.
 
-    skip_rows [B] bool marks rows whose mask is irrelevant (greedy); they never cost a selection.
+    skip_rows [B] bool marks rows whose cut-off is irrelevant (greedy); they never cost a selection.
     """
     vocab = scaled.shape[-1]
     top_k = jnp.where((tensors.top_k <= 0) | (tensors.top_k > vocab), vocab, tensors.top_k)
@@ -336,13 +338,16 @@ def filter_mask(scaled: jax.Array, tensors: SamplingTensors,
                                      chunk_rows=FALLBACK_ROWS),
                              lambda s, k, p, a: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
                              scaled, top_k, tensors.top_p, active)
-    keep = scaled >= threshold[:, None]
     # min-p: p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p). The ratio needs no softmax and
-    # is unchanged by top-k/top-p (the max always survives), so it composes as a plain AND.
-    # min_p = 0 gives log(0) = -inf: keeps everything.
-    l_max = jnp.max(scaled, axis=-1, keepdims=True)
-    keep &= scaled >= l_max + jnp.log(tensors.min_p)[:, None]
-    return keep
+    # is unchanged by top-k/top-p (the max always survives). min_p = 0 gives log(0) = -inf.
+    l_max = jnp.max(scaled, axis=-1)
+    return jnp.maximum(threshold, l_max + jnp.log(tensors.min_p))
+
+
+def filter_mask(scaled: jax.Array, tensors: SamplingTensors,
+                skip_rows: Optional[jax.Array] = None) -> jax.Array:
+    """[B, V] bool: tokens allowed after top-k, top-p and min-p on temperature-scaled logits."""
+    return scaled >= filter_cutoff(scaled, tensors, skip_rows)[:, None]
 
 
 def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
@@ -356,7 +361,12 @@ def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
-    """[B] i32: one draw per row from softmax(logits) (logits [B, V], -inf = excluded; keys [B]).
+    """[B] i32: one draw per row from softmax(logits) (logits [B, V], -inf = excluded; keys [B])."""
+    return _draw(keys, logits, jnp.max(logits, axis=-1))
+
+
+def _draw(keys: jax.Array, logits: jax.Array, row_max: jax.Array) -> jax.Array:
+    """`categorical` given row_max [B] = the rows' maxima (saves a pass when the caller knows it).
 
     Inverse CDF in two levels with two uniforms per row: a block of DRAW_BLOCK tokens by block
     mass, then a token inside that block. Exact like Gumbel-max, but O(V) cheap elementwise work
@@ -365,7 +375,7 @@ def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
     rows, vocab = logits.shape
     block = min(DRAW_BLOCK, vocab)
     n_blocks = -(-vocab // block)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - row_max[:, None])
     weights = jnp.pad(weights, ((0, 0), (0, n_blocks * block - vocab)))
     weights = weights.reshape(rows, n_blocks, block)                      # [B, n_blocks, block]
     u = jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)  # [B, 2]
@@ -423,8 +433,10 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
     def sample_rows():
         # Greedy rows divide by 1 to stay finite; their result is replaced by argmax below.
         scaled = x / jnp.where(greedy, 1.0, tensors.temperature)[:, None]
-        keep = filter_mask(scaled, tensors, skip_rows=greedy)
-        sampled = categorical(row_keys(tensors), jnp.where(keep, scaled, -jnp.inf))
+        cutoff = filter_cutoff(scaled, tensors, skip_rows=greedy)
+        # Same draw as categorical(keys, masked): the row maximum is never filtered out.
+        masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
+        sampled = _draw(row_keys(tensors), masked, jnp.max(scaled, axis=-1))
         return jnp.where(greedy, greedy_tokens, sampled)
 
     # All-greedy batches (common in evals/benchmarks) skip the filtering and the draw entirely.
