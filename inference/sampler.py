@@ -5,9 +5,10 @@ Pipeline per row (vLLM semantics):
     --(greedy? argmax)-- else /temperature --> top-k --> top-p --> min-p --> inverse-CDF draw.
 
 Cost on XLA:CPU (where a full vocab sort or a Gumbel draw over the vocab per row would dominate a
-small model's step): top-k/top-p cut-offs come from one `lax.top_k` of TOP_CANDIDATES values per
-row, with an exact sort-free bisection for the rare rows whose cut-off lies deeper; the draw uses
-two uniforms per row through the inverse CDF (`categorical`). Both are exact, not approximations.
+small model's step): every filter is a per-row cut-off on values (`filter_cutoff`); top-k/top-p
+cut-offs come from one `lax.top_k` of TOP_CANDIDATES values per row, and rows whose cut-off lies
+deeper are bisected on the values' bits (no sort); the draw puts two uniforms per row through the
+inverse CDF (`categorical`). All of it is exact, not an approximation.
 
 Returned logprobs are vLLM's default "raw" logprobs: log_softmax of the logits the model produced,
 before penalties, temperature and filtering. That keeps them a property of the model (comparable

@@ -7,6 +7,10 @@
 Logits are Zipf-like rows, -s * log(rank) over a random permutation with s drawn per row, so that
 the top-p nucleus ranges from a few tokens to thousands (its size is printed, since it decides
 which top-p path runs). Penalties are off: they are elementwise and not what this measures.
+
+With glibc's default malloc, XLA:CPU's per-call temporaries above its mmap threshold (32 MB at
+most) are mapped afresh every call, and the page faults show up here as CPU time;
+MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000 shows the cost without them.
 """
 from __future__ import annotations
 
