@@ -2,7 +2,13 @@
 
 Pipeline per row (vLLM semantics):
     raw logits --(min_tokens ban)--> --(repetition, frequency, presence penalties)-->
-    --(greedy? argmax)-- else /temperature --> top-k --> top-p --> min-p --> Gumbel-max sample.
+    --(greedy? argmax)-- else /temperature --> top-k --> top-p --> min-p --> inverse-CDF draw.
+
+Cost on XLA:CPU (where a full vocab sort or a Gumbel draw over the vocab per row would dominate a
+small model's step): every filter is a per-row cut-off on values (`filter_cutoff`); top-k/top-p
+cut-offs come from one `lax.top_k` of TOP_CANDIDATES values per row, and rows whose cut-off lies
+deeper are bisected on the values' bits (no sort); the draw puts two uniforms per row through the
+inverse CDF (`categorical`). All of it is exact, not an approximation.
 
 Returned logprobs are vLLM's default "raw" logprobs: log_softmax of the logits the model produced,
 before penalties, temperature and filtering. That keeps them a property of the model (comparable
@@ -193,46 +199,213 @@ def apply_penalties(logits: jax.Array, tensors: SamplingTensors,
     return logits
 
 
-def _top_k_top_p_keep(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """[B, V] keep-mask of top-k then top-p (needs one descending sort over the vocab)."""
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    # top-k by value: the k-th largest logit is the cut-off (ties with it are kept, as in vLLM).
-    kth = jnp.take_along_axis(sorted_desc, (top_k - 1)[:, None], axis=-1)
-    in_top_k = sorted_desc >= kth
-    # top-p on the renormalised top-k distribution: keep a token while the mass strictly before
-    # it is < p. Rows with p = 1 keep everything (cumsum rounding could otherwise drop the tail).
-    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    in_top_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    # Both masks are prefixes of the sorted order; turn the prefix length into a logit threshold,
-    # which avoids scattering the mask back to vocab order.
-    n_keep = jnp.maximum(jnp.sum(in_top_k & in_top_p, axis=-1), 1)
-    threshold = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-    return scaled >= threshold
+# Top-k / top-p candidates: one `lax.top_k` of this width settles the cut-off of every row whose
+# k-th value and nucleus lie inside it (at [64, 49152] on XLA:CPU a top-64 selection takes ~5 ms,
+# a full sort ~470 ms).
+TOP_CANDIDATES = 64
+# Rows the candidates cannot settle are bisected exactly, this many rows at a time.
+FALLBACK_ROWS = 4
+# Block width of the two-level inverse-CDF draw in `categorical`.
+DRAW_BLOCK = 256
+
+
+def _to_ordered(x: jax.Array) -> jax.Array:
+    """f32 -> u32 codes in the same order (negative floats flipped), so bisection can run on bits."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _from_ordered(code: jax.Array) -> jax.Array:
+    """Inverse of `_to_ordered`; codes below -inf's (NaN patterns) map to -inf, keeping it monotone."""
+    code = jnp.maximum(code, _to_ordered(jnp.float32(-jnp.inf)))
+    bits = jnp.where(code >> 31 == 1, code & jnp.uint32(0x7FFFFFFF), ~code)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _largest_value_where(pred, rows: int) -> jax.Array:
+    """[R] f32: per row the largest float t with pred(t [R, 1]) -> [R] bool true, for a pred that is
+    true at -inf and monotone (true below some value). Sets the answer's 32 order bits from the top,
+    one O(V) pass of pred per bit."""
+
+    def set_bit(i, code):
+        trial = code | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(pred(_from_ordered(trial)[:, None]), trial, code)
+
+    return _from_ordered(jax.lax.fori_loop(0, 32, set_bit, jnp.zeros(rows, jnp.uint32)))
+
+
+def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, kth: jax.Array,
+                      kth_known: jax.Array) -> jax.Array:
+    """[R] top-k-then-top-p cut-off by bisection on values: exact, no sort, 32 O(V) passes per
+    bisection (one for the k-th value where unknown, one for the nucleus where top-p is on).
+
+    scaled [R, V]; top_k [R] in 1..V (V = off); top_p [R]; kth [R] the k-th largest value where
+    kth_known [R]. The rule of `_candidate_threshold`: the k-th largest value, then the smallest
+    value whose strictly-larger top-k mass is < p.
+    """
+    rows = scaled.shape[0]
+    # Each row's result is the same whichever branch its chunk takes.
+    kth = jax.lax.cond(
+        jnp.all(kth_known), lambda: kth,
+        lambda: jnp.where(kth_known, kth, _largest_value_where(
+            lambda t: jnp.sum(scaled >= t, axis=-1) >= top_k, rows)))
+
+    def nucleus_cutoff():
+        weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+        weights = jnp.where(scaled >= kth[:, None], weights, 0.0)
+        mass = top_p * jnp.sum(weights, axis=-1)
+        # The largest t whose strictly-larger mass still reaches p; the cut-off is the next value up.
+        below = _largest_value_where(
+            lambda t: jnp.sum(jnp.where(scaled > t, weights, 0.0), axis=-1) >= mass, rows)
+        cutoff = jnp.min(jnp.where(scaled > below[:, None], scaled, jnp.inf), axis=-1)
+        return jnp.where(top_p >= 1.0, kth, cutoff)
+
+    return jax.lax.cond(jnp.all(top_p >= 1.0), lambda: kth, nucleus_cutoff)
+
+
+def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, width: int):
+    """[B] (cut-off, settled, kth, kth_known) of top-k then top-p from the top `width` values only.
+
+    Follows a descending sort: the k-th largest value is the top-k cut-off (ties with it kept, as
+    in vLLM); a token stays in the nucleus while the top-k mass strictly before it is < p, and the
+    value at the nucleus' last position is the cut-off. A row is settled when that position is
+    provably among the candidates; otherwise its cut-off here is meaningless. kth is the k-th
+    largest value (-inf with top-k off) where kth_known, i.e. where it is among the candidates.
+    """
+    vocab = scaled.shape[-1]
+    width = min(width, vocab)
+    # The barrier keeps XLA from folding later slices into top_k's sort + slice, which would stop
+    # XLA:CPU from rewriting it into its partial-selection TopK (a full sort instead).
+    cand = jax.lax.optimization_barrier(jax.lax.top_k(scaled, width)[0])  # [B, width] descending
+    k_known = (top_k <= width) | (top_k >= vocab)
+    kth = jnp.take_along_axis(cand, (jnp.minimum(top_k, width) - 1)[:, None], axis=-1)[:, 0]
+    kth = jnp.where((top_k >= vocab) | ~k_known, -jnp.inf, kth)          # [B]
+    in_top_k = cand >= kth[:, None]
+    cand_w = jnp.where(in_top_k, jnp.exp(cand - cand[:, :1]), 0.0)      # [B, width]
+    # The top-k mass needs the whole row (ties past the candidates, or top-k off): one masked sum.
+    # When the k-th value lies past the candidates that mass is only bounded, by the candidates'
+    # mass below and the whole row's above; the row is settled if both bounds give one nucleus.
+    mass_hi = jnp.sum(jnp.where(scaled >= kth[:, None], jnp.exp(scaled - cand[:, :1]), 0.0), axis=-1)
+    mass_lo = jnp.where(k_known, mass_hi, jnp.sum(cand_w, axis=-1))
+    mass_before = jnp.cumsum(cand_w, axis=-1) - cand_w
+    n_keep = jnp.sum(in_top_k & (mass_before < (top_p * mass_hi)[:, None]), axis=-1)
+    n_keep_lo = jnp.sum(in_top_k & (mass_before < (top_p * mass_lo)[:, None]), axis=-1)
+    cutoff = jnp.take_along_axis(cand, (jnp.maximum(n_keep, 1) - 1)[:, None], axis=-1)[:, 0]
+    p_off = top_p >= 1.0
+    nucleus_inside = (n_keep == n_keep_lo) & ((n_keep < width) | (width == vocab))
+    settled = jnp.where(p_off, k_known, nucleus_inside)
+    return jnp.where(p_off, kth, cutoff), settled, kth, k_known
+
+
+def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                           active: jax.Array, *, width: int, chunk_rows: int) -> jax.Array:
+    """[B] logit cut-off of top-k then top-p; -inf for rows that are not `active` [B]."""
+    rows = scaled.shape[0]
+    threshold, settled, kth, kth_known = _candidate_threshold(scaled, top_k, top_p, width)
+    unsettled = active & ~settled
+    # Unsettled rows first, bisected in chunks of `chunk_rows`: the cost follows their number, and
+    # a row's cut-off depends only on its own logits (never on the batch or its chunk).
+    order = jnp.pad(jnp.argsort(~unsettled, stable=True), (0, chunk_rows), constant_values=rows)
+    n_chunks = (jnp.sum(unsettled) + chunk_rows - 1) // chunk_rows
+
+    def bisect_chunk(i, threshold):
+        chunk = jax.lax.dynamic_slice(order, (i * chunk_rows,), (chunk_rows,))
+        safe = jnp.minimum(chunk, rows - 1)
+        cut = _bisect_threshold(scaled[safe], top_k[safe], top_p[safe], kth[safe], kth_known[safe])
+        target = jnp.where((chunk < rows) & unsettled[safe], chunk, rows)  # rows = dropped
+        return threshold.at[target].set(cut, mode="drop")
+
+    threshold = jax.lax.fori_loop(0, n_chunks, bisect_chunk, threshold)
+    return jnp.where(active, threshold, -jnp.inf)
+
+
+def filter_cutoff(scaled: jax.Array, tensors: SamplingTensors,
+                  skip_rows: Optional[jax.Array] = None) -> jax.Array:
+    """[B] f32: per row, the smallest temperature-scaled logit that top-k, top-p and min-p allow;
+    a token is kept iff scaled >= cutoff (every filter is a cut-off on values, so they compose as
+    a max). The row maximum always passes.
+
+    skip_rows [B] bool marks rows whose cut-off is irrelevant (greedy); they never cost a selection.
+    """
+    vocab = scaled.shape[-1]
+    top_k = jnp.where((tensors.top_k <= 0) | (tensors.top_k > vocab), vocab, tensors.top_k)
+    active = (top_k < vocab) | (tensors.top_p < 1.0)
+    if skip_rows is not None:
+        active &= ~skip_rows
+    # Skip the candidate selection entirely when no row in the batch uses top-k or top-p. (The
+    # sizes are bound here, at trace time, rather than read inside the traced branch.)
+    threshold = jax.lax.cond(jnp.any(active),
+                             partial(_top_k_top_p_threshold, width=TOP_CANDIDATES,
+                                     chunk_rows=FALLBACK_ROWS),
+                             lambda s, k, p, a: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
+                             scaled, top_k, tensors.top_p, active)
+    # min-p: p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p). The ratio needs no softmax and
+    # is unchanged by top-k/top-p (the max always survives). min_p = 0 gives log(0) = -inf.
+    l_max = jnp.max(scaled, axis=-1)
+    return jnp.maximum(threshold, l_max + jnp.log(tensors.min_p))
 
 
 def filter_mask(scaled: jax.Array, tensors: SamplingTensors,
                 skip_rows: Optional[jax.Array] = None) -> jax.Array:
-    """[B, V] bool: tokens allowed after top-k, top-p and min-p on temperature-scaled logits.
+    """[B, V] bool: tokens allowed after top-k, top-p and min-p on temperature-scaled logits."""
+    return scaled >= filter_cutoff(scaled, tensors, skip_rows)[:, None]
 
-    skip_rows [B] bool marks rows whose mask is irrelevant (greedy); they never force the sort.
+
+def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """[B] index i with cum[i-1] <= u * total < cum[i] (so weights[i] > 0) for weights [B, N] >= 0
+    and u [B] in [0, 1)."""
+    cum = jnp.cumsum(weights, axis=-1)
+    index = jnp.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)
+    # u * total can round up to the total itself: then take the last entry with weight.
+    last = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(index, last)
+
+
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """[B] i32: one draw per row from softmax(logits) (logits [B, V], -inf = excluded; keys [B])."""
+    return _draw(keys, logits, jnp.max(logits, axis=-1))
+
+
+def _draw(keys: jax.Array, logits: jax.Array, row_max: jax.Array) -> jax.Array:
+    """`categorical` given row_max [B] = the rows' maxima (saves a pass when the caller knows it).
+
+    Inverse CDF in two levels with two uniforms per row: a block of DRAW_BLOCK tokens by block
+    mass, then a token inside that block. Exact like Gumbel-max, but O(V) cheap elementwise work
+    plus cumsums over V / DRAW_BLOCK and DRAW_BLOCK entries, instead of V random numbers per row.
     """
-    vocab = scaled.shape[-1]
-    top_k = jnp.where((tensors.top_k <= 0) | (tensors.top_k > vocab), vocab, tensors.top_k)
-    needs_sort = (top_k < vocab) | (tensors.top_p < 1.0)
-    if skip_rows is not None:
-        needs_sort &= ~skip_rows
-    # Skip the O(V log V) sort entirely when no row in the batch uses top-k or top-p.
-    keep = jax.lax.cond(jnp.any(needs_sort),
-                        _top_k_top_p_keep,
-                        lambda s, k, p: jnp.ones(s.shape, jnp.bool_),
-                        scaled, top_k, tensors.top_p)
-    # min-p: p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p). The ratio needs no softmax and
-    # is unchanged by top-k/top-p (the max always survives), so it composes as a plain AND.
-    # min_p = 0 gives log(0) = -inf: keeps everything.
-    l_max = jnp.max(scaled, axis=-1, keepdims=True)
-    keep &= scaled >= l_max + jnp.log(tensors.min_p)[:, None]
-    return keep
+    rows, vocab = logits.shape
+    block = min(DRAW_BLOCK, vocab)
+    n_blocks = -(-vocab // block)
+    weights = jnp.exp(logits - row_max[:, None])
+    weights = jnp.pad(weights, ((0, 0), (0, n_blocks * block - vocab)))
+    weights = weights.reshape(rows, n_blocks, block)                      # [B, n_blocks, block]
+    u = jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)  # [B, 2]
+    block_index = _inverse_cdf(jnp.sum(weights, axis=-1), u[:, 0])
+    in_block = jnp.take_along_axis(weights, block_index[:, None, None], axis=1)[:, 0]
+    return (block_index * block + _inverse_cdf(in_block, u[:, 1])).astype(jnp.int32)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """[B] i32 = jnp.argmax(x [B, V], axis=-1): the first maximum (the first NaN if there is one).
+
+    Two levels over blocks of DRAW_BLOCK: the first block holding the row maximum, then the first
+    maximum inside it. XLA:CPU's argmax reduction and a one-pass "first index equal to the max"
+    both materialise [B, V] temporaries (~20 ms at [64, 49152]); this reads the row 3 times, ~1 ms.
+    """
+    rows, vocab = x.shape
+    block = min(DRAW_BLOCK, vocab)
+    n_blocks = -(-vocab // block)
+    blocks = jnp.pad(x, ((0, 0), (0, n_blocks * block - vocab)), constant_values=-jnp.inf)
+    blocks = blocks.reshape(rows, n_blocks, block)                        # [B, n_blocks, block]
+    block_max = jnp.max(blocks, axis=-1)                                  # [B, n_blocks]
+    row_max = jnp.max(block_max, axis=-1, keepdims=True)
+    # NaN handled apart: XLA:CPU's max reduction may skip NaNs, while argmax picks the first NaN.
+    block_nan = jnp.any(jnp.isnan(blocks), axis=-1)                      # [B, n_blocks]
+    row_nan = jnp.any(block_nan, axis=-1, keepdims=True)
+    first_block = jnp.argmax(jnp.where(row_nan, block_nan, block_max == row_max), axis=-1)
+    in_block = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]  # [B, block]
+    offset = jnp.argmax(jnp.where(row_nan, jnp.isnan(in_block), in_block == row_max), axis=-1)
+    return (first_block * block + offset).astype(jnp.int32)
 
 
 def _ban(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:
@@ -251,24 +424,23 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
     num_logprobs (static): k of the returned top-k raw logprobs (0 gives [B, 0] arrays).
     """
     logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
 
     x = _ban(logits, tensors.banned_ids)
     x = apply_penalties(x, tensors, token_counts, prompt_mask)
     greedy = tensors.temperature < SAMPLING_EPS
-    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy_tokens = first_argmax(x)
 
     def sample_rows():
         # Greedy rows divide by 1 to stay finite; their result is replaced by argmax below.
         scaled = x / jnp.where(greedy, 1.0, tensors.temperature)[:, None]
-        keep = filter_mask(scaled, tensors, skip_rows=greedy)
-        # Gumbel-max: argmax(l + G) with G ~ Gumbel(0, 1) i.i.d. is a draw from softmax(l).
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(row_keys(tensors))
-        sampled = jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + gumbel, axis=-1).astype(jnp.int32)
+        cutoff = filter_cutoff(scaled, tensors, skip_rows=greedy)
+        # Same draw as categorical(keys, masked): the row maximum is never filtered out.
+        masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
+        sampled = _draw(row_keys(tensors), masked, jnp.max(scaled, axis=-1))
         return jnp.where(greedy, greedy_tokens, sampled)
 
-    # All-greedy batches (common in evals/benchmarks) skip the noise and filtering entirely.
+    # All-greedy batches (common in evals/benchmarks) skip the filtering and the draw entirely.
     tokens = jax.lax.cond(jnp.all(greedy), lambda: greedy_tokens, sample_rows)
 
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -17,7 +17,7 @@ q = one-hot. Greedy rows accept while guess == argmax and then emit the argmax, 
 token-for-token identical with and without speculation.
 
 Randomness: position i of a row uses the sampler's key for step `tensors.step + i` (`row_keys`):
-its Gumbel noise for the replacement/bonus token, a `fold_in(ACCEPT_TAG)` of it for the accept
+its `categorical` draw for the replacement/bonus token, a `fold_in(ACCEPT_TAG)` of it for the accept
 coin, and a `fold_in(DRAFT_TAG)` of it for a sampled draft guess. Hence
   * a step with no guesses (num_draft = 0) reproduces `sampler.sample` bit for bit;
   * the three uses are independent (the exactness proof needs the draft, the coin and the
@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.sampler import (BAN_PAD, SamplingTensors, _ban, apply_penalties, filter_mask,
-                               row_keys)
+from inference.sampler import (BAN_PAD, SamplingTensors, _ban, apply_penalties, categorical,
+                               filter_mask, row_keys)
 from inference.sampling_params import SAMPLING_EPS
 
 # Padding value of `VerifyOutput.output_tokens` beyond `num_output`.
@@ -131,8 +131,7 @@ def draft_probs_to_proposal(draft_logits: jax.Array, tensors: SamplingTensors, o
     is_greedy = tensors.temperature < SAMPLING_EPS
     scaled = logits / jnp.where(is_greedy, 1.0, tensors.temperature)[:, None]
     masked = jnp.where(filter_mask(scaled, tensors, skip_rows=is_greedy), scaled, -jnp.inf)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(draft_keys(tensors, offset))
-    sampled = jnp.argmax(masked + gumbel, axis=-1).astype(jnp.int32)
+    sampled = categorical(draft_keys(tensors, offset), masked)
     token = jnp.where(is_greedy, argmax, sampled)
     q = jnp.where(is_greedy[:, None], jax.nn.one_hot(argmax, vocab, dtype=jnp.float32),
                   jax.nn.softmax(masked, axis=-1))
@@ -305,8 +304,7 @@ def verify(target_logits: jax.Array, draft_tokens: jax.Array, draft_probs: Optio
         # probability ~0); fall back to p rather than sampling from nothing.
         rejected = (n_acc < num_draft) & jnp.any(residual > 0, axis=-1)
         dist = jnp.where(rejected[:, None], jnp.where(residual > 0, jnp.log(residual), -jnp.inf), masked_j)
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(pos_keys[rows, n_acc])
-        sampled = jnp.argmax(dist + gumbel, axis=-1).astype(jnp.int32)
+        sampled = categorical(pos_keys[rows, n_acc], dist)
         return n_acc, jnp.where(greedy, argmax[rows, n_acc], sampled)
 
     # All-greedy batches skip the sort, the softmaxes and the noise, like `sample`.

@@ -1,16 +1,19 @@
 """Sampler tests against numpy references written in vLLM's own terms.
 
-Shapes are kept to a handful ([B, 64], [20000/100000, 8]) so that the jitted sampler compiles
-only a few times on CPU.
+Shapes are kept to a handful ([B, 64], [20000/100000, 8], [15000, 300], [20000, 700]) so that
+the jitted sampler compiles only a few times on CPU. Small vocabularies rarely reach past the
+sampler's TOP_CANDIDATES, so tests of the exact fallback shrink it (`shrink_candidates`).
 """
 import jax
 import numpy as np
 import pytest
 
+from inference import sampler
 from inference.sampler import (
-    BAN_PAD, STREAM_ENGINE, SamplingTensors, apply_penalties, filter_mask, request_key, row_keys,
-    sample)
+    BAN_PAD, STREAM_ENGINE, SamplingTensors, apply_penalties, categorical, filter_mask, first_argmax,
+    request_key, row_keys, sample)
 from inference.sampling_params import SamplingParams
+from test_speculative import chi2_pvalue
 
 V = 64
 
@@ -60,6 +63,41 @@ def ref_keep(scaled_row, top_k, top_p, min_p):
     keep[asc] = np.isfinite(s)
     probs = _softmax(np.where(keep, scaled_row, -np.inf))
     return keep & (probs >= min_p * probs.max())
+
+
+def ref_keep_by_value(scaled_row, top_k, top_p, min_p):
+    """The sampler's tie rule (a descending sort, cut-offs as values: tokens tied with the last kept
+    one are all kept); equals `ref_keep` on rows without ties."""
+    v_ = scaled_row.shape[0]
+    s = np.sort(np.asarray(scaled_row, np.float64))[::-1]
+    k = v_ if top_k <= 0 else min(top_k, v_)
+    in_k = s >= s[k - 1]
+    probs = np.where(in_k, np.exp(s - s[0]), 0.0)
+    probs /= probs.sum()
+    in_p = (np.cumsum(probs) - probs < top_p) | (top_p >= 1.0)
+    keep = scaled_row >= s[max(int((in_k & in_p).sum()), 1) - 1]
+    probs = _softmax(np.where(keep, scaled_row, -np.inf))
+    return keep & (probs >= min_p * probs.max())
+
+
+@pytest.fixture
+def shrink_candidates(monkeypatch):
+    """shrink(width, chunk_rows): narrows the top-k/top-p candidates (and the fallback chunk) so that
+    most rows of a small vocab need the exact bisection fallback; returns a fresh jit of `sample`
+    traced with them."""
+
+    def shrink(width=4, chunk_rows=3):
+        monkeypatch.setattr(sampler, "TOP_CANDIDATES", width)
+        monkeypatch.setattr(sampler, "FALLBACK_ROWS", chunk_rows)
+
+        # A new function object: JAX caches traces per function, so jit(sample.__wrapped__) could
+        # reuse a trace made with the default constants.
+        def traced_sample(logits, tensors, num_logprobs=0):
+            return sample.__wrapped__(logits, tensors, num_logprobs=num_logprobs)
+
+        return jax.jit(traced_sample, static_argnames=("num_logprobs",))
+
+    return shrink
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,19 +171,23 @@ def test_min_tokens_bans_stop_tokens_until_reached():
     assert np.asarray(t.banned_ids).tolist() == [[5, 2, 9, BAN_PAD]]
 
 
-def test_filter_mask_matches_vllm_reference():
-    b = 64
-    rng = np.random.default_rng(3)
-    scaled = _logits(b, seed=3)
+def _mixed_filter_params(b, seed):
+    rng = np.random.default_rng(seed)
     top_k = rng.choice([0, -1, 1, 2, 5, 20, V, V + 10], size=b)
     top_p = rng.choice([1.0, 0.95, 0.8, 0.5, 0.1], size=b)
     min_p = rng.choice([0.0, 0.0, 0.05, 0.3], size=b)
-    params = [SamplingParams(top_k=int(k), top_p=float(p), min_p=float(m))
-              for k, p, m in zip(top_k, top_p, min_p)]
+    return [SamplingParams(top_k=int(k), top_p=float(p), min_p=float(m))
+            for k, p, m in zip(top_k, top_p, min_p)]
+
+
+def test_filter_mask_matches_vllm_reference():
+    b = 64
+    scaled = _logits(b, seed=3)
+    params = _mixed_filter_params(b, seed=3)
     keep = np.asarray(jax.jit(filter_mask)(scaled, SamplingTensors.from_params(params)))
-    for i in range(b):
-        np.testing.assert_array_equal(keep[i], ref_keep(scaled[i], top_k[i], top_p[i], min_p[i]),
-                                      err_msg=f"row {i}: {params[i]}")
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(keep[i], ref_keep(scaled[i], p.top_k, p.top_p, p.min_p),
+                                      err_msg=f"row {i}: {p}")
 
 
 def test_filter_mask_without_sorting_rows_keeps_all_but_min_p():
@@ -156,6 +198,47 @@ def test_filter_mask_without_sorting_rows_keeps_all_but_min_p():
     assert keep[[0, 1, 3]].all()
     np.testing.assert_array_equal(keep[2], ref_keep(scaled[2], 0, 1.0, 0.2))
 
+
+
+def test_filter_mask_past_the_candidates_matches_vllm_reference(shrink_candidates):
+    # 4 candidates: rows with top_k in (5, 20) or a nucleus of > 4 tokens need the bisection;
+    # top_k 5/20 with a tiny nucleus are settled from bounds on the top-k mass.
+    shrink_candidates(width=4, chunk_rows=3)
+    b = 64
+    scaled = _logits(b, seed=11)
+    params = _mixed_filter_params(b, seed=11)
+    keep = np.asarray(jax.jit(lambda s, t: filter_mask(s, t))(scaled, SamplingTensors.from_params(params)))
+    refs = [ref_keep(scaled[i], p.top_k, p.top_p, p.min_p) for i, p in enumerate(params)]
+    # The test data really needs the fallback: 4 candidates cannot settle these rows.
+    top_k = np.asarray(SamplingTensors.from_params(params).top_k)
+    _, settled, _, _ = sampler._candidate_threshold(scaled, np.where(top_k <= 0, V, np.minimum(top_k, V)),
+                                              np.array([p.top_p for p in params], np.float32), 4)
+    assert (~np.asarray(settled)).sum() >= 12
+    for i in range(b):
+        np.testing.assert_array_equal(keep[i], refs[i], err_msg=f"row {i}: {params[i]}")
+
+
+@pytest.mark.parametrize("width", [4, 256])
+def test_filter_mask_ties_keep_every_token_tied_with_the_cutoff(shrink_candidates, width):
+    shrink_candidates(width=width, chunk_rows=5)
+    b = 48
+    scaled = np.round(_logits(b, seed=12)) / 2  # many ties, also at the cut-offs
+    params = _mixed_filter_params(b, seed=12)
+    keep = np.asarray(jax.jit(lambda s, t: filter_mask(s, t))(scaled, SamplingTensors.from_params(params)))
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(keep[i], ref_keep_by_value(scaled[i], p.top_k, p.top_p, p.min_p),
+                                      err_msg=f"row {i}: {p}")
+
+
+@pytest.mark.parametrize("v", [V, 700])  # one block; several blocks with a padded last one
+def test_first_argmax_equals_argmax(v):
+    x = np.round(_logits(8, v=v, seed=13))  # ties: the first maximum wins
+    x[1] = -np.inf
+    x[2, [3, v - 9]] = np.nan
+    x[3, 5] = np.inf
+    x[4, [v - 1, v - 2]] = 100.0  # maximum in the padded block
+    x[5, [10, v - 1]] = 100.0     # tie across blocks
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), np.argmax(x, axis=-1))
 
 # Five filter settings x 20k draws each, all in one [100000, 8] batch (a single compile).
 DIST_CASES = [
@@ -193,7 +276,48 @@ def test_filtered_sampling_support_and_distribution():
         assert tv < TV_TOL, (case, tv, emp, expected)
 
 
-def _request_tokens(batch_size, row, other_params, request, logits_row, n_steps=12):
+
+def test_categorical_matches_softmax_across_blocks():
+    # 700 tokens: blocks of 256, 256 and a padded 188; the middle block and a few tokens excluded.
+    v, n = 700, 20_000
+    logits = _logits(1, v=v, seed=14, scale=2.0)[0]
+    logits[256:512] = -np.inf
+    logits[[0, 600, 699]] = -np.inf
+    keys = jax.random.split(jax.random.key(14), n)
+    tokens = np.asarray(jax.jit(categorical)(keys, np.broadcast_to(logits, (n, v))))
+    expected = _softmax(logits)
+    assert chi2_pvalue(np.bincount(tokens, minlength=v), expected) > 1e-4
+    assert set(np.unique(tokens)) <= set(np.flatnonzero(expected > 0))
+
+
+FALLBACK_CASES = [
+    dict(top_p=0.8),
+    dict(top_k=40),
+    dict(top_k=60, top_p=0.9, min_p=0.01, temperature=0.7),
+]
+
+
+def test_sampling_past_the_candidates_support_and_distribution(shrink_candidates):
+    # Cut-offs past 4 candidates, 2 draw blocks: every case takes the bisection fallback.
+    sample_fn = shrink_candidates(width=4, chunk_rows=4096)
+    v, n = 300, 5_000
+    row = _logits(1, v=v, seed=15, scale=1.5)[0]
+    params, steps = [], []
+    for c, case in enumerate(FALLBACK_CASES):
+        params += [SamplingParams(seed=77 + c, **case)] * n
+        steps += range(n)
+    logits = np.broadcast_to(row, (len(params), v))
+    tokens = np.asarray(sample_fn(logits, SamplingTensors.from_params(params, steps=steps)).tokens)
+    for c, case in enumerate(FALLBACK_CASES):
+        scaled = row / case.get("temperature", 1.0)
+        keep = ref_keep(scaled, case.get("top_k", 0), case.get("top_p", 1.0), case.get("min_p", 0.0))
+        assert keep.sum() > 8, case  # deeper than the candidates
+        expected = np.where(keep, _softmax(np.where(keep, scaled, -np.inf)), 0.0)
+        got = tokens[c * n:(c + 1) * n]
+        assert set(np.unique(got)) == set(np.flatnonzero(keep)), case  # exact support
+        assert chi2_pvalue(np.bincount(got, minlength=v), expected) > 1e-4, case
+
+def _request_tokens(batch_size, row, other_params, request, logits_row, n_steps=12, sample_fn=sample):
     """Tokens of `request` sitting at `row` of a batch filled with `other_params`."""
     logits = _logits(batch_size, seed=7)
     logits[row] = logits_row
@@ -204,7 +328,7 @@ def _request_tokens(batch_size, row, other_params, request, logits_row, n_steps=
         steps = [step + 3 * i for i in range(batch_size)]
         steps[row] = step
         t = SamplingTensors.from_params(params, steps=steps, fallback_seeds=list(range(batch_size)))
-        out.append(int(sample(logits, t, num_logprobs=2).tokens[row]))
+        out.append(int(sample_fn(logits, t, num_logprobs=2).tokens[row]))
     return out
 
 
@@ -221,6 +345,22 @@ def test_seeded_request_independent_of_batch_composition(request_kwargs):
     assert len(set(alone)) > 1  # the step really changes the draw
     assert alone == _request_tokens(1, 0, others, request, logits_row)  # reproducible
 
+
+
+def test_seeded_request_past_the_candidates_independent_of_batch(shrink_candidates):
+    # With 2 candidates the request (top_p 0.95) and most neighbours take the bisection fallback in
+    # chunks of 2 rows; the request still gets the same tokens alone, in a batch, and as with the
+    # full candidate width (where its cut-off is found without the fallback).
+    request = SamplingParams(seed=43, temperature=0.9, top_p=0.95)
+    logits_row = _logits(1, seed=16, scale=1.0)[0]
+    others = [SamplingParams(top_k=5, seed=1), SamplingParams(temperature=0.0),
+              SamplingParams(top_p=0.5), SamplingParams(min_p=0.1), SamplingParams(top_k=9, top_p=0.9)]
+    wide = _request_tokens(1, 0, others, request, logits_row)
+    sample_fn = shrink_candidates(width=2, chunk_rows=2)
+    alone = _request_tokens(1, 0, others, request, logits_row, sample_fn=sample_fn)
+    in_batch = _request_tokens(5, 3, others, request, logits_row, sample_fn=sample_fn)
+    assert alone == in_batch == wide
+    assert len(set(alone)) > 1
 
 def test_pad_to_does_not_change_tokens():
     logits = _logits(5, seed=9)
