@@ -93,12 +93,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _served_model_name(args) -> str:
+    from model.weights import DEFAULT_MODEL
+
+    return args.served_model_name or args.model or DEFAULT_MODEL
+
+
 def cmd_batch(args) -> int:
     from inference.batch_job import run_batch_job
 
     llm = _make_llm(args)
     summary = run_batch_job(llm, args.input, args.output, default_params=_sampling_params(args), chat=args.chat,
-                            show_progress=not args.quiet, model_name=args.served_model_name)
+                            show_progress=not args.quiet, model_name=_served_model_name(args))
     print(summary.format(), file=sys.stderr)
     llm.close()
     return 0
@@ -111,7 +117,7 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"ridgeline serve needs the [serve] extra (pip install 'ridgeline[serve]'): {e}")
     llm = _make_llm(args)
     try:
-        serve(llm, host=args.host, port=args.port, model_name=args.served_model_name,
+        serve(llm, host=args.host, port=args.port, model_name=_served_model_name(args),
               max_pending_sequences=args.max_pending_sequences, log_level=args.log_level)
     finally:
         llm.close()
@@ -163,7 +169,8 @@ def main(argv: Optional[list] = None) -> int:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", default=None, help="the model id clients pass (default: the model's name)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients pass (default: --model as given, or smollm2-135m-instruct)")
     s.add_argument("--max-pending-sequences", type=int, default=256,
                    help="queued + running sequences past which requests get 429")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

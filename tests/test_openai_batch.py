@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from inference.batch_job import run_batch_job
 from inference.sampling_params import SamplingParams
 
@@ -74,6 +76,18 @@ def test_openai_lines_results_and_errors(default_llm, tmp_path):
         assert response["body"]["error"]["param"] == param
 
 
+def test_resume_skips_done_custom_ids_and_repairs_torn_line(default_llm, tmp_path):
+    inp, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    inp.write_text("".join(request(f"c{i}", prompt=f"Count to {i}:", max_tokens=4, temperature=0) + "\n"
+                           for i in range(4)))
+    first = run_batch_job(default_llm, inp, out, default_params=SamplingParams(), show_progress=False, max_records=2)
+    assert first.completed == 2
+    with open(out, "a") as f:
+        f.write('{"id": "batch_req_x", "custom_id": "c2", "resp')  # what a kill in the middle of a write leaves
+    second = run_batch_job(default_llm, inp, out, default_params=SamplingParams(), show_progress=False)
+    assert sorted(r["custom_id"] for r in read_lines(out)) == ["c0", "c1", "c2", "c3"] and second.skipped_done == 2
+
+
 def _cli(inp, out):
     cmd = [sys.executable, "-m", "inference.cli", "batch", "--input", str(inp), "--output", str(out),
            "--max-num-seqs", "2", "--quiet"]
@@ -81,6 +95,7 @@ def _cli(inp, out):
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.slow  # the same resume machinery as test_batch_job's default-set kill test, in the OpenAI format
 def test_kill_mid_run_then_resume_has_every_custom_id_once(default_llm, tmp_path):
     prompts = [f"Write one sentence about the number {i}." for i in range(8)]
     inp, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
