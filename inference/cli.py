@@ -4,6 +4,7 @@
     ridgeline generate --input prompts.jsonl --output results.jsonl [--chat]
     ridgeline batch --input requests.jsonl --output results.jsonl     (OpenAI Batch lines, or the above)
     ridgeline serve --port 8000                                       (OpenAI-compatible HTTP server)
+    ridgeline lm-eval --model ridgeline --model_args pretrained=M --tasks T  (lm-evaluation-harness)
     ridgeline convert model.gguf out_dir/
     ridgeline roofline --model default --batches 1,8 --contexts 128 --png docs/roofline.png
     ridgeline bench --preset llama3-8b --dtype bfloat16     (random weights at real shapes)
@@ -133,6 +134,15 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    try:
+        from inference.lm_eval_backend import main as lm_eval_main
+    except ImportError as e:
+        raise SystemExit(f"ridgeline lm-eval needs the [eval] extra (pip install 'ridgeline[eval]'): {e}")
+    lm_eval_main(args.lm_eval_args)
+    return 0
+
+
 def cmd_roofline(args) -> int:
     from inference import roofline
 
@@ -189,9 +199,15 @@ def main(argv: Optional[list] = None) -> int:
                        help="--model/--preset, --batches 1,4,16, --contexts 128,512, --png, --json (see --help)")
         r.set_defaults(func=cmd_roofline)
 
+    e = sub.add_parser("lm-eval", help="lm-evaluation-harness with the ridgeline model registered", add_help=False)
+    e.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's own arguments (--model ridgeline ...)")
+    e.set_defaults(func=cmd_lm_eval)
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("roofline", "bench"):  # its own flags: see `ridgeline roofline --help`
         args = argparse.Namespace(func=cmd_roofline, roofline_args=argv[1:])
+    elif argv and argv[0] == "lm-eval":  # lm_eval's flags, passed through
+        args = argparse.Namespace(func=cmd_lm_eval, lm_eval_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:
