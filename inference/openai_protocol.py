@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from inference.outputs import RequestOutput
-from inference.sampling_params import MAX_LOGPROBS, SamplingParams
+from inference.sampling_params import SamplingParams
 
 COMPLETIONS = "completions"
 CHAT = "chat"

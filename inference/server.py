@@ -9,7 +9,7 @@ answers 429 at once rather than queueing without bound.
 
     ridgeline serve --port 8000
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
-        -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
+        -d '{"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 8}'
 """
 
 
@@ -20,7 +20,6 @@ import json
 import logging
 import queue
 import threading
-import time
 from concurrent.futures import Future
 from typing import Callable, Optional
 
@@ -297,7 +296,6 @@ def create_app(llm, model_name: Optional[str] = None, max_pending_sequences: int
     """The FastAPI app serving `llm`. Its lifespan starts and stops the engine loop; while it runs, the loop
     owns `llm.engine` (do not call `llm.generate` concurrently)."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -329,10 +327,6 @@ def create_app(llm, model_name: Optional[str] = None, max_pending_sequences: int
     async def _http_error(request, e):
         return error_response(OpenAIError(str(e.detail), status_code=e.status_code,
                                           type="not_found_error" if e.status_code == 404 else "invalid_request_error"))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, e):
-        return error_response(OpenAIError(str(e.errors())))
 
     @app.get("/health")
     async def health():

@@ -85,9 +85,10 @@ def test_models_health_and_metrics(served):
     assert served.get("/health") == (200, '{"status":"ok"}')
     status, text = served.get("/metrics")
     assert status == 200
-    for name in ("ridgeline_num_requests_running", "ridgeline_num_requests_waiting", "ridgeline_generation_tokens_total",
-                 "ridgeline_time_to_first_token_seconds_bucket", "ridgeline_time_per_output_token_seconds_bucket",
-                 "ridgeline_prefix_cache_hit_rate", "ridgeline_num_preemptions_total", "ridgeline_kv_pages_free"):
+    for name in ("ridgeline_num_requests_running", "ridgeline_num_requests_waiting",
+                 "ridgeline_generation_tokens_total", "ridgeline_time_to_first_token_seconds_bucket",
+                 "ridgeline_time_per_output_token_seconds_bucket", "ridgeline_prefix_cache_hit_rate",
+                 "ridgeline_num_preemptions_total", "ridgeline_kv_pages_free"):
         assert name in text
 
 
