@@ -117,6 +117,8 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise SystemExit(f"ridgeline serve needs the [serve] extra (pip install 'ridgeline[serve]'): {e}")
     llm = _make_llm(args)
+    if args.warmup:  # compile the common shape buckets before the first request pays for them
+        llm.warmup()
     try:
         serve(llm, host=args.host, port=args.port, model_name=_served_model_name(args),
               max_pending_sequences=args.max_pending_sequences, log_level=args.log_level)
@@ -183,6 +185,7 @@ def main(argv: Optional[list] = None) -> int:
                    help="the model id clients pass (default: --model as given, or smollm2-135m-instruct)")
     s.add_argument("--max-pending-sequences", type=int, default=256,
                    help="queued + running sequences past which requests get 429")
+    s.add_argument("--warmup", action="store_true", help="compile the common batch/prompt shape buckets first")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)
