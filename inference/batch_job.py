@@ -1,10 +1,15 @@
-"""Offline batch generation: JSONL in, JSONL out, resumable.
+"""Offline batch generation: JSONL in, JSONL out, resumable. Two input formats, detected from the file:
 
-Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [{"role": ..., "content": ...}, ...]},
-optionally with per-record sampling overrides under "sampling" (any SamplingParams field).
-Output lines: {"id", "text", "token_ids", "finish_reason", "num_prompt_tokens", "error"} written and flushed
-as each request finishes. On restart, ids already in the output are skipped; a torn last line left by a
-kill is cut off first, so nothing is lost or duplicated.
+* ridgeline records: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]}, optionally with per-record
+  sampling overrides under "sampling" (any SamplingParams field). Output lines: {"id", "text", "token_ids",
+  "finish_reason", "num_prompt_tokens", "error"}.
+* OpenAI Batch: {"custom_id": ..., "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
+  "body": {...}} (any n, no streaming). Output lines: {"id", "custom_id", "response": {"status_code",
+  "request_id", "body"}, "error"}; a bad body gets its OpenAI error as the response (status 400), a line that
+  is not a request at all (bad JSON, no custom_id, wrong method or url) gets response null and `error`.
+
+Every line is written, flushed and fsynced as its request finishes. On restart, the ids (custom_ids) already
+in the output are skipped; a torn last line left by a kill is cut off first, so nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -14,11 +19,17 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from inference import openai_protocol as protocol
+from inference.openai_protocol import OpenAIError
+from inference.outputs import CompletionOutput, RequestOutput
 from inference.sampling_params import SamplingParams
+
+RECORDS, OPENAI = "records", "openai"
 
 
 @dataclass
@@ -41,8 +52,41 @@ class JobSummary:
                 f"time: {self.seconds:.1f}s  throughput: {self.tokens_per_second:.1f} tok/s")
 
 
-def _repair_and_read_done(output: Path) -> set:
-    """Ids already written; truncates a torn (unterminated) last line left by a kill."""
+class _LineError(Exception):
+    """A record that cannot run; `line` is what gets written for it."""
+
+    def __init__(self, message: str, line: dict):
+        super().__init__(message)
+        self.line = line
+
+
+@dataclass
+class _Job:
+    """One input record's engine requests; `finish(outputs by choice)` -> (output line, error or None)."""
+
+    requests: list  # (engine request id, choice index, prompt ids, params, prompt text)
+    finish: Callable
+    outputs: list = None
+
+    def __post_init__(self):
+        self.outputs = [None] * len(self.requests)
+
+
+def detect_format(input_path: Path) -> str:
+    """OPENAI if the first JSON object line looks like an OpenAI Batch request, else RECORDS."""
+    with open(input_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                return OPENAI if "custom_id" in record or ("url" in record and "body" in record) else RECORDS
+    return RECORDS
+
+
+def _repair_and_read_done(output: Path, key: str) -> set:
+    """Keys already written; truncates a torn (unterminated) last line left by a kill."""
     done = set()
     if not output.exists():
         return done
@@ -56,110 +100,213 @@ def _repair_and_read_done(output: Path) -> set:
         if not line.strip():
             continue
         try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError):
+            done.add(json.loads(line)[key])
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return done
 
 
-def _parse_record(line_no: int, line: str):
-    """(id, record, error): error is a message naming the problem; id falls back to the line number."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        return f"line-{line_no}", None, f"line {line_no}: malformed JSON ({e.msg} at column {e.colno})"
-    if not isinstance(record, dict):
-        return f"line-{line_no}", None, f"line {line_no}: expected a JSON object, got {type(record).__name__}"
-    rid = record.get("id", f"line-{line_no}")
-    if not isinstance(rid, (str, int)):
-        return f"line-{line_no}", None, f"line {line_no}: id={rid!r} must be a string or integer"
-    if "prompt" not in record and "messages" not in record:
-        return rid, None, f"line {line_no}: record id={rid!r} has neither 'prompt' nor 'messages'"
-    return rid, record, None
+class _RecordsFormat:
+    key = "id"
+
+    def __init__(self, llm, default_params: SamplingParams, chat: bool):
+        self.llm, self.default_params, self.chat = llm, default_params, chat
+
+    def error_line(self, key, message: str) -> dict:
+        return {"id": key, "text": None, "token_ids": None, "finish_reason": "error", "error": message}
+
+    def job_key(self, line_no: int, record) -> object:
+        rid = record.get("id", f"line-{line_no}") if isinstance(record, dict) else f"line-{line_no}"
+        return rid if isinstance(rid, (str, int)) else f"line-{line_no}"
+
+    def build(self, line_no: int, record: dict, key) -> _Job:
+        rid = record.get("id", key)
+        if not isinstance(rid, (str, int)):
+            raise _LineError(m := f"line {line_no}: id={rid!r} must be a string or integer", self.error_line(key, m))
+        if "prompt" not in record and "messages" not in record:
+            m = f"line {line_no}: record id={key!r} has neither 'prompt' nor 'messages'"
+            raise _LineError(m, self.error_line(key, m))
+        tokenizer = self.llm.tokenizer
+        try:
+            params = self.default_params
+            if record.get("sampling"):
+                params = dataclasses.replace(self.default_params, **record["sampling"])
+            if params.n != 1:
+                raise ValueError(f"n={params.n}: use the OpenAI Batch format for n > 1")
+            if "messages" in record:
+                ids, text = tokenizer.encode_chat(record["messages"]), None
+            else:
+                text = record["prompt"]
+                if not isinstance(text, str):
+                    raise ValueError(f"prompt={text!r} must be a string")
+                ids = (tokenizer.encode_chat([{"role": "user", "content": text}]) if self.chat
+                       else tokenizer.encode(text))
+        except (ValueError, TypeError) as e:
+            raise _LineError(m := f"line {line_no}: {e}", self.error_line(key, m)) from None
+
+        def finish(outputs):
+            out = outputs[0]
+            return {"id": key, "text": out.text if not out.error else None,
+                    "token_ids": out.token_ids if not out.error else None, "finish_reason": out.finish_reason,
+                    "num_prompt_tokens": len(out.prompt_token_ids), "error": out.error}, out.error
+
+        return _Job([(str(key), 0, ids, params, text)], finish)
+
+
+class _OpenAIFormat:
+    key = "custom_id"
+
+    def __init__(self, llm, model_name: str):
+        self.llm, self.model_name = llm, model_name
+
+    def _line(self, key, response: Optional[dict], error: Optional[dict]) -> dict:
+        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": key, "response": response, "error": error}
+
+    def error_line(self, key, message: str, code: str = "invalid_request") -> dict:
+        return self._line(key, None, {"code": code, "message": message})
+
+    def _error_response(self, key, request_id: str, e: OpenAIError) -> dict:
+        return self._line(key, {"status_code": e.status_code, "request_id": request_id, "body": e.body()}, None)
+
+    def job_key(self, line_no: int, record) -> object:
+        cid = record.get("custom_id") if isinstance(record, dict) else None
+        return cid if isinstance(cid, (str, int)) and not isinstance(cid, bool) else f"line-{line_no}"
+
+    def build(self, line_no: int, record: dict, key) -> _Job:
+        cid = record.get("custom_id")
+        if cid is None or cid != key:
+            raise _LineError(m := f"line {line_no}: custom_id={cid!r} must be a string", self.error_line(key, m))
+        method, url = record.get("method"), record.get("url")
+        if method != "POST":
+            raise _LineError(m := f"line {line_no}: method={method!r} must be 'POST'", self.error_line(key, m))
+        if url not in protocol.ROUTES:
+            m = f"line {line_no}: url={url!r} must be one of {sorted(protocol.ROUTES)}"
+            raise _LineError(m, self.error_line(key, m))
+        request_id = uuid.uuid4().hex
+        try:
+            body = record.get("body")
+            if body is not None and isinstance(body, dict) and body.get("stream"):
+                raise OpenAIError("stream=true is not supported in batch files", param="stream")
+            req = protocol.parse_request(protocol.ROUTES[url], body, self.llm.tokenizer, model_name=self.model_name,
+                                         max_model_len=self.llm.engine.engine_cfg.max_model_len, strict_model=False)
+        except OpenAIError as e:
+            raise _LineError(f"line {line_no}: {e.message}", self._error_response(key, request_id, e)) from None
+        req.request_id = request_id
+
+        def finish(outputs):
+            failed = next((o for o in outputs if o.error), None)
+            if failed is not None:
+                e = OpenAIError(failed.error, param="messages" if req.kind == protocol.CHAT else "prompt")
+                return self._error_response(key, request_id, e), failed.error
+            prompt_logprobs = None
+            if req.wants_prompt_logprobs:
+                prompt_logprobs = [self.llm._prompt_logprobs(ids, req.logprobs) for _, ids in req.prompts]
+            body = protocol.completion_body(req, outputs, self.llm.tokenizer, prompt_logprobs)
+            return self._line(key, {"status_code": 200, "request_id": request_id, "body": body}, None), None
+
+        return _Job(req.engine_requests(f"line{line_no}"), finish)
 
 
 def run_batch_job(llm, input_path, output_path, *, default_params: SamplingParams, chat: bool = False,
-                  show_progress: bool = True, max_records: Optional[int] = None) -> JobSummary:
-    """Runs every not-yet-done record of `input_path` through `llm`'s engine, appending to `output_path`."""
+                  show_progress: bool = True, max_records: Optional[int] = None,
+                  model_name: Optional[str] = None) -> JobSummary:
+    """Runs every not-yet-done record of `input_path` through `llm`'s engine, appending to `output_path`.
+
+    default_params and chat apply to ridgeline records; OpenAI requests carry their own parameters (OpenAI
+    defaults) and report `model_name` (default: the model's config name).
+    """
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {str(input_path)!r}")
+    fmt = (_OpenAIFormat(llm, model_name or llm.config.name) if detect_format(input_path) == OPENAI
+           else _RecordsFormat(llm, default_params, chat))
     summary = JobSummary()
-    done = _repair_and_read_done(output_path)
+    done = _repair_and_read_done(output_path, fmt.key)
     start = time.perf_counter()
     out = open(output_path, "a", encoding="utf-8")
 
-    def write(result: dict):
-        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    def write(line: dict, error: Optional[str]):
+        out.write(json.dumps(line, ensure_ascii=False) + "\n")
         out.flush()
         os.fsync(out.fileno())  # a kill right after never loses a finished record
-        done.add(result["id"])
+        done.add(line[fmt.key])
+        if error:
+            summary.failed += 1
+            summary.errors.append(error)
+        else:
+            summary.completed += 1
 
     engine = llm.engine
-    pending = {}
-    seen_ids = set()
+    pending: dict[str, tuple[_Job, int]] = {}  # engine request id -> (job, choice index)
+    num_jobs = 0
+    seen_keys = set()
     with open(input_path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             summary.total_records += 1
-            rid, record, error = _parse_record(line_no, line)
-            if rid in done:
+            try:
+                record, error = json.loads(line), None
+                if not isinstance(record, dict):
+                    error = f"line {line_no}: expected a JSON object, got {type(record).__name__}"
+            except json.JSONDecodeError as e:
+                record, error = None, f"line {line_no}: malformed JSON ({e.msg} at column {e.colno})"
+            key = fmt.job_key(line_no, record)
+            if key in done:
                 summary.skipped_done += 1
                 continue
-            if rid in seen_ids:
-                error = f"line {line_no}: duplicate id={rid!r}"
-                rid = f"{rid}#line-{line_no}"
-                if rid in done:
+            if key in seen_keys:
+                error = f"line {line_no}: duplicate {fmt.key}={key!r}"
+                key = f"{key}#line-{line_no}"
+                if key in done:
                     summary.skipped_done += 1
                     continue
-            seen_ids.add(rid)
-            if max_records is not None and len(pending) >= max_records:
+            seen_keys.add(key)
+            if max_records is not None and num_jobs >= max_records:
                 break
-            if error is None:
+            try:
+                if error is not None:
+                    raise _LineError(error, fmt.error_line(key, error))
+                job = fmt.build(line_no, record, key)
+                added = []
                 try:
-                    params = default_params
-                    if record.get("sampling"):
-                        params = dataclasses.replace(default_params, **record["sampling"])
-                    if "messages" in record:
-                        ids = llm.tokenizer.encode_chat(record["messages"])
-                        text = None
-                    else:
-                        text = record["prompt"]
-                        if not isinstance(text, str):
-                            raise ValueError(f"prompt={text!r} must be a string")
-                        ids = (llm.tokenizer.encode_chat([{"role": "user", "content": text}]) if chat
-                               else llm.tokenizer.encode(text))
-                    engine.add_request(str(rid), ids, params, prompt=text)
-                    pending[str(rid)] = rid
-                    continue
+                    for rid, index, ids, params, text in job.requests:
+                        engine.add_request(rid, ids, params, prompt=text)
+                        added.append(rid)
                 except (ValueError, TypeError) as e:
-                    error = f"line {line_no}: {e}"
-            write({"id": rid, "text": None, "token_ids": None, "finish_reason": "error", "error": error})
-            summary.failed += 1
-            summary.errors.append(error)
+                    for rid in added:
+                        engine.abort(rid)
+                    failed = _error_output(rid, ids, f"line {line_no}: {e}")
+                    write(*job.finish([failed] * len(job.requests)))
+                    continue
+                for rid, index, *_ in job.requests:
+                    pending[rid] = (job, index)
+                num_jobs += 1
+            except _LineError as e:
+                write(e.line, str(e))
 
     progress = None
     if show_progress and pending:
         from tqdm import tqdm
 
-        progress = tqdm(total=len(pending), unit="req", file=sys.stderr, dynamic_ncols=True)
+        progress = tqdm(total=num_jobs, unit="req", file=sys.stderr, dynamic_ncols=True)
     try:
         while engine.has_unfinished_requests():
             for result in engine.step():
                 if not result.finished or result.request_id not in pending:
                     continue
-                rid = pending.pop(result.request_id)
-                write({"id": rid, "text": result.text if not result.error else None,
-                       "token_ids": result.token_ids if not result.error else None,
-                       "finish_reason": result.finish_reason, "num_prompt_tokens": len(result.prompt_token_ids),
-                       "error": result.error})
-                if result.error:
-                    summary.failed += 1
-                    summary.errors.append(result.error)
-                else:
-                    summary.completed += 1
-                    summary.generated_tokens += len(result.token_ids)
+                job, index = pending.pop(result.request_id)
+                job.outputs[index] = result
+                if result.error:  # the rest of this record's samples are moot
+                    for rid, *_ in job.requests:
+                        if pending.pop(rid, None) is not None:
+                            engine.abort(rid)
+                    job.outputs = [o if o is not None else result for o in job.outputs]
+                if any(o is None for o in job.outputs):
+                    continue
+                write(*job.finish(job.outputs))
+                if not result.error:
+                    summary.generated_tokens += sum(len(o.token_ids) for o in job.outputs)
                 if progress is not None:
                     elapsed = time.perf_counter() - start
                     progress.set_postfix_str(f"{summary.generated_tokens / max(elapsed, 1e-9):.1f} tok/s")
@@ -170,3 +317,7 @@ def run_batch_job(llm, input_path, output_path, *, default_params: SamplingParam
         out.close()
         summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _error_output(request_id: str, ids: list, error: str) -> RequestOutput:
+    return RequestOutput(request_id, None, list(ids), [CompletionOutput(0, "", [], "error")], True, error=error)

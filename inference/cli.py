@@ -2,6 +2,9 @@
 
     ridgeline generate "The capital of France is"
     ridgeline generate --input prompts.jsonl --output results.jsonl [--chat]
+    ridgeline batch --input requests.jsonl --output results.jsonl     (OpenAI Batch lines, or the above)
+    ridgeline serve --port 8000                                       (OpenAI-compatible HTTP server)
+    ridgeline lm-eval --model ridgeline --model_args pretrained=M --tasks T  (lm-evaluation-harness)
     ridgeline convert model.gguf out_dir/
     ridgeline roofline --model default --batches 1,8 --contexts 128 --png docs/roofline.png
     ridgeline bench --preset llama3-8b --dtype bfloat16     (random weights at real shapes)
@@ -92,6 +95,39 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _served_model_name(args) -> str:
+    from model.weights import DEFAULT_MODEL
+
+    return args.served_model_name or args.model or DEFAULT_MODEL
+
+
+def cmd_batch(args) -> int:
+    from inference.batch_job import run_batch_job
+
+    llm = _make_llm(args)
+    summary = run_batch_job(llm, args.input, args.output, default_params=_sampling_params(args), chat=args.chat,
+                            show_progress=not args.quiet, model_name=_served_model_name(args))
+    print(summary.format(), file=sys.stderr)
+    llm.close()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from inference.server import serve
+    except ImportError as e:
+        raise SystemExit(f"ridgeline serve needs the [serve] extra (pip install 'ridgeline[serve]'): {e}")
+    llm = _make_llm(args)
+    if args.warmup:  # compile the common shape buckets before the first request pays for them
+        llm.warmup()
+    try:
+        serve(llm, host=args.host, port=args.port, model_name=_served_model_name(args),
+              max_pending_sequences=args.max_pending_sequences, log_level=args.log_level)
+    finally:
+        llm.close()
+    return 0
+
+
 def cmd_convert(args) -> int:
     from model.checkpoint import load_model, save_checkpoint
 
@@ -130,6 +166,29 @@ def main(argv: Optional[list] = None) -> int:
     _add_model_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("batch", help="offline batch job over OpenAI Batch lines ({custom_id, method, url, body}) "
+                                     "or {id, prompt | messages} records; resumable")
+    b.add_argument("--input", required=True, help="JSONL requests")
+    b.add_argument("--output", required=True, help="JSONL results, appended, flushed and fsynced as each finishes")
+    b.add_argument("--chat", action="store_true", help="{id, prompt} records: apply the model's chat template")
+    b.add_argument("--served-model-name", default=None, help="the `model` reported in OpenAI response bodies")
+    b.add_argument("--quiet", action="store_true")
+    _add_model_args(b)
+    _add_sampling_args(b)  # defaults for {id, prompt} records; OpenAI bodies carry their own parameters
+    b.set_defaults(func=cmd_batch)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients pass (default: --model as given, or smollm2-135m-instruct)")
+    s.add_argument("--max-pending-sequences", type=int, default=256,
+                   help="queued + running sequences past which requests get 429")
+    s.add_argument("--warmup", action="store_true", help="compile the common batch/prompt shape buckets first")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_model_args(s)
+    s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("convert", help="convert a model to an orbax checkpoint for fast reloads")
     c.add_argument("model", nargs="?", default=None)
