@@ -31,8 +31,8 @@ import numpy as np
 from inference.kv_pool import BlockAllocator, kv_bytes_per_page, device_memory, pages_for_memory_budget
 from inference.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from inference.sampler import SamplingTensors, next_engine_seed, sample
-from inference.sampling_params import SamplingParams
-from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSequence
+from inference.sampling_params import MAX_LOGPROBS, SamplingParams
+from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSequence, SequenceStatus
 from inference.spec_runner import SelfDraftRunner, SpeculativeConfig
 from inference.speculative import AdaptiveK, NgramProposer, SpecDecodeStats, verify
 from inference.stop import StopChecker
@@ -75,33 +75,95 @@ def _pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+# Block-table widths are a ladder ending at max_model_len / page_size, a factor of this apart: the
+# XLA attention path gathers every page of the table, so a single full width would make short
+# sequences pay for the longest possible one; a coarse ladder keeps the compiled set small.
+_PAGE_BUCKET_RATIO = 4
+
+
+class PenaltyState(NamedTuple):
+    """Per-slot penalty inputs kept on the device between steps (R = max_num_seqs slots).
+
+    A request using penalties holds a slot while it runs: its row is written once at admission
+    (output tokens so far, prompt tokens) and the step adds the tokens it samples on device.
+    """
+
+    counts: jax.Array       # [R, V] i32 occurrences of each token in the slot's output
+    prompt_mask: jax.Array  # [R, V] bool tokens of the slot's prompt
+
+
+def _gather_penalty_rows(state: PenaltyState, slots: jax.Array):
+    """[S, V] counts and prompt mask of the step's rows; rows with slot R (none) read zeros."""
+    return (state.counts.at[slots].get(mode="fill", fill_value=0),
+            state.prompt_mask.at[slots].get(mode="fill", fill_value=False))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_penalty_row(state: PenaltyState, slot, counts_row, mask_row) -> PenaltyState:
+    return PenaltyState(state.counts.at[slot].set(counts_row), state.prompt_mask.at[slot].set(mask_row))
+
+
 @functools.lru_cache(maxsize=None)
 def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
-    """Jitted forward + sample with the cache donated. Module-level so that engines with the same
-    config share compiled programs (params are arguments, never closed over)."""
+    """Jitted forward + sample with the cache (and penalty state) donated. Module-level so that engines
+    with the same config share compiled programs (params are arguments, never closed over)."""
 
-    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, token_counts, prompt_mask):
+    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
+             slots):
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
-        out = sample(logits, tensors, token_counts, prompt_mask, num_logprobs=num_logprobs)
-        return out, cache
+        if penalties is None:
+            return sample(logits, tensors, num_logprobs=num_logprobs), cache, None
+        out = sample(logits, tensors, *_gather_penalty_rows(penalties, slots), num_logprobs=num_logprobs)
+        counts = penalties.counts.at[slots, out.tokens].add(1, mode="drop")
+        return out, cache, PenaltyState(counts, penalties.prompt_mask)
 
-    return jax.jit(step, donate_argnums=(1,))
+    return jax.jit(step, donate_argnums=(1, 4))
 
 
 @functools.lru_cache(maxsize=None)
 def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
     """Jitted forward + speculative verify: logits_indices come grouped as [S * (k+1)] (row-major)."""
 
-    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, token_counts, prompt_mask,
-             draft_tokens, num_draft, ban_len):
+    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
+             slots, draft_tokens, num_draft, ban_len):
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
         S, K = draft_tokens.shape
+        counts, mask = (None, None) if penalties is None else _gather_penalty_rows(penalties, slots)
         out = verify(logits.reshape(S, K + 1, logits.shape[-1]), draft_tokens, None, num_draft, tensors,
-                     token_counts=token_counts, prompt_mask=prompt_mask, ban_len=ban_len,
-                     num_logprobs=num_logprobs)
-        return out, cache
+                     token_counts=counts, prompt_mask=mask, ban_len=ban_len, num_logprobs=num_logprobs)
+        if penalties is not None:
+            emitted = (jnp.arange(K + 1)[None, :] < out.num_output[:, None]).astype(jnp.int32)
+            penalties = PenaltyState(penalties.counts.at[slots[:, None], out.output_tokens].add(emitted, mode="drop"),
+                                     penalties.prompt_mask)
+        return out, cache, penalties
 
-    return jax.jit(step, donate_argnums=(1,))
+    return jax.jit(step, donate_argnums=(1, 4))
+
+
+class count_xla_compiles:
+    """Counts XLA backend compilations (JAX's own compile events) while active:
+
+        with count_xla_compiles() as compiles: ...
+        compiles.count
+    """
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+
+    def _listener(self, event: str, duration_secs: float, **_):
+        if event == self._EVENT:
+            self.count += 1
+            self.seconds += duration_secs
+
+    def __enter__(self) -> "count_xla_compiles":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 class StepResult(NamedTuple):
@@ -128,7 +190,9 @@ class SpecBatch(NamedTuple):
 
 
 class ModelRunner:
-    """Owns the device params and KV pool; runs one padded, jitted step (forward + sample or verify)."""
+    """Owns the device params, KV pool and penalty state; runs one padded, jitted step (forward + sample
+    or verify). Steps are padded to a fixed set of shapes (see `buckets`), so a job compiles nothing
+    once `warmup` ran the set."""
 
     def __init__(self, cfg: LlamaConfig, params, engine_cfg: EngineConfig, num_pages: int,
                  kv_dtype, param_sharding=None, cache_sharding=None, extra_pages: int = 0):
@@ -139,38 +203,75 @@ class ModelRunner:
         self.cache = init_cache(cfg, num_pages + extra_pages, engine_cfg.page_size, kv_dtype)
         if cache_sharding is not None:
             self.cache = jax.device_put(self.cache, cache_sharding)
-        self.max_pages_per_seq = -(-engine_cfg.max_model_len // engine_cfg.page_size) if engine_cfg.max_model_len else None
-        self.compiled_shapes: set = set()
+        self.max_pages_per_seq = -(-engine_cfg.max_model_len // engine_cfg.page_size)
+        self.max_seqs_bucket = _pow2_at_least(engine_cfg.max_num_seqs)
+        self.num_slots = engine_cfg.max_num_seqs  # penalty slots (one per running request at most)
+        self.penalties: Optional[PenaltyState] = None  # allocated when the first request needs it
+        widths, w = [], self.max_pages_per_seq
+        while True:
+            widths.append(w)
+            if w == 1:
+                break
+            w = -(-w // _PAGE_BUCKET_RATIO)
+        self.page_buckets = sorted(widths)
+        self.token_buckets = [1 << i for i in range(3, _pow2_at_least(engine_cfg.max_num_batched_tokens, 8)
+                                                     .bit_length())]
+
+    def seqs_bucket(self, num_tokens_bucket: int) -> int:
+        # Sequences never outnumber tokens: tying S to T keeps the compiled set one-dimensional in
+        # (tokens, sequences); padded sequence rows cost little (q_len 0, kv_len 0).
+        return min(num_tokens_bucket, self.max_seqs_bucket)
 
     def bucket(self, sched: SchedulerOutput) -> tuple[int, int, int]:
-        """(tokens, seqs, pages) padded sizes: powers of two, so few programs are compiled."""
-        ec = self.engine_cfg
+        """(tokens, seqs, pages) padded sizes, from the fixed set `warmup` compiles."""
         T = _pow2_at_least(sched.num_batched_tokens, 8)
-        S = min(_pow2_at_least(len(sched.scheduled)), _pow2_at_least(ec.max_num_seqs))
-        S = max(S, len(sched.scheduled))
-        P = _pow2_at_least(max(len(s.block_table) for s in sched.scheduled))
-        return T, S, P
+        longest = max(len(s.block_table) for s in sched.scheduled)
+        P = next((w for w in self.page_buckets if w >= longest), longest)
+        return T, self.seqs_bucket(T), P
 
-    def execute(self, sched: SchedulerOutput, tensors: SamplingTensors, penalties: Optional[tuple],
+    # ------------------------------------------------------------------ penalty state
+    def write_penalty_row(self, slot: int, output_token_ids: Sequence[int], prompt_token_ids: Sequence[int]):
+        """Sets a slot's penalty row: counts of the output tokens so far and the prompt's token mask."""
+        V = self.cfg.vocab_size
+        if self.penalties is None:  # host zeros + device_put: no XLA program per shape
+            self.penalties = jax.device_put(PenaltyState(np.zeros((self.num_slots, V), np.int32),
+                                                         np.zeros((self.num_slots, V), bool)))
+        counts = np.bincount(np.asarray(output_token_ids, np.int64), minlength=V).astype(np.int32)
+        mask = np.zeros(V, bool)
+        mask[np.asarray(prompt_token_ids, np.int64)] = True
+        self.penalties = _write_penalty_row(self.penalties, np.int32(slot), counts, mask)
+
+    # ------------------------------------------------------------------ steps
+    def execute(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
                 num_logprobs: int, spec: Optional[SpecBatch] = None) -> StepResult:
-        """Runs the step (with `spec`: forward + verify of the drafts); returns host results per sampling row."""
+        """Runs the step (with `spec`: forward + verify of the drafts); returns host results per sampling
+        row. slots [S] i32: each row's penalty slot (num_slots = none), or None for a step without penalties."""
         T, S, P = self.bucket(sched)
-        counts, prompt_mask = penalties if penalties is not None else (None, None)
         if spec is None:
             arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
-            fn = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
-            extra: tuple = ()
-            K1 = 1
         else:
             arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
             K1 = spec.draft_tokens.shape[1] + 1
             arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
+        return self._run(StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()}), tensors, slots,
+                         num_logprobs, spec)
+
+    def _run(self, inputs: StepInputs, tensors: SamplingTensors, slots: Optional[np.ndarray], num_logprobs: int,
+             spec: Optional[SpecBatch]) -> StepResult:
+        penalties = None
+        if slots is not None:
+            penalties, self.penalties = self.penalties, None  # donated
+        if spec is None:
+            fn, extra = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs), ()
+        else:
             fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
             extra = tuple(jnp.asarray(a) for a in spec)
-        inputs = StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()})
-        self.compiled_shapes.add((T, S, P, K1, num_logprobs, penalties is not None))
-        out, self.cache = fn(self.params, self.cache, inputs, tensors, counts, prompt_mask, *extra)
+        out, self.cache, new_penalties = fn(self.params, self.cache, inputs, tensors, penalties,
+                                            None if slots is None else jnp.asarray(slots), *extra)
+        if slots is not None:
+            self.penalties = new_penalties
         out = jax.device_get(out)
+        S = inputs.kv_lens.shape[0]
         if spec is None:  # one token per row: the K = 0 case of a verify result
             return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
                               np.asarray(out.chosen_logprob)[:, None],
@@ -179,9 +280,34 @@ class ModelRunner:
                           np.asarray(out.accepted_counts), np.asarray(out.chosen_logprob),
                           np.asarray(out.top_logprobs), np.asarray(out.top_ids))
 
+    def warmup(self, num_logprobs: Sequence[int], penalties: Sequence[bool], max_seq_len: int,
+               eos_token_id=None) -> int:
+        """Runs every (tokens, pages) bucket a job with sequences up to max_seq_len tokens can use, for
+        each logprobs width and penalty variant, on empty inputs (no sequence: nothing is written);
+        returns the number of programs run. Each one is compiled at its first run."""
+        max_pages = -(-max_seq_len // self.engine_cfg.page_size)
+        widths = self.page_buckets[:next(i for i, w in enumerate(self.page_buckets) if w >= max_pages) + 1]
+        if any(penalties) and self.penalties is None:
+            self.write_penalty_row(0, [], [])
+        count = 0
+        for T in self.token_buckets:
+            S = self.seqs_bucket(T)
+            tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id)
+            for P in widths:
+                arrays = SchedulerOutput([], 0, self.engine_cfg.page_size).to_step_arrays(
+                    pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
+                inputs = StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()})
+                for k in num_logprobs:
+                    for with_penalties in penalties:
+                        slots = np.full(S, self.num_slots, np.int32) if with_penalties else None
+                        self._run(inputs, tensors, slots, k, None)
+                        count += 1
+        return count
+
     def release(self):
         self.params = None
         self.cache = None
+        self.penalties = None
 
 
 def _group_logits_rows(flat: np.ndarray, layout: list, num_rows: int, k1: int) -> np.ndarray:
@@ -205,9 +331,12 @@ class _RequestState:
     stop: StopChecker
     fallback_seed: int
     metrics: RequestMetrics
-    logprobs: Optional[list] = None
+    logprobs: Optional[list] = None  # {token: logprob} per generated token, built when an output is made
+    raw_logprobs: Optional[list] = None  # (token, chosen logprob, top ids, top logprobs) not yet in logprobs
     cumulative_logprob: float = 0.0
-    stream_sent: int = 0  # tokens already reported by streaming
+    stream: bool = True  # report every step's progress (else only the final output)
+    uses_penalties: bool = False
+    slot: Optional[int] = None  # penalty slot while running (uses_penalties only)
     speculate: bool = False
     adaptive: Optional[AdaptiveK] = None  # per-request k policy (None: always the engine's k)
     spec: Optional[SpecDecodeStats] = None  # per-request speculation metrics
@@ -238,6 +367,7 @@ class Engine:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
+        self._free_slots = list(range(engine_cfg.max_num_seqs))[::-1]  # penalty slots (ModelRunner.penalties)
         self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0, "step_seconds": 0.0}
 
         # Speculative decoding: the proposer, engine-wide metrics, and the metrics of recent requests.
@@ -281,11 +411,14 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: Optional[str], prompt_token_ids: Sequence[int],
-                    params: SamplingParams, prompt: Optional[str] = None, speculate: Optional[bool] = None) -> str:
+                    params: SamplingParams, prompt: Optional[str] = None, speculate: Optional[bool] = None,
+                    stream: bool = True) -> str:
         """Queues a request; raises ValueError (naming the value) if it can never run.
 
         speculate: whether this request uses the engine's speculative decoding (default: yes when the
         engine has `EngineConfig.speculative`); False opts it out.
+        stream: `step()` returns this request's output at every step that gave it tokens; with False only
+        when it finishes (no text, token list or logprobs are built for it before that).
         """
         spec = self.engine_cfg.speculative
         if speculate and spec is None:
@@ -314,33 +447,50 @@ class Engine:
             request_id=rid, prompt=prompt, prompt_token_ids=ids, params=params,
             stop=StopChecker(params, self.eos_token_id, decode), fallback_seed=next_engine_seed(),
             metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)),
-            logprobs=[] if params.logprobs is not None else None, speculate=speculate,
+            logprobs=[] if params.logprobs is not None else None,
+            raw_logprobs=[] if params.logprobs is not None else None, stream=stream,
+            uses_penalties=(params.repetition_penalty != 1.0 or bool(params.presence_penalty)
+                            or bool(params.frequency_penalty)), speculate=speculate,
             adaptive=AdaptiveK(spec.num_speculative_tokens) if speculate and spec.adaptive else None,
             spec=SpecDecodeStats() if spec is not None else None)
         return rid
 
     def abort(self, request_id: str) -> bool:
-        self._requests.pop(request_id, None)
+        state = self._requests.pop(request_id, None)
+        if state is not None:
+            self._free_slot(state)
         return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     # ------------------------------------------------------------------ step
-    def _penalty_arrays(self, rows: list[_RequestState], num_rows: int):
-        if not any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
-                   for r in rows):
+    def _free_slot(self, state: _RequestState) -> None:
+        if state.slot is not None:
+            self._free_slots.append(state.slot)
+            state.slot = None
+
+    def _penalty_slots(self, sched: SchedulerOutput, rows: list[_RequestState], num_rows: int):
+        """Keeps a penalty slot for every running request that uses penalties; returns the step's
+        slot per sampling row (num_slots for rows without), or None when no row uses penalties."""
+        for rid in sched.preempted_request_ids:  # recomputed later: its row is rebuilt on readmission
+            state = self._requests.get(rid)
+            if state is not None and self.scheduler.get_request(rid).status is not SequenceStatus.RUNNING:
+                self._free_slot(state)
+        if not any(r.uses_penalties for r in rows):
             return None
-        V = self.cfg.vocab_size
-        counts = np.zeros((num_rows, V), np.int32)
-        prompt_mask = np.zeros((num_rows, V), bool)
+        slots = np.full(num_rows, self.runner.num_slots, np.int32)
         for i, r in enumerate(rows):
-            np.add.at(counts[i], np.asarray(r.stop.token_ids, np.int64), 1)
-            prompt_mask[i, r.prompt_token_ids] = True
-        return jnp.asarray(counts), jnp.asarray(prompt_mask)
+            if r.uses_penalties:
+                if r.slot is None:
+                    r.slot = self._free_slots.pop()
+                    self.runner.write_penalty_row(r.slot, r.stop.token_ids, r.prompt_token_ids)
+                slots[i] = r.slot
+        return slots
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration. Returns outputs of requests that finished or got new tokens."""
+        """One engine iteration. Returns outputs of requests that finished, and of streamed requests
+        (`add_request(stream=True)`) that got new tokens."""
         t0 = time.perf_counter()
         self._propose_drafts()
         sched = self.scheduler.schedule()
@@ -348,6 +498,7 @@ class Engine:
         for seq in sched.failed:
             state = self._requests.pop(seq.request_id, None)
             if state is not None:
+                self._free_slot(state)
                 results.append(self._error_output(state, seq.error))
         if sched.is_empty:
             self.scheduler.update_from_output({})
@@ -364,10 +515,10 @@ class Engine:
         tensors = SamplingTensors.from_params(
             [r.params for r in rows], steps=steps,
             fallback_seeds=[r.fallback_seed for r in rows], eos_token_id=self.eos_token_id, pad_to=S)
-        want_logprobs = max([r.params.logprobs or 0 for r in rows], default=0)
-        num_logprobs = 0 if want_logprobs == 0 else _pow2_at_least(want_logprobs)
+        # One logprobs width for all: a per-request k would be another program to compile.
+        num_logprobs = MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0
         spec = self._spec_batch(sched, rows, steps, S)
-        out = self.runner.execute(sched, tensors, self._penalty_arrays(rows, S), num_logprobs, spec)
+        out = self.runner.execute(sched, tensors, self._penalty_slots(sched, rows, S), num_logprobs, spec)
 
         sampled, finished = {}, {}
         now = time.perf_counter()
@@ -383,12 +534,11 @@ class Engine:
             for i in range(min(int(out.num_output[row]), room)):
                 token = int(out.tokens[row, i])
                 kept.append(token)
-                if state.logprobs is not None:
+                chosen = out.chosen_logprob[row, i]
+                if state.raw_logprobs is not None:
                     k = state.params.logprobs
-                    entry = {int(t): float(lp) for t, lp in zip(out.top_ids[row, i][:k], out.top_logprobs[row, i][:k])}
-                    entry[token] = float(out.chosen_logprob[row, i])
-                    state.logprobs.append(entry)
-                state.cumulative_logprob += float(out.chosen_logprob[row, i])
+                    state.raw_logprobs.append((token, chosen, out.top_ids[row, i, :k], out.top_logprobs[row, i, :k]))
+                state.cumulative_logprob += float(chosen)
                 reason = state.stop.append(token)
                 if reason is not None:
                     finished[rid] = reason
@@ -397,19 +547,18 @@ class Engine:
             if state.spec is not None:
                 self._record_spec(state, num_rows - 1, int(out.num_accepted[row]), len(kept))
         done = self.scheduler.update_from_output(sampled, finished)
-        done_ids = {seq.request_id for seq in done}
+        for seq in done:
+            state = self._requests[seq.request_id]
+            if not state.stop.finished:  # the scheduler ended it (max_tokens / context window)
+                state.stop.finish_reason = "length"
+            state.metrics.finished_time = now
+            state.metrics.num_cached_tokens = seq.num_cached_tokens
+            state.metrics.num_preemptions = seq.num_preemptions
+            results.append(self._output(state, finished=True))
+            self._retire(state)
         for rid in sampled:
-            state = self._requests[rid]
-            if rid in done_ids:
-                seq = next(s for s in done if s.request_id == rid)
-                if not state.stop.finished:  # the scheduler ended it (max_tokens / context window)
-                    state.stop.finish_reason = "length"
-                state.metrics.finished_time = now
-                state.metrics.num_cached_tokens = seq.num_cached_tokens
-                state.metrics.num_preemptions = seq.num_preemptions
-                results.append(self._output(state, finished=True))
-                self._retire(state)
-            else:
+            state = self._requests.get(rid)
+            if state is not None and state.stream:
                 results.append(self._output(state, finished=False))
         self.stats["steps"] += 1
         self.stats["tokens_computed"] += sched.num_batched_tokens
@@ -483,6 +632,7 @@ class Engine:
     def _retire(self, state: _RequestState) -> None:
         """Forgets a finished request, keeping its speculation metrics (bounded to the most recent ones)."""
         del self._requests[state.request_id]
+        self._free_slot(state)
         if state.spec is not None:
             self.request_spec_stats[state.request_id] = state.spec
             while len(self.request_spec_stats) > _MAX_RETAINED_SPEC_STATS:
@@ -490,6 +640,12 @@ class Engine:
 
     def _output(self, state: _RequestState, finished: bool) -> RequestOutput:
         state.metrics.num_generated_tokens = len(state.stop.token_ids)
+        if state.raw_logprobs:
+            for token, chosen, top_ids, top_logprobs in state.raw_logprobs:
+                entry = dict(zip(top_ids.tolist(), top_logprobs.tolist()))
+                entry[token] = float(chosen)
+                state.logprobs.append(entry)
+            state.raw_logprobs.clear()
         completion = CompletionOutput(
             index=0, text=state.stop.text, token_ids=list(state.stop.token_ids),
             finish_reason=state.stop.finish_reason if finished else None, stop_reason=state.stop.stop_reason,
@@ -513,6 +669,15 @@ class Engine:
                 if out.finished:
                     final[out.request_id] = out
         return final
+
+    def warmup(self, logprobs: Sequence[bool] = (False, True), penalties: Sequence[bool] = (False, True),
+               max_seq_len: Optional[int] = None) -> int:
+        """Runs (so compiles) the plain step program at every shape bucket for the given logprobs and
+        penalty variants, up to `max_seq_len` tokens per sequence (default max_model_len); returns the
+        number of programs run. Speculative verify programs are not covered."""
+        max_len = min(max_seq_len or self.engine_cfg.max_model_len, self.engine_cfg.max_model_len)
+        widths = sorted({MAX_LOGPROBS if lp else 0 for lp in logprobs})
+        return self.runner.warmup(widths, sorted(set(penalties)), max_len, self.eos_token_id)
 
     def scheduler_stats(self) -> dict:
         out = {**self.scheduler.stats(), **self.stats,
