@@ -130,7 +130,7 @@ def run_batch_job(llm, input_path, output_path, *, default_params: SamplingParam
                             raise ValueError(f"prompt={text!r} must be a string")
                         ids = (llm.tokenizer.encode_chat([{"role": "user", "content": text}]) if chat
                                else llm.tokenizer.encode(text))
-                    engine.add_request(str(rid), ids, params, prompt=text)
+                    engine.add_request(str(rid), ids, params, prompt=text, stream=False)
                     pending[str(rid)] = rid
                     continue
                 except (ValueError, TypeError) as e:

@@ -57,6 +57,10 @@ class EngineConfig:
     attn_impl: str = "auto"
     kv_cache_dtype: str = "auto"  # "auto" = the compute dtype
     speculative: Optional[SpeculativeConfig] = None  # speculative decoding (also accepts a dict of its fields)
+    # Multi-step decode: when every running sequence is decoding, run up to this many decode steps in one
+    # device program (sampled tokens feed the next step on device; the host checks stops afterwards and
+    # drops what a request generated past its stop). 1 = one step per program.
+    num_decode_steps: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
@@ -66,6 +70,10 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.num_decode_steps < 1:
+            raise ValueError(f"num_decode_steps={self.num_decode_steps} must be >= 1")
+        if self.speculative is not None and self.num_decode_steps > 1:
+            raise ValueError(f"num_decode_steps={self.num_decode_steps} cannot be combined with speculative decoding")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"max_num_seqs={self.max_num_seqs}")
@@ -140,6 +148,53 @@ def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
     return jax.jit(step, donate_argnums=(1, 4))
 
 
+class DecodeBatch(NamedTuple):
+    """Rows of a multi-step decode (padded to S): each feeds its last known token, then its own samples."""
+
+    first_tokens: np.ndarray  # [S] i32
+    positions: np.ndarray     # [S] i32 position of the first token
+    num_steps: np.ndarray     # [S] i32 decode steps of the row (0: padding row)
+    block_tables: np.ndarray  # [S, P] i32 pages covering every step's position
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int, num_steps: int):
+    """Jitted `num_steps` decode steps in one lax.scan: step i feeds the tokens step i - 1 sampled.
+    Returns SamplerOutput fields stacked [num_steps, S, ...]; rows past their num_steps write nothing."""
+
+    def step(params, cache, batch: DecodeBatch, tensors: SamplingTensors, penalties: Optional[PenaltyState], slots):
+        S = batch.first_tokens.shape[0]
+        page_size = cache["k"].shape[2]
+        rows = jnp.arange(S, dtype=jnp.int32)
+
+        def one(carry, i):
+            cache, penalties, tokens = carry
+            active = i < batch.num_steps
+            pos = batch.positions + i
+            page = jnp.take_along_axis(batch.block_tables, (pos // page_size)[:, None], axis=1, mode="clip")[:, 0]
+            inputs = StepInputs(
+                tokens=tokens, positions=jnp.where(active, pos, 0),
+                slot_mapping=jnp.where(active, page * page_size + pos % page_size, -1),
+                cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), kv_lens=jnp.where(active, pos + 1, 1),
+                block_tables=batch.block_tables, num_seqs=jnp.full((1,), S, jnp.int32), logits_indices=rows)
+            logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
+            step_tensors = tensors._replace(step=tensors.step + i.astype(jnp.uint32))
+            if penalties is None:
+                out = sample(logits, step_tensors, num_logprobs=num_logprobs)
+            else:
+                out = sample(logits, step_tensors, *_gather_penalty_rows(penalties, slots), num_logprobs=num_logprobs)
+                row_slots = jnp.where(active, slots, penalties.counts.shape[0])
+                penalties = PenaltyState(penalties.counts.at[row_slots, out.tokens].add(1, mode="drop"),
+                                         penalties.prompt_mask)
+            return (cache, penalties, jnp.where(active, out.tokens, tokens)), out
+
+        (cache, penalties, _), outs = jax.lax.scan(one, (cache, penalties, batch.first_tokens),
+                                                   jnp.arange(num_steps, dtype=jnp.int32))
+        return outs, cache, penalties
+
+    return jax.jit(step, donate_argnums=(1, 4))
+
+
 class count_xla_compiles:
     """Counts XLA backend compilations (JAX's own compile events) while active:
 
@@ -207,6 +262,7 @@ class ModelRunner:
         self.max_seqs_bucket = _pow2_at_least(engine_cfg.max_num_seqs)
         self.num_slots = engine_cfg.max_num_seqs  # penalty slots (one per running request at most)
         self.penalties: Optional[PenaltyState] = None  # allocated when the first request needs it
+        self.device_wait_seconds = 0.0  # host time spent blocked on step results (the rest is host work)
         widths, w = [], self.max_pages_per_seq
         while True:
             widths.append(w)
@@ -242,36 +298,32 @@ class ModelRunner:
         self.penalties = _write_penalty_row(self.penalties, np.int32(slot), counts, mask)
 
     # ------------------------------------------------------------------ steps
+    def rows_bucket(self, sched: SchedulerOutput, multi_step: bool) -> int:
+        """Sampling rows of the step's program (S)."""
+        if multi_step:  # one row per sequence; the steps are a loop inside the program
+            return self.seqs_bucket(_pow2_at_least(len(sched.scheduled), 8))
+        return self.bucket(sched)[1]
+
     def execute(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
                 num_logprobs: int, spec: Optional[SpecBatch] = None) -> StepResult:
         """Runs the step (with `spec`: forward + verify of the drafts); returns host results per sampling
-        row. slots [S] i32: each row's penalty slot (num_slots = none), or None for a step without penalties."""
+        row. slots [S] i32: each row's penalty slot (num_slots = none), or None for a step without penalties.
+
+        Without `spec`, trailing draft tokens are multi-step lookahead placeholders (see
+        `execute_decode_steps`) that could not run as such: each row samples after its last real token
+        and the placeholders' KV is discarded by the scheduler."""
         T, S, P = self.bucket(sched)
         if spec is None:
-            arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
+            arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
+            arrays["logits_indices"] = _first_logits_rows(sched, S)
+            fn, extra = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs), ()
         else:
             arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
             K1 = spec.draft_tokens.shape[1] + 1
             arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
-        return self._run(StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()}), tensors, slots,
-                         num_logprobs, spec)
-
-    def _run(self, inputs: StepInputs, tensors: SamplingTensors, slots: Optional[np.ndarray], num_logprobs: int,
-             spec: Optional[SpecBatch]) -> StepResult:
-        penalties = None
-        if slots is not None:
-            penalties, self.penalties = self.penalties, None  # donated
-        if spec is None:
-            fn, extra = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs), ()
-        else:
             fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
             extra = tuple(jnp.asarray(a) for a in spec)
-        out, self.cache, new_penalties = fn(self.params, self.cache, inputs, tensors, penalties,
-                                            None if slots is None else jnp.asarray(slots), *extra)
-        if slots is not None:
-            self.penalties = new_penalties
-        out = jax.device_get(out)
-        S = inputs.kv_lens.shape[0]
+        out = self._run(fn, StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()}), tensors, slots, extra)
         if spec is None:  # one token per row: the K = 0 case of a verify result
             return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
                               np.asarray(out.chosen_logprob)[:, None],
@@ -280,11 +332,49 @@ class ModelRunner:
                           np.asarray(out.accepted_counts), np.asarray(out.chosen_logprob),
                           np.asarray(out.top_logprobs), np.asarray(out.top_ids))
 
+    def execute_decode_steps(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
+                             num_logprobs: int, num_steps: int) -> StepResult:
+        """Multi-step decode: every scheduled sequence feeds its last token followed by placeholders (its
+        draft tokens) for the tokens it samples itself; runs up to `num_steps` steps in one program.
+        Row b emits `num_output[b]` tokens (1 + its placeholders)."""
+        S, P = self.rows_bucket(sched, True), self.bucket(sched)[2]
+        batch = DecodeBatch(np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32),
+                            np.zeros((S, P), np.int32))
+        for b, s in enumerate(sched.scheduled):
+            batch.first_tokens[b] = s.token_ids[0]
+            batch.positions[b] = s.num_computed_tokens
+            batch.num_steps[b] = s.num_new_tokens
+            batch.block_tables[b, :len(s.block_table)] = s.block_table
+        return self._run_decode_steps(batch, tensors, slots, num_logprobs, num_steps)
+
+    def _run_decode_steps(self, batch: DecodeBatch, tensors, slots, num_logprobs: int, num_steps: int) -> StepResult:
+        fn = _multi_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs, num_steps)
+        out = self._run(fn, DecodeBatch(*(jnp.asarray(a) for a in batch)), tensors, slots, ())
+        S = batch.num_steps.shape[0]
+        return StepResult(np.asarray(out.tokens).T, np.maximum(batch.num_steps, 1), np.zeros(S, np.int32),
+                          np.asarray(out.chosen_logprob).T, np.asarray(out.top_logprobs).transpose(1, 0, 2),
+                          np.asarray(out.top_ids).transpose(1, 0, 2))
+
+    def _run(self, fn, inputs, tensors: SamplingTensors, slots: Optional[np.ndarray], extra: tuple):
+        """Calls a step program (donating the cache and penalty state); returns its host results."""
+        penalties = None
+        if slots is not None:
+            penalties, self.penalties = self.penalties, None  # donated
+        out, self.cache, new_penalties = fn(self.params, self.cache, inputs, tensors, penalties,
+                                            None if slots is None else jnp.asarray(slots), *extra)
+        if slots is not None:
+            self.penalties = new_penalties
+        t0 = time.perf_counter()
+        out = jax.device_get(out)
+        self.device_wait_seconds += time.perf_counter() - t0
+        return out
+
     def warmup(self, num_logprobs: Sequence[int], penalties: Sequence[bool], max_seq_len: int,
                eos_token_id=None) -> int:
         """Runs every (tokens, pages) bucket a job with sequences up to max_seq_len tokens can use, for
-        each logprobs width and penalty variant, on empty inputs (no sequence: nothing is written);
-        returns the number of programs run. Each one is compiled at its first run."""
+        each logprobs width and penalty variant, on empty inputs (no sequence: nothing is written), and
+        with multi-step decode every (sequences, pages) bucket of its program; returns the number of
+        programs run. Each one is compiled at its first run."""
         max_pages = -(-max_seq_len // self.engine_cfg.page_size)
         widths = self.page_buckets[:next(i for i, w in enumerate(self.page_buckets) if w >= max_pages) + 1]
         if any(penalties) and self.penalties is None:
@@ -297,17 +387,43 @@ class ModelRunner:
                 arrays = SchedulerOutput([], 0, self.engine_cfg.page_size).to_step_arrays(
                     pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
                 inputs = StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()})
-                for k in num_logprobs:
-                    for with_penalties in penalties:
-                        slots = np.full(S, self.num_slots, np.int32) if with_penalties else None
-                        self._run(inputs, tensors, slots, k, None)
-                        count += 1
+                fn = lambda k: _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, k)  # noqa: E731
+                count += self._warm(lambda k, slots: self._run(fn(k), inputs, tensors, slots, ()),
+                                    S, num_logprobs, penalties)
+        K = self.engine_cfg.num_decode_steps
+        if K > 1:
+            for S in sorted({self.seqs_bucket(T) for T in self.token_buckets}):
+                tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id)
+                for P in widths:
+                    batch = DecodeBatch(np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32),
+                                        np.zeros((S, P), np.int32))
+                    count += self._warm(lambda k, slots: self._run_decode_steps(batch, tensors, slots, k, K),
+                                        S, num_logprobs, penalties)
         return count
+
+    def _warm(self, run, S: int, num_logprobs: Sequence[int], penalties: Sequence[bool]) -> int:
+        for k in num_logprobs:
+            for with_penalties in penalties:
+                run(k, np.full(S, self.num_slots, np.int32) if with_penalties else None)
+        return len(num_logprobs) * len(penalties)
 
     def release(self):
         self.params = None
         self.cache = None
         self.penalties = None
+
+
+def _first_logits_rows(sched: SchedulerOutput, num_rows: int) -> np.ndarray:
+    """[num_rows] logits row of each sampling sequence's last real token (before any draft tokens);
+    padding rows use row 0."""
+    rows = np.zeros(num_rows, np.int32)
+    offset, b = 0, 0
+    for s in sched.scheduled:
+        if s.samples:
+            rows[b] = offset + s.num_new_tokens - s.num_logits_rows
+            b += 1
+        offset += s.num_new_tokens
+    return rows
 
 
 def _group_logits_rows(flat: np.ndarray, layout: list, num_rows: int, k1: int) -> np.ndarray:
@@ -493,6 +609,7 @@ class Engine:
         (`add_request(stream=True)`) that got new tokens."""
         t0 = time.perf_counter()
         self._propose_drafts()
+        lookahead = self._attach_lookahead()
         sched = self.scheduler.schedule()
         results: list[RequestOutput] = []
         for seq in sched.failed:
@@ -510,15 +627,23 @@ class Engine:
                 m.first_scheduled_time = now
         layout = sched.sampling_layout
         rows = [self._requests[rid] for rid, _ in layout]
-        S = self.runner.bucket(sched)[1]
+        # Multi-step only if the step is what the lookahead planned: every sequence decoding. Otherwise
+        # (a recompute was admitted after a preemption) the placeholders are ignored for this step.
+        multi_step = lookahead and all(s.samples and s.num_new_tokens - s.num_draft_tokens == 1
+                                       for s in sched.scheduled)
+        S = self.runner.rows_bucket(sched, multi_step)
         steps = [len(r.stop.token_ids) for r in rows]
         tensors = SamplingTensors.from_params(
             [r.params for r in rows], steps=steps,
             fallback_seeds=[r.fallback_seed for r in rows], eos_token_id=self.eos_token_id, pad_to=S)
         # One logprobs width for all: a per-request k would be another program to compile.
         num_logprobs = MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0
-        spec = self._spec_batch(sched, rows, steps, S)
-        out = self.runner.execute(sched, tensors, self._penalty_slots(sched, rows, S), num_logprobs, spec)
+        slots = self._penalty_slots(sched, rows, S)
+        if multi_step:
+            out = self.runner.execute_decode_steps(sched, tensors, slots, num_logprobs,
+                                                   self.engine_cfg.num_decode_steps)
+        else:
+            out = self.runner.execute(sched, tensors, slots, num_logprobs, self._spec_batch(sched, rows, steps, S))
 
         sampled, finished = {}, {}
         now = time.perf_counter()
@@ -574,6 +699,23 @@ class Engine:
             room = min(room, seq.max_tokens - len(seq.output_token_ids))
         return max(1, room)
 
+    def _attach_lookahead(self) -> bool:
+        """Multi-step decode: when every running sequence decodes and nothing can be admitted, gives each
+        one placeholder draft tokens for the tokens it will sample inside the program (so the scheduler
+        allocates their pages). Requests inside their min_tokens window keep it one step at a time (the
+        eos/stop-id ban changes between steps)."""
+        k = self.engine_cfg.num_decode_steps
+        sch = self.scheduler
+        if k == 1 or not sch.running or (sch.waiting and len(sch.running) < sch.max_num_seqs):
+            return False
+        for seq in sch.running:
+            state = self._requests.get(seq.request_id)
+            if state is None or not seq.is_decoding or len(seq.output_token_ids) < state.params.min_tokens:
+                return False
+        for seq in sch.running:
+            sch.set_draft_tokens(seq.request_id, [0] * (min(k, self._room(seq)) - 1))
+        return True
+
     def _propose_drafts(self) -> None:
         """Attaches guesses to every running decode sequence of a speculating request."""
         if self.proposer is None:
@@ -609,7 +751,7 @@ class Engine:
         program runs, which does not pay for k+1 logits rows per sequence (verify with no guesses
         would sample exactly the same tokens)."""
         drafted = [s for s in sched.scheduled if s.samples]
-        if not any(s.num_draft_tokens for s in drafted):
+        if self.proposer is None or not any(s.num_draft_tokens for s in drafted):
             return None
         K = self.engine_cfg.speculative.num_speculative_tokens
         draft_tokens = np.zeros((S, K), np.int32)
@@ -680,7 +822,7 @@ class Engine:
         return self.runner.warmup(widths, sorted(set(penalties)), max_len, self.eos_token_id)
 
     def scheduler_stats(self) -> dict:
-        out = {**self.scheduler.stats(), **self.stats,
+        out = {**self.scheduler.stats(), **self.stats, "device_wait_seconds": self.runner.device_wait_seconds,
                "prefix_hits": self.allocator.stats.prefix_hits,
                "prefix_tokens_saved": self.allocator.stats.prefix_tokens_saved}
         if self.spec_stats is not None:

@@ -177,3 +177,32 @@ def test_penalties_on_device_match_host_reference(params):
             row = np.where(seen, np.where(row > 0, row / rep, row * rep), row)
             row = row - sp.frequency_penalty * counts - sp.presence_penalty * (counts > 0)
             assert row[gen[i]] >= row.max() - 1e-4, (i, gen[i], int(row.argmax()))
+
+
+def test_multi_step_decode_identical_to_one_step_at_a_time(params):
+    """num_decode_steps=4 (4 decode steps per device program, sampled tokens fed back on device, stops
+    checked on the host afterwards) gives exactly the one-step loop's tokens, finish reasons and
+    logprobs: greedy and seeded sampling, penalties, min_tokens, and stop tokens landing mid-block."""
+    prompts = mixed_prompts(12, seed=21)
+    g = lambda n, **kw: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)  # noqa: E731
+    sps = [g(13), g(9, repetition_penalty=1.4, frequency_penalty=0.3, logprobs=2),
+           SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=11, ignore_eos=True),
+           SamplingParams(temperature=1.0, seed=6, max_tokens=15, presence_penalty=0.5, ignore_eos=True),
+           g(10, min_tokens=6)] * 2 + [g(1), g(2)]
+    plain = run(make_engine(params), prompts, sps)
+    # Stop tokens taken from the plain outputs so that they fire in the middle of a 4-step block.
+    for i in (0, 5, 7):
+        sps[i] = dataclasses.replace(sps[i], stop_token_ids=[plain[i].token_ids[5]])
+    plain_engine = make_engine(params)
+    want = run(plain_engine, prompts, sps)
+    engine = make_engine(params, num_decode_steps=4)
+    got = run(engine, prompts, sps)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    assert sum(o.finish_reason == "stop" for o in want) >= 3
+    for g, w in zip(got, want):
+        if w.outputs[0].logprobs is not None:
+            for dg, dw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+                assert dg.keys() == dw.keys()
+                np.testing.assert_allclose(list(dg.values()), list(dw.values()), atol=1e-5)
+    assert engine.stats["steps"] < plain_engine.stats["steps"]  # blocks of several steps did run
