@@ -9,7 +9,8 @@ step: host ms (step wall time minus the time blocked on the device's results), d
 the host ms at several output positions (the loop's cost must not grow with the output length);
 plus XLA compilations after `warmup`.
 
-Part 2 (skip with --skip-default-model) runs the default model at 64 sequences and reports tokens/s.
+Part 2 (skip with --skip-default-model) runs the default model at 64 sequences and reports tokens/s with
+one decode step per device program and with multi-step decode (--decode-steps per program), in one run.
 
 Usage: python scripts/bench_host_overhead.py [--seqs 64 256] [--output-tokens 2048] [--json out.json]
 """
@@ -58,26 +59,30 @@ def probe_job(loaded, num_seqs: int, output_tokens: int) -> dict:
         for i in range(num_seqs):
             engine.add_request(f"r{i}", rng.integers(0, cfg.vocab_size, PROMPT_TOKENS).tolist(),
                                sampling(i, output_tokens), stream=False)
-        host_ms, wait_ms, decoded = [], [], []
+        host_ms, cpu_ms, wait_ms = [], [], []
         with count_xla_compiles() as job:
             t_start = time.perf_counter()
             while engine.has_unfinished_requests():
-                w0, t = engine.runner.device_wait_seconds, time.perf_counter()
-                finished = engine.step()
-                dt = time.perf_counter() - t
+                w0, t, c = engine.runner.device_wait_seconds, time.perf_counter(), time.thread_time()
+                engine.step()
+                dt, dc = time.perf_counter() - t, time.thread_time() - c
                 wait = engine.runner.device_wait_seconds - w0
                 host_ms.append((dt - wait) * 1e3)
+                # CPU time of this thread: the host work alone, even on a machine busy with other work
+                # (a blocked wait uses none). On a CPU backend it includes the program launch.
+                cpu_ms.append(dc * 1e3)
                 wait_ms.append(wait * 1e3)
-                decoded.append(len(finished))
             total_s = time.perf_counter() - t_start
-    host = np.array(host_ms[1:])  # step 0 is the prefill of every prompt
+    decode_start = -(-num_seqs * PROMPT_TOKENS // engine.engine_cfg.max_num_batched_tokens)  # prefill steps
+    host, cpu = np.array(host_ms[decode_start:]), np.array(cpu_ms[decode_start:])
     # Host ms by output position (step k of the decode phase produced token k + 1 of every request).
-    at = {n: float(np.median(host[max(0, n - 33):n - 1])) for n in (128, 512, 1024, 2048) if n <= len(host)}
+    at = {n: float(np.median(cpu[max(0, n - 33):n - 1])) for n in (128, 512, 1024, 2048) if n <= len(cpu)}
     return {
         "num_seqs": num_seqs, "output_tokens": output_tokens, "steps": len(host_ms),
         "host_ms_per_step": float(np.median(host)), "host_ms_mean": float(host.mean()),
-        "device_wait_ms_per_step": float(np.median(wait_ms[1:])),
-        "host_ms_at_output_token": at, "wall_s": total_s, "warmup_s": warmup_s,
+        "host_cpu_ms_per_step": float(np.median(cpu)),
+        "device_wait_ms_per_step": float(np.median(wait_ms[decode_start:])),
+        "host_cpu_ms_at_output_token": at, "wall_s": total_s, "warmup_s": warmup_s,
         "warmup_compiles": warm.count, "compiles_after_warmup": job.count,
     }
 
@@ -102,6 +107,7 @@ def main():
     ap.add_argument("--output-tokens", type=int, default=2048, help="per request (shorter keeps runs bounded)")
     ap.add_argument("--skip-default-model", action="store_true")
     ap.add_argument("--default-model-tokens", type=int, default=32)
+    ap.add_argument("--decode-steps", type=int, default=4, help="num_decode_steps compared with 1")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -115,14 +121,18 @@ def main():
     for S in args.seqs:
         r = probe_job(probe, S, args.output_tokens)
         report["probe"].append(r)
-        print(f"[probe {S} seqs x {args.output_tokens} tokens] host {r['host_ms_per_step']:.2f} ms/step "
-              f"(mean {r['host_ms_mean']:.2f}), device wait {r['device_wait_ms_per_step']:.2f} ms/step, "
-              f"host ms at output token {r['host_ms_at_output_token']}, {r['steps']} steps in {r['wall_s']:.1f} s; "
+        print(f"[probe {S} seqs x {args.output_tokens} tokens] host {r['host_ms_per_step']:.2f} ms/step wall "
+              f"(mean {r['host_ms_mean']:.2f}), {r['host_cpu_ms_per_step']:.2f} ms/step thread CPU, device wait "
+              f"{r['device_wait_ms_per_step']:.2f} ms/step, host CPU ms near output token "
+              f"{r['host_cpu_ms_at_output_token']}, {r['steps']} steps in {r['wall_s']:.1f} s; "
               f"compiles: warm-up {r['warmup_compiles']}, after warm-up {r['compiles_after_warmup']}", flush=True)
     if not args.skip_default_model:
-        r = default_model_tokens_per_s(default, 64, args.default_model_tokens)
-        report["default_model"] = {"overlap_off": r}
-        print(f"[default model 64 seqs x {r['output_tokens']} tokens] {r['tokens_per_s']:.1f} tok/s", flush=True)
+        report["default_model"] = {}
+        for k in (1, args.decode_steps):  # one step per program, then multi-step decode
+            r = default_model_tokens_per_s(default, 64, args.default_model_tokens, num_decode_steps=k)
+            report["default_model"][f"num_decode_steps={k}"] = r
+            print(f"[default model 64 seqs x {r['output_tokens']} tokens, num_decode_steps={k}] "
+                  f"{r['tokens_per_s']:.1f} tok/s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
