@@ -5,6 +5,18 @@ the runner pads the ragged batch to a shape bucket and runs one jitted program (
 sampling on device), and the host appends the sampled tokens, checks stop conditions, and finishes
 requests. Requests join and leave the running batch at every step.
 
+Host cost per step stays flat in the output length: stop strings are checked on incrementally
+decoded text (inference/stop.py), outputs (text, token list, logprobs) are built only for requests
+that finish or stream, and penalty counts live on the device (`PenaltyState`: a row per running
+request, written once at admission, incremented inside the jitted step). Steps are padded to a fixed
+set of shapes (token buckets, with the sequence count tied to them, times a block-table width
+ladder ending at max_model_len), which `warmup` compiles up front.
+
+Multi-step decode (`EngineConfig.num_decode_steps` = k > 1): when every running sequence is decoding
+and nothing waits for admission, one device program runs k decode steps (each feeds the previous
+step's sampled tokens, on device); the host then checks stops token by token and keeps only the
+tokens up to a stop, exactly as the one-step loop would have.
+
 Speculative decoding (`EngineConfig.speculative`, see inference/spec_runner.py): before scheduling,
 every running decode sequence of a speculating request gets up to k guesses (n-gram lookup on the
 host, or the layer-truncated self-draft on device). The step's forward then also returns logits for
@@ -712,9 +724,10 @@ class Engine:
             state = self._requests.get(seq.request_id)
             if state is None or not seq.is_decoding or len(seq.output_token_ids) < state.params.min_tokens:
                 return False
-        for seq in sch.running:
-            sch.set_draft_tokens(seq.request_id, [0] * (min(k, self._room(seq)) - 1))
-        return True
+        lookahead = [(seq, min(k, self._room(seq)) - 1) for seq in sch.running]
+        for seq, n in lookahead:
+            sch.set_draft_tokens(seq.request_id, [0] * n)
+        return any(n for _, n in lookahead)
 
     def _propose_drafts(self) -> None:
         """Attaches guesses to every running decode sequence of a speculating request."""

@@ -505,7 +505,10 @@ class Scheduler:
             if s.samples:
                 if tokens is None:
                     raise ValueError(f"no sampled token for request {seq.request_id!r}, which sampled this step")
-                tokens = [int(tokens)] if np.ndim(tokens) == 0 else [int(t) for t in tokens]
+                if isinstance(tokens, list):  # the engine's form; np.ndim would convert it to an array
+                    tokens = [int(t) for t in tokens]
+                else:
+                    tokens = [int(tokens)] if np.ndim(tokens) == 0 else [int(t) for t in tokens]
                 if not 1 <= len(tokens) <= 1 + s.num_draft_tokens:
                     raise ValueError(f"request {seq.request_id!r}: got {len(tokens)} tokens, expected 1.."
                                      f"{1 + s.num_draft_tokens} (accepted drafts + 1)")
