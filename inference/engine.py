@@ -335,7 +335,7 @@ class ModelRunner:
             arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
             fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
             extra = tuple(jnp.asarray(a) for a in spec)
-        out = self._run(fn, StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()}), tensors, slots, extra)
+        out = self._run(fn, StepInputs(**jax.device_put(arrays)), tensors, slots, extra)
         if spec is None:  # one token per row: the K = 0 case of a verify result
             return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
                               np.asarray(out.chosen_logprob)[:, None],
@@ -361,7 +361,7 @@ class ModelRunner:
 
     def _run_decode_steps(self, batch: DecodeBatch, tensors, slots, num_logprobs: int, num_steps: int) -> StepResult:
         fn = _multi_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs, num_steps)
-        out = self._run(fn, DecodeBatch(*(jnp.asarray(a) for a in batch)), tensors, slots, ())
+        out = self._run(fn, jax.device_put(batch), tensors, slots, ())
         S = batch.num_steps.shape[0]
         return StepResult(np.asarray(out.tokens).T, np.maximum(batch.num_steps, 1), np.zeros(S, np.int32),
                           np.asarray(out.chosen_logprob).T, np.asarray(out.top_logprobs).transpose(1, 0, 2),
@@ -398,7 +398,7 @@ class ModelRunner:
             for P in widths:
                 arrays = SchedulerOutput([], 0, self.engine_cfg.page_size).to_step_arrays(
                     pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
-                inputs = StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()})
+                inputs = StepInputs(**jax.device_put(arrays))
                 fn = lambda k: _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, k)  # noqa: E731
                 count += self._warm(lambda k, slots: self._run(fn(k), inputs, tensors, slots, ()),
                                     S, num_logprobs, penalties)
