@@ -271,7 +271,7 @@ def run_batch_job(llm, input_path, output_path, *, default_params: SamplingParam
                 added = []
                 try:
                     for rid, index, ids, params, text in job.requests:
-                        engine.add_request(rid, ids, params, prompt=text)
+                        engine.add_request(rid, ids, params, prompt=text, stream=False)
                         added.append(rid)
                 except (ValueError, TypeError) as e:
                     for rid in added:

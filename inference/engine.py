@@ -5,6 +5,18 @@ the runner pads the ragged batch to a shape bucket and runs one jitted program (
 sampling on device), and the host appends the sampled tokens, checks stop conditions, and finishes
 requests. Requests join and leave the running batch at every step.
 
+Host cost per step stays flat in the output length: stop strings are checked on incrementally
+decoded text (inference/stop.py), outputs (text, token list, logprobs) are built only for requests
+that finish or stream, and penalty counts live on the device (`PenaltyState`: a row per running
+request, written once at admission, incremented inside the jitted step). Steps are padded to a fixed
+set of shapes (token buckets, with the sequence count tied to them, times a block-table width
+ladder ending at max_model_len), which `warmup` compiles up front.
+
+Multi-step decode (`EngineConfig.num_decode_steps` = k > 1): when every running sequence is decoding
+and nothing waits for admission, one device program runs k decode steps (each feeds the previous
+step's sampled tokens, on device); the host then checks stops token by token and keeps only the
+tokens up to a stop, exactly as the one-step loop would have.
+
 Speculative decoding (`EngineConfig.speculative`, see inference/spec_runner.py): before scheduling,
 every running decode sequence of a speculating request gets up to k guesses (n-gram lookup on the
 host, or the layer-truncated self-draft on device). The step's forward then also returns logits for
@@ -31,8 +43,8 @@ import numpy as np
 from inference.kv_pool import BlockAllocator, kv_bytes_per_page, device_memory, pages_for_memory_budget
 from inference.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from inference.sampler import SamplingTensors, next_engine_seed, sample
-from inference.sampling_params import SamplingParams
-from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSequence
+from inference.sampling_params import MAX_LOGPROBS, SamplingParams
+from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSequence, SequenceStatus
 from inference.spec_runner import SelfDraftRunner, SpeculativeConfig
 from inference.speculative import AdaptiveK, NgramProposer, SpecDecodeStats, verify
 from inference.stop import StopChecker
@@ -57,6 +69,10 @@ class EngineConfig:
     attn_impl: str = "auto"
     kv_cache_dtype: str = "auto"  # "auto" = the compute dtype
     speculative: Optional[SpeculativeConfig] = None  # speculative decoding (also accepts a dict of its fields)
+    # Multi-step decode: when every running sequence is decoding, run up to this many decode steps in one
+    # device program (sampled tokens feed the next step on device; the host checks stops afterwards and
+    # drops what a request generated past its stop). 1 = one step per program.
+    num_decode_steps: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
@@ -66,6 +82,10 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.num_decode_steps < 1:
+            raise ValueError(f"num_decode_steps={self.num_decode_steps} must be >= 1")
+        if self.speculative is not None and self.num_decode_steps > 1:
+            raise ValueError(f"num_decode_steps={self.num_decode_steps} cannot be combined with speculative decoding")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"max_num_seqs={self.max_num_seqs}")
@@ -75,33 +95,142 @@ def _pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+# Block-table widths are a ladder ending at max_model_len / page_size, a factor of this apart: the
+# XLA attention path gathers every page of the table, so a single full width would make short
+# sequences pay for the longest possible one; a coarse ladder keeps the compiled set small.
+_PAGE_BUCKET_RATIO = 4
+
+
+class PenaltyState(NamedTuple):
+    """Per-slot penalty inputs kept on the device between steps (R = max_num_seqs slots).
+
+    A request using penalties holds a slot while it runs: its row is written once at admission
+    (output tokens so far, prompt tokens) and the step adds the tokens it samples on device.
+    """
+
+    counts: jax.Array       # [R, V] i32 occurrences of each token in the slot's output
+    prompt_mask: jax.Array  # [R, V] bool tokens of the slot's prompt
+
+
+def _gather_penalty_rows(state: PenaltyState, slots: jax.Array):
+    """[S, V] counts and prompt mask of the step's rows; rows with slot R (none) read zeros."""
+    return (state.counts.at[slots].get(mode="fill", fill_value=0),
+            state.prompt_mask.at[slots].get(mode="fill", fill_value=False))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_penalty_row(state: PenaltyState, slot, counts_row, mask_row) -> PenaltyState:
+    return PenaltyState(state.counts.at[slot].set(counts_row), state.prompt_mask.at[slot].set(mask_row))
+
+
 @functools.lru_cache(maxsize=None)
 def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
-    """Jitted forward + sample with the cache donated. Module-level so that engines with the same
-    config share compiled programs (params are arguments, never closed over)."""
+    """Jitted forward + sample with the cache (and penalty state) donated. Module-level so that engines
+    with the same config share compiled programs (params are arguments, never closed over)."""
 
-    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, token_counts, prompt_mask):
+    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
+             slots):
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
-        out = sample(logits, tensors, token_counts, prompt_mask, num_logprobs=num_logprobs)
-        return out, cache
+        if penalties is None:
+            return sample(logits, tensors, num_logprobs=num_logprobs), cache, None
+        out = sample(logits, tensors, *_gather_penalty_rows(penalties, slots), num_logprobs=num_logprobs)
+        counts = penalties.counts.at[slots, out.tokens].add(1, mode="drop")
+        return out, cache, PenaltyState(counts, penalties.prompt_mask)
 
-    return jax.jit(step, donate_argnums=(1,))
+    return jax.jit(step, donate_argnums=(1, 4))
 
 
 @functools.lru_cache(maxsize=None)
 def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
     """Jitted forward + speculative verify: logits_indices come grouped as [S * (k+1)] (row-major)."""
 
-    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, token_counts, prompt_mask,
-             draft_tokens, num_draft, ban_len):
+    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
+             slots, draft_tokens, num_draft, ban_len):
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
         S, K = draft_tokens.shape
+        counts, mask = (None, None) if penalties is None else _gather_penalty_rows(penalties, slots)
         out = verify(logits.reshape(S, K + 1, logits.shape[-1]), draft_tokens, None, num_draft, tensors,
-                     token_counts=token_counts, prompt_mask=prompt_mask, ban_len=ban_len,
-                     num_logprobs=num_logprobs)
-        return out, cache
+                     token_counts=counts, prompt_mask=mask, ban_len=ban_len, num_logprobs=num_logprobs)
+        if penalties is not None:
+            emitted = (jnp.arange(K + 1)[None, :] < out.num_output[:, None]).astype(jnp.int32)
+            penalties = PenaltyState(penalties.counts.at[slots[:, None], out.output_tokens].add(emitted, mode="drop"),
+                                     penalties.prompt_mask)
+        return out, cache, penalties
 
-    return jax.jit(step, donate_argnums=(1,))
+    return jax.jit(step, donate_argnums=(1, 4))
+
+
+class DecodeBatch(NamedTuple):
+    """Rows of a multi-step decode (padded to S): each feeds its last known token, then its own samples."""
+
+    first_tokens: np.ndarray  # [S] i32
+    positions: np.ndarray     # [S] i32 position of the first token
+    num_steps: np.ndarray     # [S] i32 decode steps of the row (0: padding row)
+    block_tables: np.ndarray  # [S, P] i32 pages covering every step's position
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int, num_steps: int):
+    """Jitted `num_steps` decode steps in one lax.scan: step i feeds the tokens step i - 1 sampled.
+    Returns SamplerOutput fields stacked [num_steps, S, ...]; rows past their num_steps write nothing."""
+
+    def step(params, cache, batch: DecodeBatch, tensors: SamplingTensors, penalties: Optional[PenaltyState], slots):
+        S = batch.first_tokens.shape[0]
+        page_size = cache["k"].shape[2]
+        rows = jnp.arange(S, dtype=jnp.int32)
+
+        def one(carry, i):
+            cache, penalties, tokens = carry
+            active = i < batch.num_steps
+            pos = batch.positions + i
+            page = jnp.take_along_axis(batch.block_tables, (pos // page_size)[:, None], axis=1, mode="clip")[:, 0]
+            inputs = StepInputs(
+                tokens=tokens, positions=jnp.where(active, pos, 0),
+                slot_mapping=jnp.where(active, page * page_size + pos % page_size, -1),
+                cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), kv_lens=jnp.where(active, pos + 1, 1),
+                block_tables=batch.block_tables, num_seqs=jnp.full((1,), S, jnp.int32), logits_indices=rows)
+            logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
+            step_tensors = tensors._replace(step=tensors.step + i.astype(jnp.uint32))
+            if penalties is None:
+                out = sample(logits, step_tensors, num_logprobs=num_logprobs)
+            else:
+                out = sample(logits, step_tensors, *_gather_penalty_rows(penalties, slots), num_logprobs=num_logprobs)
+                row_slots = jnp.where(active, slots, penalties.counts.shape[0])
+                penalties = PenaltyState(penalties.counts.at[row_slots, out.tokens].add(1, mode="drop"),
+                                         penalties.prompt_mask)
+            return (cache, penalties, jnp.where(active, out.tokens, tokens)), out
+
+        (cache, penalties, _), outs = jax.lax.scan(one, (cache, penalties, batch.first_tokens),
+                                                   jnp.arange(num_steps, dtype=jnp.int32))
+        return outs, cache, penalties
+
+    return jax.jit(step, donate_argnums=(1, 4))
+
+
+class count_xla_compiles:
+    """Counts XLA backend compilations (JAX's own compile events) while active:
+
+        with count_xla_compiles() as compiles: ...
+        compiles.count
+    """
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+
+    def _listener(self, event: str, duration_secs: float, **_):
+        if event == self._EVENT:
+            self.count += 1
+            self.seconds += duration_secs
+
+    def __enter__(self) -> "count_xla_compiles":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 class StepResult(NamedTuple):
@@ -128,7 +257,9 @@ class SpecBatch(NamedTuple):
 
 
 class ModelRunner:
-    """Owns the device params and KV pool; runs one padded, jitted step (forward + sample or verify)."""
+    """Owns the device params, KV pool and penalty state; runs one padded, jitted step (forward + sample
+    or verify). Steps are padded to a fixed set of shapes (see `buckets`), so a job compiles nothing
+    once `warmup` ran the set."""
 
     def __init__(self, cfg: LlamaConfig, params, engine_cfg: EngineConfig, num_pages: int,
                  kv_dtype, param_sharding=None, cache_sharding=None, extra_pages: int = 0):
@@ -139,38 +270,72 @@ class ModelRunner:
         self.cache = init_cache(cfg, num_pages + extra_pages, engine_cfg.page_size, kv_dtype)
         if cache_sharding is not None:
             self.cache = jax.device_put(self.cache, cache_sharding)
-        self.max_pages_per_seq = -(-engine_cfg.max_model_len // engine_cfg.page_size) if engine_cfg.max_model_len else None
-        self.compiled_shapes: set = set()
+        self.max_pages_per_seq = -(-engine_cfg.max_model_len // engine_cfg.page_size)
+        self.max_seqs_bucket = _pow2_at_least(engine_cfg.max_num_seqs)
+        self.num_slots = engine_cfg.max_num_seqs  # penalty slots (one per running request at most)
+        self.penalties: Optional[PenaltyState] = None  # allocated when the first request needs it
+        self.device_wait_seconds = 0.0  # host time spent blocked on step results (the rest is host work)
+        widths, w = [], self.max_pages_per_seq
+        while True:
+            widths.append(w)
+            if w == 1:
+                break
+            w = -(-w // _PAGE_BUCKET_RATIO)
+        self.page_buckets = sorted(widths)
+        self.token_buckets = [1 << i for i in range(3, _pow2_at_least(engine_cfg.max_num_batched_tokens, 8)
+                                                     .bit_length())]
+
+    def seqs_bucket(self, num_tokens_bucket: int) -> int:
+        # Sequences never outnumber tokens: tying S to T keeps the compiled set one-dimensional in
+        # (tokens, sequences); padded sequence rows cost little (q_len 0, kv_len 0).
+        return min(num_tokens_bucket, self.max_seqs_bucket)
 
     def bucket(self, sched: SchedulerOutput) -> tuple[int, int, int]:
-        """(tokens, seqs, pages) padded sizes: powers of two, so few programs are compiled."""
-        ec = self.engine_cfg
+        """(tokens, seqs, pages) padded sizes, from the fixed set `warmup` compiles."""
         T = _pow2_at_least(sched.num_batched_tokens, 8)
-        S = min(_pow2_at_least(len(sched.scheduled)), _pow2_at_least(ec.max_num_seqs))
-        S = max(S, len(sched.scheduled))
-        P = _pow2_at_least(max(len(s.block_table) for s in sched.scheduled))
-        return T, S, P
+        longest = max(len(s.block_table) for s in sched.scheduled)
+        P = next((w for w in self.page_buckets if w >= longest), longest)
+        return T, self.seqs_bucket(T), P
 
-    def execute(self, sched: SchedulerOutput, tensors: SamplingTensors, penalties: Optional[tuple],
+    # ------------------------------------------------------------------ penalty state
+    def write_penalty_row(self, slot: int, output_token_ids: Sequence[int], prompt_token_ids: Sequence[int]):
+        """Sets a slot's penalty row: counts of the output tokens so far and the prompt's token mask."""
+        V = self.cfg.vocab_size
+        if self.penalties is None:  # host zeros + device_put: no XLA program per shape
+            self.penalties = jax.device_put(PenaltyState(np.zeros((self.num_slots, V), np.int32),
+                                                         np.zeros((self.num_slots, V), bool)))
+        counts = np.bincount(np.asarray(output_token_ids, np.int64), minlength=V).astype(np.int32)
+        mask = np.zeros(V, bool)
+        mask[np.asarray(prompt_token_ids, np.int64)] = True
+        self.penalties = _write_penalty_row(self.penalties, np.int32(slot), counts, mask)
+
+    # ------------------------------------------------------------------ steps
+    def rows_bucket(self, sched: SchedulerOutput, multi_step: bool) -> int:
+        """Sampling rows of the step's program (S)."""
+        if multi_step:  # one row per sequence; the steps are a loop inside the program
+            return self.seqs_bucket(_pow2_at_least(len(sched.scheduled), 8))
+        return self.bucket(sched)[1]
+
+    def execute(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
                 num_logprobs: int, spec: Optional[SpecBatch] = None) -> StepResult:
-        """Runs the step (with `spec`: forward + verify of the drafts); returns host results per sampling row."""
+        """Runs the step (with `spec`: forward + verify of the drafts); returns host results per sampling
+        row. slots [S] i32: each row's penalty slot (num_slots = none), or None for a step without penalties.
+
+        Without `spec`, trailing draft tokens are multi-step lookahead placeholders (see
+        `execute_decode_steps`) that could not run as such: each row samples after its last real token
+        and the placeholders' KV is discarded by the scheduler."""
         T, S, P = self.bucket(sched)
-        counts, prompt_mask = penalties if penalties is not None else (None, None)
         if spec is None:
-            arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
-            fn = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
-            extra: tuple = ()
-            K1 = 1
+            arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
+            arrays["logits_indices"] = _first_logits_rows(sched, S)
+            fn, extra = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs), ()
         else:
             arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
             K1 = spec.draft_tokens.shape[1] + 1
             arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
             fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
             extra = tuple(jnp.asarray(a) for a in spec)
-        inputs = StepInputs(**{k: jnp.asarray(v) for k, v in arrays.items()})
-        self.compiled_shapes.add((T, S, P, K1, num_logprobs, penalties is not None))
-        out, self.cache = fn(self.params, self.cache, inputs, tensors, counts, prompt_mask, *extra)
-        out = jax.device_get(out)
+        out = self._run(fn, StepInputs(**jax.device_put(arrays)), tensors, slots, extra)
         if spec is None:  # one token per row: the K = 0 case of a verify result
             return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
                               np.asarray(out.chosen_logprob)[:, None],
@@ -179,9 +344,98 @@ class ModelRunner:
                           np.asarray(out.accepted_counts), np.asarray(out.chosen_logprob),
                           np.asarray(out.top_logprobs), np.asarray(out.top_ids))
 
+    def execute_decode_steps(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
+                             num_logprobs: int, num_steps: int) -> StepResult:
+        """Multi-step decode: every scheduled sequence feeds its last token followed by placeholders (its
+        draft tokens) for the tokens it samples itself; runs up to `num_steps` steps in one program.
+        Row b emits `num_output[b]` tokens (1 + its placeholders)."""
+        S, P = self.rows_bucket(sched, True), self.bucket(sched)[2]
+        batch = DecodeBatch(np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32),
+                            np.zeros((S, P), np.int32))
+        for b, s in enumerate(sched.scheduled):
+            batch.first_tokens[b] = s.token_ids[0]
+            batch.positions[b] = s.num_computed_tokens
+            batch.num_steps[b] = s.num_new_tokens
+            batch.block_tables[b, :len(s.block_table)] = s.block_table
+        return self._run_decode_steps(batch, tensors, slots, num_logprobs, num_steps)
+
+    def _run_decode_steps(self, batch: DecodeBatch, tensors, slots, num_logprobs: int, num_steps: int) -> StepResult:
+        fn = _multi_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs, num_steps)
+        out = self._run(fn, jax.device_put(batch), tensors, slots, ())
+        S = batch.num_steps.shape[0]
+        return StepResult(np.asarray(out.tokens).T, np.maximum(batch.num_steps, 1), np.zeros(S, np.int32),
+                          np.asarray(out.chosen_logprob).T, np.asarray(out.top_logprobs).transpose(1, 0, 2),
+                          np.asarray(out.top_ids).transpose(1, 0, 2))
+
+    def _run(self, fn, inputs, tensors: SamplingTensors, slots: Optional[np.ndarray], extra: tuple):
+        """Calls a step program (donating the cache and penalty state); returns its host results."""
+        penalties = None
+        if slots is not None:
+            penalties, self.penalties = self.penalties, None  # donated
+        out, self.cache, new_penalties = fn(self.params, self.cache, inputs, tensors, penalties,
+                                            None if slots is None else jnp.asarray(slots), *extra)
+        if slots is not None:
+            self.penalties = new_penalties
+        t0 = time.perf_counter()
+        out = jax.device_get(out)
+        self.device_wait_seconds += time.perf_counter() - t0
+        return out
+
+    def warmup(self, num_logprobs: Sequence[int], penalties: Sequence[bool], max_seq_len: int,
+               eos_token_id=None) -> int:
+        """Runs every (tokens, pages) bucket a job with sequences up to max_seq_len tokens can use, for
+        each logprobs width and penalty variant, on empty inputs (no sequence: nothing is written), and
+        with multi-step decode every (sequences, pages) bucket of its program; returns the number of
+        programs run. Each one is compiled at its first run."""
+        max_pages = -(-max_seq_len // self.engine_cfg.page_size)
+        widths = self.page_buckets[:next(i for i, w in enumerate(self.page_buckets) if w >= max_pages) + 1]
+        if any(penalties) and self.penalties is None:
+            self.write_penalty_row(0, [], [])
+        count = 0
+        for T in self.token_buckets:
+            S = self.seqs_bucket(T)
+            tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id)
+            for P in widths:
+                arrays = SchedulerOutput([], 0, self.engine_cfg.page_size).to_step_arrays(
+                    pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
+                inputs = StepInputs(**jax.device_put(arrays))
+                fn = lambda k: _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, k)  # noqa: E731
+                count += self._warm(lambda k, slots: self._run(fn(k), inputs, tensors, slots, ()),
+                                    S, num_logprobs, penalties)
+        K = self.engine_cfg.num_decode_steps
+        if K > 1:
+            for S in sorted({self.seqs_bucket(T) for T in self.token_buckets}):
+                tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id)
+                for P in widths:
+                    batch = DecodeBatch(np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32),
+                                        np.zeros((S, P), np.int32))
+                    count += self._warm(lambda k, slots: self._run_decode_steps(batch, tensors, slots, k, K),
+                                        S, num_logprobs, penalties)
+        return count
+
+    def _warm(self, run, S: int, num_logprobs: Sequence[int], penalties: Sequence[bool]) -> int:
+        for k in num_logprobs:
+            for with_penalties in penalties:
+                run(k, np.full(S, self.num_slots, np.int32) if with_penalties else None)
+        return len(num_logprobs) * len(penalties)
+
     def release(self):
         self.params = None
         self.cache = None
+        self.penalties = None
+
+
+def _first_logits_rows(sched: SchedulerOutput, num_rows: int) -> np.ndarray:
+    """[num_rows] logits row of each sampling sequence's last real token (before any draft tokens);
+    padding rows use row 0."""
+    rows = np.zeros(num_rows, np.int32)
+    offset, b = 0, 0
+    for s in sched.scheduled:
+        if s.samples:
+            rows[b] = offset + s.num_new_tokens - s.num_logits_rows
+            b += 1
+        offset += s.num_new_tokens
+    return rows
 
 
 def _group_logits_rows(flat: np.ndarray, layout: list, num_rows: int, k1: int) -> np.ndarray:
@@ -205,9 +459,12 @@ class _RequestState:
     stop: StopChecker
     fallback_seed: int
     metrics: RequestMetrics
-    logprobs: Optional[list] = None
+    logprobs: Optional[list] = None  # {token: logprob} per generated token, built when an output is made
+    raw_logprobs: Optional[list] = None  # (token, chosen logprob, top ids, top logprobs) not yet in logprobs
     cumulative_logprob: float = 0.0
-    stream_sent: int = 0  # tokens already reported by streaming
+    stream: bool = True  # report every step's progress (else only the final output)
+    uses_penalties: bool = False
+    slot: Optional[int] = None  # penalty slot while running (uses_penalties only)
     speculate: bool = False
     adaptive: Optional[AdaptiveK] = None  # per-request k policy (None: always the engine's k)
     spec: Optional[SpecDecodeStats] = None  # per-request speculation metrics
@@ -234,6 +491,7 @@ class Engine:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
+        self._free_slots = list(range(engine_cfg.max_num_seqs))[::-1]  # penalty slots (ModelRunner.penalties)
         self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0, "step_seconds": 0.0}
 
         # Speculative decoding: the proposer, engine-wide metrics, and the metrics of recent requests.
@@ -277,11 +535,14 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: Optional[str], prompt_token_ids: Sequence[int],
-                    params: SamplingParams, prompt: Optional[str] = None, speculate: Optional[bool] = None) -> str:
+                    params: SamplingParams, prompt: Optional[str] = None, speculate: Optional[bool] = None,
+                    stream: bool = True) -> str:
         """Queues a request; raises ValueError (naming the value) if it can never run.
 
         speculate: whether this request uses the engine's speculative decoding (default: yes when the
         engine has `EngineConfig.speculative`); False opts it out.
+        stream: `step()` returns this request's output at every step that gave it tokens; with False only
+        when it finishes (no text, token list or logprobs are built for it before that).
         """
         spec = self.engine_cfg.speculative
         if speculate and spec is None:
@@ -310,40 +571,59 @@ class Engine:
             request_id=rid, prompt=prompt, prompt_token_ids=ids, params=params,
             stop=StopChecker(params, self.eos_token_id, decode), fallback_seed=next_engine_seed(),
             metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)),
-            logprobs=[] if params.logprobs is not None else None, speculate=speculate,
+            logprobs=[] if params.logprobs is not None else None,
+            raw_logprobs=[] if params.logprobs is not None else None, stream=stream,
+            uses_penalties=(params.repetition_penalty != 1.0 or bool(params.presence_penalty)
+                            or bool(params.frequency_penalty)), speculate=speculate,
             adaptive=AdaptiveK(spec.num_speculative_tokens) if speculate and spec.adaptive else None,
             spec=SpecDecodeStats() if spec is not None else None)
         return rid
 
     def abort(self, request_id: str) -> bool:
-        self._requests.pop(request_id, None)
+        state = self._requests.pop(request_id, None)
+        if state is not None:
+            self._free_slot(state)
         return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     # ------------------------------------------------------------------ step
-    def _penalty_arrays(self, rows: list[_RequestState], num_rows: int):
-        if not any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
-                   for r in rows):
+    def _free_slot(self, state: _RequestState) -> None:
+        if state.slot is not None:
+            self._free_slots.append(state.slot)
+            state.slot = None
+
+    def _penalty_slots(self, sched: SchedulerOutput, rows: list[_RequestState], num_rows: int):
+        """Keeps a penalty slot for every running request that uses penalties; returns the step's
+        slot per sampling row (num_slots for rows without), or None when no row uses penalties."""
+        for rid in sched.preempted_request_ids:  # recomputed later: its row is rebuilt on readmission
+            state = self._requests.get(rid)
+            if state is not None and self.scheduler.get_request(rid).status is not SequenceStatus.RUNNING:
+                self._free_slot(state)
+        if not any(r.uses_penalties for r in rows):
             return None
-        V = self.cfg.vocab_size
-        counts = np.zeros((num_rows, V), np.int32)
-        prompt_mask = np.zeros((num_rows, V), bool)
+        slots = np.full(num_rows, self.runner.num_slots, np.int32)
         for i, r in enumerate(rows):
-            np.add.at(counts[i], np.asarray(r.stop.token_ids, np.int64), 1)
-            prompt_mask[i, r.prompt_token_ids] = True
-        return jnp.asarray(counts), jnp.asarray(prompt_mask)
+            if r.uses_penalties:
+                if r.slot is None:
+                    r.slot = self._free_slots.pop()
+                    self.runner.write_penalty_row(r.slot, r.stop.token_ids, r.prompt_token_ids)
+                slots[i] = r.slot
+        return slots
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration. Returns outputs of requests that finished or got new tokens."""
+        """One engine iteration. Returns outputs of requests that finished, and of streamed requests
+        (`add_request(stream=True)`) that got new tokens."""
         t0 = time.perf_counter()
         self._propose_drafts()
+        lookahead = self._attach_lookahead()
         sched = self.scheduler.schedule()
         results: list[RequestOutput] = []
         for seq in sched.failed:
             state = self._requests.pop(seq.request_id, None)
             if state is not None:
+                self._free_slot(state)
                 results.append(self._error_output(state, seq.error))
         if sched.is_empty:
             self.scheduler.update_from_output({})
@@ -355,15 +635,23 @@ class Engine:
                 m.first_scheduled_time = now
         layout = sched.sampling_layout
         rows = [self._requests[rid] for rid, _ in layout]
-        S = self.runner.bucket(sched)[1]
+        # Multi-step only if the step is what the lookahead planned: every sequence decoding. Otherwise
+        # (a recompute was admitted after a preemption) the placeholders are ignored for this step.
+        multi_step = lookahead and all(s.samples and s.num_new_tokens - s.num_draft_tokens == 1
+                                       for s in sched.scheduled)
+        S = self.runner.rows_bucket(sched, multi_step)
         steps = [len(r.stop.token_ids) for r in rows]
         tensors = SamplingTensors.from_params(
             [r.params for r in rows], steps=steps,
             fallback_seeds=[r.fallback_seed for r in rows], eos_token_id=self.eos_token_id, pad_to=S)
-        want_logprobs = max([r.params.logprobs or 0 for r in rows], default=0)
-        num_logprobs = 0 if want_logprobs == 0 else _pow2_at_least(want_logprobs)
-        spec = self._spec_batch(sched, rows, steps, S)
-        out = self.runner.execute(sched, tensors, self._penalty_arrays(rows, S), num_logprobs, spec)
+        # One logprobs width for all: a per-request k would be another program to compile.
+        num_logprobs = MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0
+        slots = self._penalty_slots(sched, rows, S)
+        if multi_step:
+            out = self.runner.execute_decode_steps(sched, tensors, slots, num_logprobs,
+                                                   self.engine_cfg.num_decode_steps)
+        else:
+            out = self.runner.execute(sched, tensors, slots, num_logprobs, self._spec_batch(sched, rows, steps, S))
 
         sampled, finished = {}, {}
         now = time.perf_counter()
@@ -379,12 +667,11 @@ class Engine:
             for i in range(min(int(out.num_output[row]), room)):
                 token = int(out.tokens[row, i])
                 kept.append(token)
-                if state.logprobs is not None:
+                chosen = out.chosen_logprob[row, i]
+                if state.raw_logprobs is not None:
                     k = state.params.logprobs
-                    entry = {int(t): float(lp) for t, lp in zip(out.top_ids[row, i][:k], out.top_logprobs[row, i][:k])}
-                    entry[token] = float(out.chosen_logprob[row, i])
-                    state.logprobs.append(entry)
-                state.cumulative_logprob += float(out.chosen_logprob[row, i])
+                    state.raw_logprobs.append((token, chosen, out.top_ids[row, i, :k], out.top_logprobs[row, i, :k]))
+                state.cumulative_logprob += float(chosen)
                 reason = state.stop.append(token)
                 if reason is not None:
                     finished[rid] = reason
@@ -393,19 +680,18 @@ class Engine:
             if state.spec is not None:
                 self._record_spec(state, num_rows - 1, int(out.num_accepted[row]), len(kept))
         done = self.scheduler.update_from_output(sampled, finished)
-        done_ids = {seq.request_id for seq in done}
+        for seq in done:
+            state = self._requests[seq.request_id]
+            if not state.stop.finished:  # the scheduler ended it (max_tokens / context window)
+                state.stop.finish_reason = "length"
+            state.metrics.finished_time = now
+            state.metrics.num_cached_tokens = seq.num_cached_tokens
+            state.metrics.num_preemptions = seq.num_preemptions
+            results.append(self._output(state, finished=True))
+            self._retire(state)
         for rid in sampled:
-            state = self._requests[rid]
-            if rid in done_ids:
-                seq = next(s for s in done if s.request_id == rid)
-                if not state.stop.finished:  # the scheduler ended it (max_tokens / context window)
-                    state.stop.finish_reason = "length"
-                state.metrics.finished_time = now
-                state.metrics.num_cached_tokens = seq.num_cached_tokens
-                state.metrics.num_preemptions = seq.num_preemptions
-                results.append(self._output(state, finished=True))
-                self._retire(state)
-            else:
+            state = self._requests.get(rid)
+            if state is not None and state.stream:
                 results.append(self._output(state, finished=False))
         self.stats["steps"] += 1
         self.stats["tokens_computed"] += sched.num_batched_tokens
@@ -420,6 +706,24 @@ class Engine:
         if seq.max_tokens is not None:
             room = min(room, seq.max_tokens - len(seq.output_token_ids))
         return max(1, room)
+
+    def _attach_lookahead(self) -> bool:
+        """Multi-step decode: when every running sequence decodes and nothing can be admitted, gives each
+        one placeholder draft tokens for the tokens it will sample inside the program (so the scheduler
+        allocates their pages). Requests inside their min_tokens window keep it one step at a time (the
+        eos/stop-id ban changes between steps)."""
+        k = self.engine_cfg.num_decode_steps
+        sch = self.scheduler
+        if k == 1 or not sch.running or (sch.waiting and len(sch.running) < sch.max_num_seqs):
+            return False
+        for seq in sch.running:
+            state = self._requests.get(seq.request_id)
+            if state is None or not seq.is_decoding or len(seq.output_token_ids) < state.params.min_tokens:
+                return False
+        lookahead = [(seq, min(k, self._room(seq)) - 1) for seq in sch.running]
+        for seq, n in lookahead:
+            sch.set_draft_tokens(seq.request_id, [0] * n)
+        return any(n for _, n in lookahead)
 
     def _propose_drafts(self) -> None:
         """Attaches guesses to every running decode sequence of a speculating request."""
@@ -456,7 +760,7 @@ class Engine:
         program runs, which does not pay for k+1 logits rows per sequence (verify with no guesses
         would sample exactly the same tokens)."""
         drafted = [s for s in sched.scheduled if s.samples]
-        if not any(s.num_draft_tokens for s in drafted):
+        if self.proposer is None or not any(s.num_draft_tokens for s in drafted):
             return None
         K = self.engine_cfg.speculative.num_speculative_tokens
         draft_tokens = np.zeros((S, K), np.int32)
@@ -479,6 +783,7 @@ class Engine:
     def _retire(self, state: _RequestState) -> None:
         """Forgets a finished request, keeping its speculation metrics (bounded to the most recent ones)."""
         del self._requests[state.request_id]
+        self._free_slot(state)
         if state.spec is not None:
             self.request_spec_stats[state.request_id] = state.spec
             while len(self.request_spec_stats) > _MAX_RETAINED_SPEC_STATS:
@@ -486,6 +791,12 @@ class Engine:
 
     def _output(self, state: _RequestState, finished: bool) -> RequestOutput:
         state.metrics.num_generated_tokens = len(state.stop.token_ids)
+        if state.raw_logprobs:
+            for token, chosen, top_ids, top_logprobs in state.raw_logprobs:
+                entry = dict(zip(top_ids.tolist(), top_logprobs.tolist()))
+                entry[token] = float(chosen)
+                state.logprobs.append(entry)
+            state.raw_logprobs.clear()
         completion = CompletionOutput(
             index=0, text=state.stop.text, token_ids=list(state.stop.token_ids),
             finish_reason=state.stop.finish_reason if finished else None, stop_reason=state.stop.stop_reason,
@@ -510,8 +821,17 @@ class Engine:
                     final[out.request_id] = out
         return final
 
+    def warmup(self, logprobs: Sequence[bool] = (False, True), penalties: Sequence[bool] = (False, True),
+               max_seq_len: Optional[int] = None) -> int:
+        """Runs (so compiles) the plain step program at every shape bucket for the given logprobs and
+        penalty variants, up to `max_seq_len` tokens per sequence (default max_model_len); returns the
+        number of programs run. Speculative verify programs are not covered."""
+        max_len = min(max_seq_len or self.engine_cfg.max_model_len, self.engine_cfg.max_model_len)
+        widths = sorted({MAX_LOGPROBS if lp else 0 for lp in logprobs})
+        return self.runner.warmup(widths, sorted(set(penalties)), max_len, self.eos_token_id)
+
     def scheduler_stats(self) -> dict:
-        out = {**self.scheduler.stats(), **self.stats,
+        out = {**self.scheduler.stats(), **self.stats, "device_wait_seconds": self.runner.device_wait_seconds,
                "prefix_hits": self.allocator.stats.prefix_hits,
                "prefix_tokens_saved": self.allocator.stats.prefix_tokens_saved}
         if self.spec_stats is not None:

@@ -53,7 +53,7 @@ class LLM:
                  enable_chunked_prefill: bool = True, attn_impl: str = "auto", quantization: Optional[str] = None,
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  quantization_group_size: Optional[int] = None,
-                 speculative=None, unroll_layers: Optional[bool] = None, _loaded=None):
+                 speculative=None, unroll_layers: Optional[bool] = None, num_decode_steps: int = 1, _loaded=None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r} must be one of {sorted(_DTYPES)}")
         # Quantization: "int8" (per channel) / "int4" (groups of quantization_group_size inputs, default the
@@ -102,7 +102,8 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             attn_impl=attn_impl, kv_cache_dtype=kv_cache_dtype,
-            speculative=speculative)  # None, a SpeculativeConfig or a dict of its fields
+            speculative=speculative,  # None, a SpeculativeConfig or a dict of its fields
+            num_decode_steps=num_decode_steps)  # multi-step decode (EngineConfig.num_decode_steps)
         self.mesh = None
         if unroll_layers is None:
             # XLA:CPU copies each layer's weights out of stacked arrays under lax.scan (3x the bytes of a
@@ -199,7 +200,7 @@ class LLM:
                 partial[i] = [None] * n
                 for j in range(n):
                     child = params.for_child(j) if n > 1 else params
-                    rid = engine.add_request(f"{base}-{i}-{j}", ids, child, prompt=text)
+                    rid = engine.add_request(f"{base}-{i}-{j}", ids, child, prompt=text, stream=False)
                     children[rid] = (i, j)
             except (ValueError, TypeError) as e:
                 if raise_on_error:
@@ -316,30 +317,19 @@ class LLM:
                                    attn_impl=self.engine.engine_cfg.attn_impl)
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self, max_prompt_tokens: int = 128, show_progress: bool = True) -> int:
-        """Compiles the common shape buckets ahead of time (decode at every batch-size bucket, prefill at
-        every prompt-size bucket up to `max_prompt_tokens`), so the first real requests don't pay for XLA
-        compilation. Returns the number of programs compiled."""
+    def warmup(self, logprobs: Optional[bool] = None, penalties: Optional[bool] = None,
+               max_seq_len: Optional[int] = None) -> int:
+        """Compiles every step program a job can use, so that generation compiles nothing: each token
+        bucket (its sequence count follows from it) at each block-table width up to `max_seq_len`
+        tokens (default max_model_len). logprobs / penalties: True or False when the job does or does
+        not ask for them (logprobs=k of any k, or repetition/frequency/presence penalties); None warms
+        both. Returns the number of programs run."""
         self._check_open()
-        ec = self.engine.engine_cfg
-        batch_sizes = [1 << i for i in range(max(ec.max_num_seqs, 1).bit_length()) if 1 << i <= ec.max_num_seqs]
-        prompt_sizes = [1 << i for i in range(3, max(max_prompt_tokens, 8).bit_length())
-                        if 1 << i <= min(max_prompt_tokens, ec.max_num_batched_tokens)]
-        before = len(self.engine.runner.compiled_shapes)
-        rng = np.random.default_rng(0)
-        plan = [("prefill", n) for n in prompt_sizes] + [("decode", b) for b in batch_sizes]
-        progress = None
-        if show_progress:
-            from tqdm import tqdm
-
-            progress = tqdm(plan, desc="warm-up (compiling shape buckets)", unit="bucket", file=sys.stderr)
-        greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-        for kind, size in (progress if progress is not None else plan):
-            count, length = (1, size) if kind == "prefill" else (size, 1)
-            prompts = [{"prompt_token_ids": rng.integers(0, self.config.vocab_size, length).tolist()}
-                       for _ in range(count)]
-            self.generate(prompts, greedy)
-        return len(self.engine.runner.compiled_shapes) - before
+        variants = lambda flag: [False, True] if flag is None else [bool(flag)]  # noqa: E731
+        for engine in getattr(self.engine, "engines", [self.engine]):
+            count = engine.warmup(logprobs=variants(logprobs), penalties=variants(penalties),
+                                  max_seq_len=max_seq_len)
+        return count
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 from typing import Iterable, Mapping, Optional, Sequence as SequenceT, Union
 
 import numpy as np
@@ -174,29 +175,28 @@ class SchedulerOutput:
         P = _padded("pad_pages_to", max(max_pages, 1), pad_pages_to)
         N = _padded("pad_logits_to", num_logits, pad_logits_to)
 
+        # Whole-batch numpy ops (not per-sequence slice assignments): this runs every step.
+        q_lens = np.fromiter((s.num_new_tokens for s in seqs), np.int32, num_seqs)
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slot_mapping = np.full(T, -1, np.int32)
+        if num_seqs:
+            tokens[:num_tokens] = list(itertools.chain.from_iterable(s.token_ids for s in seqs))
+            positions[:num_tokens] = list(itertools.chain.from_iterable(s.positions for s in seqs))
+            slot_mapping[:num_tokens] = list(itertools.chain.from_iterable(s.slot_mapping for s in seqs))
         cu_q_lens = np.zeros(S + 1, np.int32)
+        cu_q_lens[1:num_seqs + 1] = np.cumsum(q_lens)
+        cu_q_lens[num_seqs + 1:] = num_tokens
         kv_lens = np.zeros(S, np.int32)
+        kv_lens[:num_seqs] = [s.kv_len for s in seqs]
         block_tables = np.zeros((S, P), np.int32)
-        logits_indices = np.zeros(N, np.int32)
-
-        offset, row = 0, 0
         for i, s in enumerate(seqs):
-            q = s.num_new_tokens
-            tokens[offset:offset + q] = s.token_ids
-            positions[offset:offset + q] = s.positions
-            slot_mapping[offset:offset + q] = s.slot_mapping
-            kv_lens[i] = s.kv_len
             block_tables[i, :len(s.block_table)] = s.block_table
-            # Sampling rows: the last token, plus one row per draft token to verify it.
-            n = s.num_logits_rows
-            logits_indices[row:row + n] = np.arange(offset + q - n, offset + q)
-            row += n
-            offset += q
-            cu_q_lens[i + 1] = offset
-        cu_q_lens[num_seqs + 1:] = offset
+        # Sampling rows: the last token, plus one row per draft token to verify it.
+        logits_indices = np.zeros(N, np.int32)
+        logits_indices[:num_logits] = [cu + q - s.num_logits_rows + j
+                                       for s, cu, q in zip(seqs, cu_q_lens[:num_seqs].tolist(), q_lens.tolist())
+                                       for j in range(s.num_logits_rows)]
         return {
             "tokens": tokens,
             "positions": positions,
@@ -508,7 +508,10 @@ class Scheduler:
             if s.samples:
                 if tokens is None:
                     raise ValueError(f"no sampled token for request {seq.request_id!r}, which sampled this step")
-                tokens = [int(tokens)] if np.ndim(tokens) == 0 else [int(t) for t in tokens]
+                if isinstance(tokens, list):  # the engine's form; np.ndim would convert it to an array
+                    tokens = [int(t) for t in tokens]
+                else:
+                    tokens = [int(tokens)] if np.ndim(tokens) == 0 else [int(t) for t in tokens]
                 if not 1 <= len(tokens) <= 1 + s.num_draft_tokens:
                     raise ValueError(f"request {seq.request_id!r}: got {len(tokens)} tokens, expected 1.."
                                      f"{1 + s.num_draft_tokens} (accepted drafts + 1)")

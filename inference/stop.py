@@ -8,8 +8,13 @@ The checker is fed one generated token at a time and decides whether the request
 * "length": `max_tokens` tokens were generated. A stop condition met by that same last token wins,
   since it is the more informative reason (vLLM V0 order).
 
-Text is always re-derived by decoding the whole generated id list, so multi-byte UTF-8 characters
-split over several tokens and stop strings spanning token boundaries need no special cases.
+Text is decoded incrementally, as vLLM does: a window of ids starting at `prefix_offset` is decoded,
+and the part past the text of ids[prefix_offset:read_offset] is new. The window moves on only once
+its text is complete (no trailing U+FFFD, i.e. no half of a multi-byte character), so a window always
+starts on a character boundary and decoding a window agrees with decoding the whole output. Each step
+therefore decodes a few ids however long the output is, and stop strings are searched only in the
+newly decoded text (reaching back len(stop) - 1 characters for a match that straddles the boundary).
+Without stop strings nothing is decoded until the text is asked for.
 """
 from __future__ import annotations
 
@@ -49,7 +54,15 @@ class StopChecker:
         self.stop_reason: Union[int, str, None] = None
         self._final_text: Optional[str] = None
         self._checked_len = 0      # prefix of the text already searched for stop strings
-        self._cache = (-1, "")     # (number of ids decoded, their text)
+        # Incremental detokenization state: _text is the decoded text of token_ids[:_read_offset];
+        # _prefix_text that of token_ids[_prefix_offset:_read_offset]; _pending the complete characters
+        # decoded past _read_offset (the window's text ends in an incomplete character, so it waits).
+        self._text = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._prefix_text = ""
+        self._pending = ""
+        self._num_decoded = 0      # ids covered by _text + _pending
 
     @property
     def finished(self) -> bool:
@@ -68,7 +81,7 @@ class StopChecker:
             # The stop token is not part of the visible text unless explicitly asked for.
             ids = self.token_ids if p.include_stop_str_in_output else self.token_ids[:-1]
             reason = None if token_id in self._eos_ids else token_id
-            self._finish(FINISH_STOP, reason, self._decode_ids(ids))
+            self._finish(FINISH_STOP, reason, self._text_of_first(len(ids)))
         elif p.stop:
             text = self._stable_text()
             if may_stop:
@@ -81,7 +94,7 @@ class StopChecker:
             self._checked_len = len(text)
 
         if not self.finished and len(self.token_ids) >= p.max_tokens:
-            self._finish(FINISH_LENGTH, None, self._decode_ids(self.token_ids))
+            self._finish(FINISH_LENGTH, None, self._text_of_first(len(self.token_ids)))
         return self.finish_reason
 
     @property
@@ -101,17 +114,29 @@ class StopChecker:
     def _finish(self, reason: str, stop_reason: Union[int, str, None], text: str) -> None:
         self.finish_reason, self.stop_reason, self._final_text = reason, stop_reason, text
 
-    def _decode_ids(self, ids: Sequence[int]) -> str:
-        # Decoding is the expensive part; the same prefix is often asked for twice in one step.
-        # `ids` is always a prefix of token_ids (which only grows), so its length is a valid key.
-        n = len(ids)
-        if self._cache[0] != n:
-            self._cache = (n, self._decode(list(ids)))
-        return self._cache[1]
-
     def _stable_text(self) -> str:
-        # A trailing U+FFFD may be half of a multi-byte character that the next token completes.
-        return self._decode_ids(self.token_ids).rstrip(_REPLACEMENT)
+        """Text of all ids so far without an incomplete trailing character (which the next token may
+        complete): the same as decoding every id and stripping trailing U+FFFD."""
+        ids = self.token_ids
+        if self._num_decoded < len(ids):
+            window = self._decode(ids[self._prefix_offset:])
+            if window.endswith(_REPLACEMENT) or len(window) <= len(self._prefix_text):
+                # Wait for more ids; the complete characters already decoded still count.
+                self._pending = window.rstrip(_REPLACEMENT)[len(self._prefix_text):]
+            else:
+                self._text += window[len(self._prefix_text):]
+                self._pending = ""
+                self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+                self._prefix_text = self._decode(ids[self._prefix_offset:self._read_offset])
+            self._num_decoded = len(ids)
+        return self._text + self._pending if self._pending else self._text
+
+    def _text_of_first(self, n: int) -> str:
+        """Full text of token_ids[:n] (an incomplete trailing character included, as decoded)."""
+        if n < self._read_offset:  # never happens in append's order; kept exact anyway
+            return self._decode(self.token_ids[:n])
+        tail = self._decode(self.token_ids[self._prefix_offset:n])
+        return self._text + tail[len(self._prefix_text):]
 
     def _find_stop_string(self, text: str) -> Optional[tuple[int, str]]:
         """Earliest stop string occurrence that ends in the not-yet-searched part of `text`."""

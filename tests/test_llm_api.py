@@ -196,13 +196,35 @@ def test_hf_safetensors_dir_roundtrip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_warmup_compiles_buckets_then_generation_reuses_them(default_model):
-    from inference.llm import LLM
+def test_warmup_then_a_64_request_job_compiles_nothing(default_model):
+    """XLA's own compile events (not engine bookkeeping): after LLM.warmup, a job of 64 requests with
+    mixed prompt and output lengths, greedy and seeded sampling, runs without a single compilation.
+    A 1-layer, 64-wide random model with the default tokenizer keeps the compiles cheap."""
+    import jax
 
-    with LLM(_loaded=default_model, max_num_seqs=4, num_pages=64) as llm:
-        compiled = llm.warmup(max_prompt_tokens=16, show_progress=False)
-        assert compiled >= 3
-        shapes = set(llm.engine.runner.compiled_shapes)
-        # A single short prompt then decode steps at batch 1: every bucket it needs was warmed.
-        llm.generate({"prompt_token_ids": list(range(100, 108))}, GREEDY)
-        assert llm.engine.runner.compiled_shapes == shapes
+    from inference.engine import count_xla_compiles
+    from inference.llm import LLM
+    from model.config import LlamaConfig
+    from model.llama import init_params
+
+    tok = default_model[2]
+    cfg = LlamaConfig(vocab_size=default_model[0].vocab_size, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, name="probe")
+    params = init_params(cfg, jax.random.key(0))
+    with LLM(_loaded=(cfg, params, tok), max_num_seqs=8, max_num_batched_tokens=32, num_pages=160,
+             page_size=16) as llm:
+        with count_xla_compiles() as warm:
+            programs = llm.warmup(logprobs=False, penalties=False)
+        assert programs == 3 * 3  # token buckets 8/16/32 x block-table widths 1/4/16 pages
+        assert warm.count >= programs  # the counter sees real compiles
+        rng = np.random.default_rng(0)
+        prompts = [{"prompt_token_ids": rng.integers(0, cfg.vocab_size, int(rng.integers(1, 120))).tolist()}
+                   for _ in range(64)]
+        sps = [SamplingParams(temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True,
+                              max_tokens=int(rng.integers(1, 60)), stop=["the"] if i % 3 else None)
+               for i in range(64)]
+        with count_xla_compiles() as job:
+            outs = llm.generate(prompts, sps)
+        assert all(o.error is None and o.finish_reason in ("stop", "length") for o in outs)
+        assert max(len(p["prompt_token_ids"]) + len(o.token_ids) for p, o in zip(prompts, outs)) > 64
+        assert job.count == 0

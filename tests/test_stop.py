@@ -131,3 +131,59 @@ def test_append_after_finish_raises():
     c = run([1], max_tokens=1)
     with pytest.raises(RuntimeError):
         c.append(2)
+
+
+# -- incremental detokenization against a full decode of every prefix ----------------------------
+
+def _reference(decode, ids, stops):
+    """The checker's contract computed the slow way: decode every prefix in full.
+    Returns (number of ids consumed, visible text) for a run with `stops` and no max_tokens cut."""
+    for n in range(1, len(ids) + 1):
+        text = decode(ids[:n]).rstrip("\ufffd")
+        hits = [(text.find(s), s) for s in stops if s in text]
+        if hits:
+            return n, text[:min(hits)[0]]
+    return len(ids), decode(ids)
+
+
+def _check_against_full_decode(decode, ids, stops):
+    c = StopChecker(SamplingParams(stop=stops or None, max_tokens=len(ids), ignore_eos=True), None, decode)
+    for i, t in enumerate(ids):
+        if c.append(t):
+            break
+        if not stops:  # streaming text: everything complete so far
+            assert c.text == decode(ids[:i + 1]).rstrip("\ufffd")
+    assert (len(c.token_ids), c.text) == _reference(decode, ids, stops)
+
+
+def test_incremental_detok_equals_full_decode_on_split_utf8():
+    # Byte tokens 8/9 split "é"; interleaved with whole tokens in every order.
+    rng = __import__("random").Random(0)
+    decode = make_decode()
+    for _ in range(200):
+        ids = [rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 8, 10]) for _ in range(rng.randint(1, 25))]
+        _check_against_full_decode(decode, ids, [])
+        _check_against_full_decode(decode, ids, rng.sample(["é", "lo", "o w", "#é", "\ufffd", "ENDH"], 2))
+
+
+def test_incremental_detok_real_tokenizer(default_model):
+    """The default model's byte-level BPE: text with multi-byte characters split over byte tokens,
+    plus random vocabulary ids; stop strings taken from the text so that they span token boundaries."""
+    import numpy as np
+
+    tok = default_model[2]
+    decode = lambda ids: tok.decode(ids)  # noqa: E731
+    text = "Grüße aus Köln — naïve café 日本語のテキスト 🎉🚀 emoji, ümlauts and ½ fractions."
+    base = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([t]) for t in base), "no token splits a character: test is vacuous"
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        ids = list(base)
+        for _ in range(8):  # splice in random vocabulary ids
+            ids.insert(int(rng.integers(0, len(ids))), int(rng.integers(0, tok.vocab_size)))
+        full = decode(ids)
+        start = int(rng.integers(0, max(1, len(full) - 6)))
+        stop = full[start:start + int(rng.integers(2, 6))].replace("\ufffd", "")
+        _check_against_full_decode(decode, ids, [])
+        if stop:
+            _check_against_full_decode(decode, ids, [stop])

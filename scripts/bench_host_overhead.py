@@ -1,0 +1,142 @@
+"""Host overhead of the engine loop: how long each step keeps the host busy outside the device program.
+
+Part 1 runs a 1-layer, 64-wide random model with the default model's tokenizer and vocabulary, so the
+device step is nearly free and what is left is the loop itself: scheduling, input building, stop
+checks, incremental detokenization, outputs. Every request runs from the start (64 or 256 running
+sequences), with seeded sampling, repetition/frequency penalties, logprobs and stop strings on, for
+up to --output-tokens tokens (EOS ignored; the stop strings are chosen not to fire). Reported per
+step: host ms (step wall time minus the time blocked on the device's results), device-wait ms, and
+the host ms at several output positions (the loop's cost must not grow with the output length);
+plus XLA compilations after `warmup`.
+
+Part 2 (skip with --skip-default-model) runs the default model at 64 sequences and reports tokens/s with
+one decode step per device program and with multi-step decode (--decode-steps per program), in one run.
+
+Usage: python scripts/bench_host_overhead.py [--seqs 64 256] [--output-tokens 2048] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+
+from inference.engine import count_xla_compiles  # noqa: E402
+from inference.llm import LLM  # noqa: E402
+from inference.sampling_params import SamplingParams  # noqa: E402
+from model.checkpoint import load_model  # noqa: E402
+from model.config import LlamaConfig  # noqa: E402
+from model.llama import init_params  # noqa: E402
+
+PROMPT_TOKENS = 16
+STOPS = ["\n\n\n\n\n", "zqxjv"]  # long enough that random text is very unlikely to contain them
+
+
+def sampling(i: int, max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=max_tokens, ignore_eos=True,
+                          repetition_penalty=1.1, frequency_penalty=0.1, logprobs=2, stop=STOPS)
+
+
+def probe_job(loaded, num_seqs: int, output_tokens: int) -> dict:
+    cfg, params, tok = loaded
+    max_len = PROMPT_TOKENS + output_tokens
+    with LLM(_loaded=(cfg, params, tok), max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs,
+             max_model_len=max_len, page_size=16, num_pages=num_seqs * -(-max_len // 16)) as llm:
+        engine = llm.engine
+        t0 = time.perf_counter()
+        with count_xla_compiles() as warm:
+            llm.warmup(logprobs=True, penalties=True)
+        warmup_s = time.perf_counter() - t0
+        rng = np.random.default_rng(0)
+        for i in range(num_seqs):
+            engine.add_request(f"r{i}", rng.integers(0, cfg.vocab_size, PROMPT_TOKENS).tolist(),
+                               sampling(i, output_tokens), stream=False)
+        host_ms, cpu_ms, wait_ms = [], [], []
+        with count_xla_compiles() as job:
+            t_start = time.perf_counter()
+            while engine.has_unfinished_requests():
+                w0, t, c = engine.runner.device_wait_seconds, time.perf_counter(), time.thread_time()
+                engine.step()
+                dt, dc = time.perf_counter() - t, time.thread_time() - c
+                wait = engine.runner.device_wait_seconds - w0
+                host_ms.append((dt - wait) * 1e3)
+                # CPU time of this thread: the host work alone, even on a machine busy with other work
+                # (a blocked wait uses none). On a CPU backend it includes the program launch.
+                cpu_ms.append(dc * 1e3)
+                wait_ms.append(wait * 1e3)
+            total_s = time.perf_counter() - t_start
+    decode_start = -(-num_seqs * PROMPT_TOKENS // engine.engine_cfg.max_num_batched_tokens)  # prefill steps
+    host, cpu = np.array(host_ms[decode_start:]), np.array(cpu_ms[decode_start:])
+    # Host ms by output position (step k of the decode phase produced token k + 1 of every request).
+    at = {n: float(np.median(cpu[max(0, n - 33):n - 1])) for n in (128, 512, 1024, 2048) if n <= len(cpu)}
+    return {
+        "num_seqs": num_seqs, "output_tokens": output_tokens, "steps": len(host_ms),
+        "host_ms_per_step": float(np.median(host)), "host_ms_mean": float(host.mean()),
+        "host_cpu_ms_per_step": float(np.median(cpu)),
+        "device_wait_ms_per_step": float(np.median(wait_ms[decode_start:])),
+        "host_cpu_ms_at_output_token": at, "wall_s": total_s, "warmup_s": warmup_s,
+        "warmup_compiles": warm.count, "compiles_after_warmup": job.count,
+    }
+
+
+def default_model_tokens_per_s(loaded, num_seqs: int, output_tokens: int, **engine_kw) -> dict:
+    cfg, params, tok = loaded
+    prompts = [{"prompt_token_ids": tok.encode(f"Write a short story about the number {i}.")} for i in range(num_seqs)]
+    sp = [SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True) for _ in range(num_seqs)]
+    with LLM(_loaded=loaded, max_num_seqs=num_seqs, max_num_batched_tokens=max(num_seqs, 512),
+             max_model_len=256, **engine_kw) as llm:
+        llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)] * num_seqs)  # compile
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp)
+        dt = time.perf_counter() - t0
+    n = sum(len(o.token_ids) for o in outs)
+    return {"num_seqs": num_seqs, "output_tokens": output_tokens, "tokens_per_s": n / dt, "seconds": dt}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--output-tokens", type=int, default=2048, help="per request (shorter keeps runs bounded)")
+    ap.add_argument("--skip-default-model", action="store_true")
+    ap.add_argument("--default-model-tokens", type=int, default=32)
+    ap.add_argument("--decode-steps", type=int, default=4, help="num_decode_steps compared with 1")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    default = load_model(None)
+    tok = default[2]
+    cfg = LlamaConfig(vocab_size=default[0].vocab_size, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=PROMPT_TOKENS + args.output_tokens,
+                      name="host-probe")
+    probe = (cfg, init_params(cfg, jax.random.key(0)), tok)
+    report = {"backend": jax.default_backend(), "probe": [], "default_model": None}
+    for S in args.seqs:
+        r = probe_job(probe, S, args.output_tokens)
+        report["probe"].append(r)
+        print(f"[probe {S} seqs x {args.output_tokens} tokens] host {r['host_ms_per_step']:.2f} ms/step wall "
+              f"(mean {r['host_ms_mean']:.2f}), {r['host_cpu_ms_per_step']:.2f} ms/step thread CPU, device wait "
+              f"{r['device_wait_ms_per_step']:.2f} ms/step, host CPU ms near output token "
+              f"{r['host_cpu_ms_at_output_token']}, {r['steps']} steps in {r['wall_s']:.1f} s; "
+              f"compiles: warm-up {r['warmup_compiles']}, after warm-up {r['compiles_after_warmup']}", flush=True)
+    if not args.skip_default_model:
+        report["default_model"] = {}
+        for k in (1, args.decode_steps):  # one step per program, then multi-step decode
+            r = default_model_tokens_per_s(default, 64, args.default_model_tokens, num_decode_steps=k)
+            report["default_model"][f"num_decode_steps={k}"] = r
+            print(f"[default model 64 seqs x {r['output_tokens']} tokens, num_decode_steps={k}] "
+                  f"{r['tokens_per_s']:.1f} tok/s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
