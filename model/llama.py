@@ -280,12 +280,12 @@ def _project(x, w, axes: tuple, ks):
 
 
 def _layer(cfg: LlamaConfig, inputs: StepInputs, attn_impl: str, dense_prefill_len: Optional[int],
-           num_pages: int, ks, carry, layer_and_params):
-    """carry = (x, *cache_carry(cache)): (x, k, v) for a float pool, (x, k, v, k_scale, v_scale) for int8.
-    ks: sharding.rules.KernelSharding under tensor parallelism, else None."""
+           num_pages: int, carry, layer_and_params):
+    """carry = (x, *cache_carry(cache)): (x, k, v) for a float pool, (x, k, v, k_scale, v_scale) for int8."""
     x, *pool = carry
     pool = cache_from_carry(pool)
     layer_idx, p = layer_and_params
+    ks = kernel_sharding(cfg, pool["k"], p["attn_norm"])  # None without tensor parallelism
     T = x.shape[0]
     H, KVH, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     axes = PARAM_AXES["layers"]
@@ -343,8 +343,7 @@ def hidden_states(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaCo
     """Final-norm hidden states [T, d] and the updated cache."""
     num_pages = cache["k"].shape[1] // cfg.num_layers
     x = jnp.take(params["embed"], inputs.tokens, axis=0)
-    ks = kernel_sharding(cfg, cache["k"], params["embed"])
-    body = functools.partial(_layer, cfg, inputs, attn_impl, dense_prefill_len, num_pages, ks)
+    body = functools.partial(_layer, cfg, inputs, attn_impl, dense_prefill_len, num_pages)
     carry = (x, *cache_carry(cache))
     if isinstance(params["layers"], (list, tuple)):
         # Unstacked layers (see unstack_layers): a Python loop, each layer's weights used where they lie.
