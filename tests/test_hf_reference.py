@@ -146,3 +146,26 @@ def test_bfloat16_last_position_logits_near_hf(default_model):
         assert err < BF16_LOGITS_MAX_ABS, (n, err)
         assert err > 1e-3  # really computed in bf16 (float32 matches HF to < 1e-3)
         assert row.argmax() == want.argmax(), n
+
+
+def test_dtype_auto_is_float32_on_cpu_and_the_checkpoint_dtype_on_accelerators(tmp_path, monkeypatch, default_model):
+    import jax.numpy as jnp
+
+    from inference import llm as llm_module
+
+    assert jax.default_backend() == "cpu"
+    with llm_module.LLM(_loaded=default_model, num_pages=4, max_num_seqs=1, max_num_batched_tokens=16) as llm:
+        assert {a.dtype for a in jax.tree.leaves(llm.engine.runner.params)} == {jnp.dtype(jnp.float32)}
+        assert llm.engine.runner.cache["k"].dtype == jnp.float32  # kv_cache_dtype="auto" follows it
+
+    monkeypatch.setattr(llm_module.jax, "default_backend", lambda: "gpu")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    for stored, want in (("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32")):
+        (hf_dir / "config.json").write_text(json.dumps({"torch_dtype": stored}))
+        assert llm_module._auto_dtype(str(hf_dir), {}, from_loaded=False) == want
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+    assert llm_module._auto_dtype(str(gguf), {}, from_loaded=False) == "bfloat16"  # dequantized GGUF weights
+    given = {"embed": np.zeros((2, 2), jnp.float16)}
+    assert llm_module._auto_dtype(None, given, from_loaded=True) == "float16"

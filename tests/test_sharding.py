@@ -292,6 +292,18 @@ def test_pallas_tp_logits_match_one_device(pallas_tp_results, model):
                                           else {"tp1": 2, "tp2": 1, "tp4": 1, "tp8": 1})
 
 
+def test_kv_pool_sized_from_per_device_bytes(pallas_tp_results):
+    """A 4 MiB per-device KV budget: each device holds 8 / tp of the 8 KV heads of every page, so TP t fits
+    t times the pages of one device, and no device holds more than the budget."""
+    sizing = pallas_tp_results["sizing"]
+    base = sizing["tp1"]["num_pages"]
+    assert base == KV_BUDGET_BYTES // (2 * 2 * 8 * PAGE_SIZE * 16 * 4)  # K+V, 2 layers, 8 KV heads, hd 16, f32
+    for tp in (1, 2, 4, 8):
+        got = sizing[f"tp{tp}"]
+        assert got["num_pages"] == tp * base, (tp, got)
+        assert KV_BUDGET_BYTES - got["page_bytes_per_device"] < got["pool_bytes_per_device"] <= KV_BUDGET_BYTES, got
+
+
 def test_pallas_tp_engine_greedy_tokens_match_one_device(pallas_tp_results):
     runs = pallas_tp_results["engine"]
     assert sorted(runs) == ["tp1", "tp2", "tp4", "tp8"]
@@ -553,13 +565,17 @@ def lowering_summary(lowered_text: str, global_pool: tuple, local_pool: tuple) -
                                         for i, _ in calls)}
 
 
+KV_BUDGET_BYTES = 4 << 20
+
+
 def worker_pallas_tp(results: dict):
     import jax
+    from inference.engine import Engine, EngineConfig
     from inference.llm import LLM
     from inference.sampling_params import SamplingParams
     from model.llama import forward, init_cache, init_params
     from sharding.mesh import make_mesh
-    from sharding.rules import cache_sharding, shard_params
+    from sharding.rules import bytes_per_device, cache_sharding, shard_params
 
     num_pages = PAGES_PER_SEQ * PAD_SEQS
     for name, cfg in pallas_tp_configs().items():
@@ -584,9 +600,21 @@ def worker_pallas_tp(results: dict):
                                                       sharding["k"].shard_shape(cache["k"].shape))
         results[name] = r
 
-    # Greedy tokens through the engine (LLM's own TP set-up) at every TP degree.
+    # KV sizing from a per-device budget (nothing runs: only the pool is created).
     cfg = pallas_tp_configs()["mha8"]
     params = init_params(cfg, jax.random.PRNGKey(0))
+    results["sizing"] = {}
+    for tp in (1, 2, 4, 8):
+        group = make_mesh(tp, 1)
+        sizing_cfg = EngineConfig(page_size=PAGE_SIZE, kv_cache_memory_bytes=KV_BUDGET_BYTES, max_num_seqs=64,
+                                  max_model_len=512)
+        engine = Engine(cfg, shard_params(params, cfg, group), None, sizing_cfg, None, cache_sharding(cfg, group))
+        pages = engine.runner.num_pages
+        results["sizing"][f"tp{tp}"] = {"num_pages": pages, "pool_bytes_per_device": bytes_per_device(engine.runner.cache),
+                                        "page_bytes_per_device": bytes_per_device(engine.runner.cache) // pages}
+        engine.close()
+
+    # Greedy tokens through the engine (LLM's own TP set-up) at every TP degree.
     sp = SamplingParams(temperature=0, max_tokens=4, logprobs=1)
     results["engine"] = {}
     for tp in (1, 2, 4, 8):
