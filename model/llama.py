@@ -148,7 +148,7 @@ def pool_offsets_wrap(shape: tuple, dtype) -> bool:
     return elements > _I32_OFFSET_ELEMENTS and elements * jnp.dtype(dtype).itemsize <= _I64_OFFSETS_ABOVE_BYTES
 
 
-def _pages_elements(cfg: LlamaConfig, page_size: int, kv_heads: int) -> int:
+def _page_elements(cfg: LlamaConfig, page_size: int, kv_heads: int) -> int:
     return kv_heads * cfg.num_layers * page_size * cfg.head_dim  # elements of one page per layer, all layers
 
 
@@ -158,11 +158,11 @@ def safe_pool_pages(cfg: LlamaConfig, num_pages: int, page_size: int, dtype, kv_
     shape = (kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
     if not pool_offsets_wrap(shape, dtype):
         return num_pages
-    return _I32_OFFSET_ELEMENTS // _pages_elements(cfg, page_size, kv_heads)
+    return _I32_OFFSET_ELEMENTS // _page_elements(cfg, page_size, kv_heads)
 
 
 def _first_i64_pool_pages(cfg: LlamaConfig, page_size: int, dtype, kv_heads: int) -> int:
-    per_page = _pages_elements(cfg, page_size, kv_heads) * jnp.dtype(dtype).itemsize
+    per_page = _page_elements(cfg, page_size, kv_heads) * jnp.dtype(dtype).itemsize
     return _I64_OFFSETS_ABOVE_BYTES // per_page + 1
 
 
@@ -262,16 +262,14 @@ def _project(x, w, axes: tuple, ks):
     the local block: output columns (column-parallel), or input rows and a psum (row-parallel)."""
     if ks is None or not isinstance(w, QuantizedWeight):
         return dense(x, w)
-    w_spec = ks.weight_spec(w, axes)
-    in_axis, out_axis = w_spec.values[0], w_spec.values[1]
+    w_spec = ks.quantized_weight_spec(w, axes)
+    in_axis, out_axis = w_spec.values
     lead = (None,) * (x.ndim - 1)
-    splits = [1 if a is None else int(np.prod([ks.mesh.shape[n] for n in ((a,) if isinstance(a, str) else a)]))
-              for a in (in_axis, out_axis)]
 
     def local(x, w):
         # Static sizes of the local block: the arrays arrive split, the dataclass fields still say global.
-        w = QuantizedWeight(w.values, w.scales, w.zeros, w.bits, w.group_size, w.in_features // splits[0],
-                            w.out_features // splits[1])
+        w = QuantizedWeight(w.values, w.scales, w.zeros, w.bits, w.group_size,
+                            w.in_features // ks.parts(in_axis), w.out_features // ks.parts(out_axis))
         y = dense(x, w)
         return y if in_axis is None else jax.lax.psum(y, in_axis)
 
@@ -317,7 +315,7 @@ def _layer(cfg: LlamaConfig, inputs: StepInputs, attn_impl: str, dense_prefill_l
 
 
 def _placement_mesh(*arrays):
-    """The mesh the first of `arrays` placed on one is placed on (under jit: its abstract mesh), or None."""
+    """The mesh of the first of `arrays` that sits on one (under jit: its abstract mesh), or None."""
     for a in arrays:
         mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
         if mesh is not None and tuple(mesh.axis_names):

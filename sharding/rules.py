@@ -225,12 +225,13 @@ class KernelSharding:
         rules = {**self.rules, None: None}
         return _spec(tuple(axes), tuple(shape), rules, self.mesh)
 
-    def weight_spec(self, w, axes: tuple):
-        """Specs of a 2-D matmul weight [in, out] with logical `axes`, exactly as `shard_params` placed it
-        (a QuantizedWeight of specs for a quantized weight)."""
-        if isinstance(w, QuantizedWeight):
-            return _quantized_specs(w, tuple(axes), self.rules, self.mesh)
-        return self.spec(axes, w.shape)
+    def quantized_weight_spec(self, w: QuantizedWeight, axes: tuple) -> QuantizedWeight:
+        """Specs of a 2-D quantized weight [in, out] with logical `axes`, exactly as `shard_params` placed it."""
+        return _quantized_specs(w, tuple(axes), self.rules, self.mesh)
+
+    def parts(self, entry) -> int:
+        """Into how many pieces one PartitionSpec entry (None, a mesh axis or a tuple of them) splits a dim."""
+        return 1 if entry is None else _axis_size(self.mesh, entry)
 
     @property
     def query_heads_axis(self) -> str:
@@ -242,13 +243,9 @@ class KernelSharding:
         each device attends for every query head of the KV heads it holds ("kv_heads") and keeps its own
         heads afterwards: redundant attention FLOPs, but no copy of the pool."""
         heads, kv_heads = self.cfg.num_heads, self.cfg.num_kv_heads
-        q_split = _split_count(self.spec(("heads",), (heads,)), self.mesh)
-        kv_split = _split_count(self.spec(("kv_heads",), (kv_heads,)), self.mesh)
+        q_split = self.parts(self.spec(("heads",), (heads,))[0])
+        kv_split = self.parts(self.spec(("kv_heads",), (kv_heads,))[0])
         return "heads" if q_split == kv_split or kv_heads // kv_split == 1 else "kv_heads"
-
-
-def _split_count(spec: P, mesh: AnyMesh) -> int:
-    return int(np.prod([_axis_size(mesh, a) for a in spec if a is not None], dtype=np.int64))
 
 
 def kernel_sharding(cfg: LlamaConfig, mesh: Optional[AnyMesh]) -> Optional[KernelSharding]:

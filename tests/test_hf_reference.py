@@ -101,18 +101,21 @@ def test_live_hf_comparison(default_model):
 
 
 # ----- bfloat16 (what dtype="auto" computes in on an accelerator) against the same float32 HF results -----
-# bf16 weights, activations and KV pages (float32 accumulation, norms and softmax): logits move by up to
-# ~1.6 (observed; logits span about +-30), so the bound is 2.5 absolute and the top-1 token must agree.
+# bf16 weights, activations and KV pages (float32 accumulation, norms and softmax): last-position logits move
+# by up to 1.56 (observed over the 5 prompts; logits span about +-30): bound 2.5 absolute, same top-1 token.
 BF16_LOGITS_MAX_ABS = 2.5
+# Teacher-forced along HF's 32-token greedy continuations of the 5 prompts and 3 chats, bf16's top-1 token
+# is HF's at 253 of 256 positions (observed; no sequence below 30/32): bound 95% overall, 90% each.
+BF16_GREEDY_AGREEMENT, BF16_GREEDY_AGREEMENT_PER_SEQUENCE = 0.95, 0.9
 
 
-def _all_prompts_one_step(cfg, params, names, page_size=16):
-    """Last-position float32 logits of every prompt, computed in one ragged step (one compile)."""
+def _one_ragged_step(cfg, params, seqs, rows, page_size=16):
+    """float32 logits of every sequence in `seqs` (token id lists) at its positions `rows[i]`, computed
+    in one ragged prefill step (one compile), in the dtype of `params` (and a KV pool of that dtype)."""
     import jax.numpy as jnp
 
     from model.llama import StepInputs, init_cache, make_step_fn
 
-    seqs = [[int(t) for t in ARR[f"{n}_ids"]] for n in names]
     lens = [len(s) for s in seqs]
     pages = [-(-n // page_size) for n in lens]
     first_page = np.concatenate([[0], np.cumsum(pages)[:-1]])
@@ -126,26 +129,51 @@ def _all_prompts_one_step(cfg, params, names, page_size=16):
         positions=np.concatenate([np.arange(n) for n in lens]).astype(np.int32),
         slot_mapping=slots.astype(np.int32), cu_q_lens=cu, kv_lens=np.asarray(lens, np.int32),
         block_tables=block_tables, num_seqs=np.array([len(seqs)], np.int32),
-        logits_indices=(cu[1:] - 1).astype(np.int32))
+        logits_indices=np.concatenate([cu[i] + np.asarray(r) for i, r in enumerate(rows)]).astype(np.int32))
     dtype = jax.tree.leaves(params)[0].dtype
     cache = init_cache(cfg, int(sum(pages)), page_size, dtype)
     logits, _ = make_step_fn(cfg, "xla")(params, cache, StepInputs(*map(jnp.asarray, inputs)))
-    return np.asarray(logits)
+    return np.array(logits)
 
 
-def test_bfloat16_last_position_logits_near_hf(default_model):
+@pytest.fixture(scope="module")
+def bf16_teacher_forced(default_model):
+    """bf16 logits along HF's greedy continuations: each prompt / chat followed by HF's 32 greedy tokens,
+    one prefill; rows from the last prompt position on (row j predicts HF's token j)."""
     import jax.numpy as jnp
 
-    cfg, params, _ = default_model
+    cfg, params, tok = default_model
     bf16 = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
-    names = [f"prompt{p['index']}" for p in PROMPTS]
-    got = _all_prompts_one_step(cfg, bf16, names)
-    for n, row in zip(names, got):
-        want = ARR[f"{n}_last_logits"]
-        err = np.max(np.abs(row - want))
+    names = [f"prompt{p['index']}" for p in PROMPTS] + [f"chat{c['index']}" for c in REF["chats"]]
+    prompts = [[int(t) for t in ARR[f"{n}_ids"]] for n in names]
+    greedy = [[int(t) for t in ARR[f"{n}_greedy_ids"]] for n in names]
+    seqs = [p + g[:-1] for p, g in zip(prompts, greedy)]
+    rows = [np.arange(len(p) - 1, len(p) - 1 + len(g)) for p, g in zip(prompts, greedy)]
+    logits = _one_ragged_step(cfg, bf16, seqs, rows)
+    logits[:, tok.eos_token_id] = -np.inf  # HF generated with min_new_tokens=32: EOS was masked
+    return names, np.split(logits, np.cumsum([len(g) for g in greedy])[:-1]), greedy
+
+
+def test_bfloat16_last_position_logits_near_hf(bf16_teacher_forced):
+    names, logits, _ = bf16_teacher_forced
+    for n, rows in zip(names, logits):
+        if not n.startswith("prompt"):
+            continue
+        got, want = rows[0], ARR[f"{n}_last_logits"]
+        keep = np.isfinite(got)
+        err = np.max(np.abs(got[keep] - want[keep]))
         assert err < BF16_LOGITS_MAX_ABS, (n, err)
         assert err > 1e-3  # really computed in bf16 (float32 matches HF to < 1e-3)
-        assert row.argmax() == want.argmax(), n
+        assert got.argmax() == want.argmax(), n
+
+
+def test_bfloat16_greedy_tokens_agree_with_hf(bf16_teacher_forced):
+    """Teacher-forced along HF's greedy continuations, the bf16 model's top-1 token must be HF's at
+    BF16_GREEDY_AGREEMENT of the positions (float32 agrees at all of them: the greedy test above)."""
+    names, logits, greedy = bf16_teacher_forced
+    per_sequence = {n: float(np.mean(rows.argmax(-1) == np.asarray(g))) for n, rows, g in zip(names, logits, greedy)}
+    assert np.mean(list(per_sequence.values())) >= BF16_GREEDY_AGREEMENT, per_sequence
+    assert min(per_sequence.values()) >= BF16_GREEDY_AGREEMENT_PER_SEQUENCE, per_sequence
 
 
 def test_dtype_auto_is_float32_on_cpu_and_the_checkpoint_dtype_on_accelerators(tmp_path, monkeypatch, default_model):

@@ -310,6 +310,7 @@ def test_pallas_tp_engine_greedy_tokens_match_one_device(pallas_tp_results):
     for tp in ("tp2", "tp4", "tp8"):
         assert runs[tp]["tokens"] == runs["tp1"]["tokens"], tp
         np.testing.assert_allclose(runs[tp]["logprobs"], runs["tp1"]["logprobs"], atol=PALLAS_TP_LOGITS_ATOL)
+    np.testing.assert_allclose(runs["tp8"]["score"], runs["tp1"]["score"], atol=PALLAS_TP_LOGITS_ATOL)
 
 
 @pytest.mark.parametrize("model", ["mha8", "gqa_kv2"])
@@ -621,6 +622,8 @@ def worker_pallas_tp(results: dict):
         with LLM(tensor_parallel_size=tp, attn_impl="pallas_interpret", _loaded=(cfg, params, TinyTokenizer()),
                  **ENGINE_KW) as llm:
             results["engine"][f"tp{tp}"] = summarize(llm.generate(engine_prompts(), sp))
+            if tp in (1, 8):  # scoring: one dense prefill through the flash-attention kernel (also shard_mapped)
+                results["engine"][f"tp{tp}"]["score"] = llm.score("tensor parallel flash")[0].token_logprobs[1:]
 
 
 if __name__ == "__main__":
