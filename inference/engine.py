@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.kv_pool import BlockAllocator, kv_bytes_per_page, device_memory, pages_for_memory_budget
+from inference.kv_pool import BlockAllocator, device_memory, pages_for_memory_budget
 from inference.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from inference.sampler import SamplingTensors, next_engine_seed, sample
 from inference.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -49,7 +49,7 @@ from inference.spec_runner import SelfDraftRunner, SpeculativeConfig
 from inference.speculative import AdaptiveK, NgramProposer, SpecDecodeStats, verify
 from inference.stop import StopChecker
 from model.config import LlamaConfig
-from model.llama import StepInputs, forward, init_cache, kv_bytes_per_token_elem
+from model.llama import StepInputs, forward, init_cache, kv_bytes_per_token_elem, safe_pool_pages
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "int8": jnp.int8}
 _MAX_RETAINED_SPEC_STATS = 4096  # finished requests whose speculation metrics stay in request_spec_stats
@@ -267,9 +267,7 @@ class ModelRunner:
         self.engine_cfg = engine_cfg
         self.num_pages = num_pages  # pages the scheduler allocates; `extra_pages` more follow (draft scratch)
         self.params = params
-        self.cache = init_cache(cfg, num_pages + extra_pages, engine_cfg.page_size, kv_dtype)
-        if cache_sharding is not None:
-            self.cache = jax.device_put(self.cache, cache_sharding)
+        self.cache = init_cache(cfg, num_pages + extra_pages, engine_cfg.page_size, kv_dtype, sharding=cache_sharding)
         self.max_pages_per_seq = -(-engine_cfg.max_model_len // engine_cfg.page_size)
         self.max_seqs_bucket = _pow2_at_least(engine_cfg.max_num_seqs)
         self.num_slots = engine_cfg.max_num_seqs  # penalty slots (one per running request at most)
@@ -484,7 +482,7 @@ class Engine:
         self.cfg, self.tokenizer, self.engine_cfg = cfg, tokenizer, engine_cfg
         compute_dtype = jax.tree.leaves(params)[0].dtype
         kv_dtype = compute_dtype if engine_cfg.kv_cache_dtype == "auto" else _DTYPES[engine_cfg.kv_cache_dtype]
-        num_pages = engine_cfg.num_pages or self._pages_from_budget(kv_dtype, weight_bytes)
+        num_pages = engine_cfg.num_pages or self._pages_from_budget(kv_dtype, cache_sharding)
         self.allocator = BlockAllocator(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens,
                                    engine_cfg.max_model_len, engine_cfg.enable_chunked_prefill)
@@ -513,13 +511,22 @@ class Engine:
                                   extra_pages=extra_pages)
 
     # ------------------------------------------------------------------ sizing
-    def _pages_from_budget(self, kv_dtype, weight_bytes: int) -> int:
-        ec = self.engine_cfg
-        per_page = kv_bytes_per_page(self.cfg, ec.page_size, jnp.dtype(kv_dtype).itemsize)
+    def _pages_from_budget(self, kv_dtype, cache_sharding=None) -> int:
+        """Pages that fit one device's KV budget. Under TP each device holds only its KV heads of every
+        page (sharding.rules.cache_sharding), so a page costs that device 1/split of its full bytes."""
+        ec, cfg = self.engine_cfg, self.cfg
+        heads_per_device = cfg.num_kv_heads
+        device = None
+        if cache_sharding is not None:
+            shape = (cfg.num_kv_heads, 1, ec.page_size, cfg.head_dim)
+            heads_per_device = cache_sharding["k"].shard_shape(shape)[0]
+            # Memory of this engine's first local device (not jax's default one, which may be another replica's).
+            device = next((d for d in cache_sharding["k"].mesh.devices.flat if d.process_index == jax.process_index()),
+                          None)
         if ec.kv_cache_memory_bytes is not None:
             budget = ec.kv_cache_memory_bytes
         else:
-            mem = device_memory()
+            mem = device_memory(device)
             if mem is None:  # CPU: no device memory stats; use a fixed budget
                 budget = 1 << 30
             else:
@@ -527,11 +534,17 @@ class Engine:
                 budget = int(limit * ec.gpu_memory_utilization) - in_use
         # An int8 pool also holds one float32 scale per token per KV head (4 / head_dim bytes per element).
         itemsize = jnp.dtype(kv_dtype).itemsize
-        budget = int(budget * itemsize / kv_bytes_per_token_elem(self.cfg.head_dim, kv_dtype))
-        pages = pages_for_memory_budget(self.cfg, ec.page_size, itemsize, budget)
+        budget = int(budget * itemsize / kv_bytes_per_token_elem(cfg.head_dim, kv_dtype))
+        budget = budget * cfg.num_kv_heads // heads_per_device  # bytes of whole pages this device's share buys
+        pages = pages_for_memory_budget(cfg, ec.page_size, itemsize, budget)
         # No point holding more than every sequence at full length needs.
         needed = ec.max_num_seqs * -(-ec.max_model_len // ec.page_size)
-        return max(1, min(pages, needed))
+        pages = max(1, min(pages, needed))
+        # A self-draft speculator appends scratch pages (SelfDraftRunner.num_scratch_pages) to the same array.
+        spec = ec.speculative
+        scratch = (_pow2_at_least(ec.max_num_seqs) * -(-spec.num_speculative_tokens // ec.page_size)
+                   if spec is not None and spec.method != "ngram" else 0)
+        return max(1, safe_pool_pages(cfg, pages + scratch, ec.page_size, kv_dtype, heads_per_device) - scratch)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: Optional[str], prompt_token_ids: Sequence[int],

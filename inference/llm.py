@@ -45,8 +45,33 @@ def _token_ids(ids) -> list[int]:
     return [int(t) for t in ids]
 
 
+def _auto_dtype(model: Optional[str], params, *, from_loaded: bool) -> str:
+    """dtype="auto": float32 on CPU; on an accelerator the checkpoint's dtype -- an HF directory's
+    config.json torch_dtype, an orbax checkpoint's stored weights, bfloat16 for a GGUF file (its
+    dequantized weights, float32 only as the loader's intermediate), the given weights' dtype for
+    already loaded params."""
+    if jax.default_backend() == "cpu":
+        return "float32"
+    if not from_loaded:
+        from model.checkpoint import is_checkpoint
+        from model.weights import resolve_model
+
+        path = resolve_model(model)
+        if path.is_file():  # GGUF
+            return "bfloat16"
+        if not is_checkpoint(path) and (path / "config.json").exists():
+            import json
+
+            hf = json.loads((path / "config.json").read_text())
+            name = str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16")
+            return name if name in _DTYPES else "bfloat16"
+    floats = [a.dtype for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.floating)]
+    name = jnp.dtype(floats[0]).name if floats else "bfloat16"
+    return name if name in _DTYPES else "bfloat16"
+
+
 class LLM:
-    def __init__(self, model: Optional[str] = None, *, dtype: str = "float32", page_size: int = 16,
+    def __init__(self, model: Optional[str] = None, *, dtype: str = "auto", page_size: int = 16,
                  num_pages: Optional[int] = None, kv_cache_memory_bytes: Optional[int] = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
@@ -54,8 +79,8 @@ class LLM:
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  quantization_group_size: Optional[int] = None,
                  speculative=None, unroll_layers: Optional[bool] = None, num_decode_steps: int = 1, _loaded=None):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} must be one of {sorted(_DTYPES)}")
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} must be 'auto' or one of {sorted(_DTYPES)}")
         # Quantization: "int8" (per channel) / "int4" (groups of quantization_group_size inputs, default the
         # largest of 128/64/32 dividing every projection's input dim) of the projections, or "gguf": the
         # GGUF's own Q8_0/Q4_0/Q4_1 blocks. From a GGUF, tensors already in the requested width are kept
@@ -63,6 +88,7 @@ class LLM:
         if quantization not in (None, "int8", "int4", "gguf"):
             raise ValueError(f"quantization={quantization!r} must be None, 'int8', 'int4' or 'gguf'")
         t0 = time.perf_counter()
+        weights_given = _loaded is not None
         if _loaded is None and quantization is not None:
             from model.weights import resolve_model
 
@@ -77,8 +103,13 @@ class LLM:
         from model.quantize import PROJECTION_KEYS, QuantizedWeight, quantize_params
 
         is_quantized = lambda a: isinstance(a, QuantizedWeight)  # noqa: E731
-        params = jax.tree.map(lambda a: a if is_quantized(a) else jnp.asarray(a, _DTYPES[dtype]), params,
-                              is_leaf=is_quantized)
+        if dtype == "auto":
+            dtype = _auto_dtype(model, params, from_loaded=weights_given)
+        self.dtype = dtype
+        # Cast on the host: with tensor parallelism each device then receives only its own shards (no whole
+        # weight ever sits on one device).
+        params = jax.tree.map(lambda a: a if is_quantized(a) else np.asarray(a).astype(_DTYPES[dtype], copy=False),
+                              params, is_leaf=is_quantized)
         if quantization == "gguf" and not any(map(is_quantized, params["layers"].values())):
             raise ValueError("quantization='gguf' needs a GGUF model with Q8_0/Q4_0/Q4_1 projection weights")
         if quantization == "int8":

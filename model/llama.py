@@ -5,6 +5,11 @@ see docs/DESIGN.md), each sequence attends to its own paged KV. Layers are stack
 `lax.scan`, which keeps compile time flat in the layer count; the KV cache is one page pool shared by all
 layers (layer l's page p is physical page l * num_pages + p) and is carried through the scan and updated
 in place.
+
+Tensor parallelism: when the cache or weights live on a tensor-parallel mesh (sharding/rules.py), the
+attention + KV-update kernels and quantized matmuls run inside `jax.shard_map`, each device on its own
+heads / columns (a Pallas custom call under GSPMD alone would run whole on every device); the float
+matmuls, norms and embeddings stay with GSPMD, which splits them by the weights' layout.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from model.config import LlamaConfig
-from model.quantize import dense
+from model.quantize import QuantizedWeight, dense
 from pallas_kernels import flash_attention, ragged_paged_attention, update_kv_cache
 
 Params = dict
@@ -95,11 +101,14 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     return params
 
 
-def init_cache(cfg: LlamaConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> Cache:
+def init_cache(cfg: LlamaConfig, num_pages: int, page_size: int, dtype=jnp.float32, *,
+               sharding: Optional[dict] = None) -> Cache:
     """Empty paged KV pool: `num_pages` pages per layer, all layers in one array.
 
     dtype int8 gives a quantized pool: int8 "k"/"v" plus float32 "k_scale"/"v_scale"
     [KVH, L * num_pages, page_size], one absmax scale per token per KV head (pallas_kernels.kv_cache_update).
+    sharding: a {key: Sharding} dict like the pool (sharding.rules.cache_sharding); each device then
+    creates only its own shard (the whole pool never sits on one device).
     """
     if num_pages < 1 or page_size < 1:
         raise ValueError(f"{num_pages=} and {page_size=} must be >= 1")
@@ -107,11 +116,54 @@ def init_cache(cfg: LlamaConfig, num_pages: int, page_size: int, dtype=jnp.float
     if not (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.int8):
         raise ValueError(f"kv cache dtype={dtype} must be a float type or int8")
     shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
-    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    if dtype == jnp.int8:
-        cache["k_scale"] = jnp.zeros(shape[:3], jnp.float32)
-        cache["v_scale"] = jnp.zeros(shape[:3], jnp.float32)
-    return cache
+    local_heads = cfg.num_kv_heads if sharding is None else sharding["k"].shard_shape(shape)[0]
+    if pool_offsets_wrap((local_heads,) + shape[1:], dtype):
+        low, high = safe_pool_pages(cfg, num_pages, page_size, dtype, local_heads), _first_i64_pool_pages(
+            cfg, page_size, dtype, local_heads)
+        raise ValueError(f"an {dtype} KV pool of {num_pages=} pages ({local_heads} KV heads per device) is an "
+                         f"array of {local_heads * int(np.prod(shape[1:]))} bytes, where the Pallas GPU kernels' "
+                         f"32-bit offsets wrap (2**31..2**32 bytes); use num_pages <= {low} or >= {high}")
+
+    def zeros():
+        cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        if dtype == jnp.int8:
+            cache["k_scale"] = jnp.zeros(shape[:3], jnp.float32)
+            cache["v_scale"] = jnp.zeros(shape[:3], jnp.float32)
+        return cache
+
+    return zeros() if sharding is None else jax.jit(zeros, out_shardings=sharding)()
+
+
+# The Pallas Triton lowering indexes an array with 32-bit element offsets unless it exceeds 2**32 bytes
+# (then 64-bit; jax/_src/pallas/triton/lowering.py). Offsets past 2**31 - 1 wrap, so an array of more than
+# 2**31 elements but at most 2**32 bytes -- an int8 array of 2-4 GiB, e.g. one int8 pool holding every
+# layer -- is read and written at wrong addresses. Wider dtypes cannot land there.
+_I32_OFFSET_ELEMENTS = 2**31
+_I64_OFFSETS_ABOVE_BYTES = 2**32
+
+
+def pool_offsets_wrap(shape: tuple, dtype) -> bool:
+    """True for an array (one device's KV pool shard) whose kernel offsets would wrap (see above)."""
+    elements = int(np.prod(shape, dtype=np.int64))
+    return elements > _I32_OFFSET_ELEMENTS and elements * jnp.dtype(dtype).itemsize <= _I64_OFFSETS_ABOVE_BYTES
+
+
+def _page_elements(cfg: LlamaConfig, page_size: int, kv_heads: int) -> int:
+    return kv_heads * cfg.num_layers * page_size * cfg.head_dim  # elements of one page per layer, all layers
+
+
+def safe_pool_pages(cfg: LlamaConfig, num_pages: int, page_size: int, dtype, kv_heads: int) -> int:
+    """num_pages, or the largest smaller page count whose pool shard of `kv_heads` KV heads stays below the
+    wrapping range (capping, not padding: padding past 2**32 bytes would spend memory the budget lacks)."""
+    shape = (kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
+    if not pool_offsets_wrap(shape, dtype):
+        return num_pages
+    return _I32_OFFSET_ELEMENTS // _page_elements(cfg, page_size, kv_heads)
+
+
+def _first_i64_pool_pages(cfg: LlamaConfig, page_size: int, dtype, kv_heads: int) -> int:
+    per_page = _page_elements(cfg, page_size, kv_heads) * jnp.dtype(dtype).itemsize
+    return _I64_OFFSETS_ABOVE_BYTES // per_page + 1
 
 
 def kv_bytes_per_token_elem(head_dim: int, dtype) -> float:
@@ -167,17 +219,78 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def _attend(q, k, v, pool: Cache, slots, kv_lens, block_tables, cu_q_lens, num_seqs, *, attn_impl: str,
+            dense_prefill_len: Optional[int], sm_scale: float):
+    """Writes this step's K/V into the pool, then attends: (attn [T, H, hd], pool). Under tensor
+    parallelism this runs inside shard_map, on one device's heads and pool shard."""
+    T, H, hd = q.shape
+    KVH = k.shape[1]
+    new_k, new_v = k, v  # an int8 pool quantizes the float rows itself; a float pool stores them in its dtype
+    if "k_scale" not in pool:
+        new_k, new_v = k.astype(pool["k"].dtype), v.astype(pool["v"].dtype)
+    pool = cache_from_carry(update_kv_cache(pool["k"], pool["v"], new_k, new_v, slots, impl=attn_impl,
+                                            **_scale_kwargs(pool)))
+    if dense_prefill_len is None:
+        attn = ragged_paged_attention(q, pool["k"], pool["v"], kv_lens, block_tables, cu_q_lens, num_seqs,
+                                      sm_scale=sm_scale, impl=attn_impl, **_scale_kwargs(pool))
+    else:
+        # Fresh prompts only (no cached prefix), each padded to dense_prefill_len: attend over the new K/V
+        # directly with flash attention; nothing is read back from the pages.
+        B = T // dense_prefill_len
+        q_lens = cu_q_lens[1:B + 1] - cu_q_lens[:B]
+        attn = flash_attention(
+            q.reshape(B, dense_prefill_len, H, hd), k.reshape(B, dense_prefill_len, KVH, hd),
+            v.reshape(B, dense_prefill_len, KVH, hd), q_lens, q_lens, causal=True, sm_scale=sm_scale,
+            impl=attn_impl).reshape(T, H, hd)
+    return attn, pool
+
+
+def _sharded_attend(ks, q, k, v, pool: Cache, *replicated, **kw):
+    """_attend inside shard_map: q split by ks.query_heads_axis, new K/V and the pool by KV heads, the
+    step's metadata (slots, lengths, block tables) whole on every device."""
+    q_spec = ks.spec(("tokens", ks.query_heads_axis, "head_dim"), q.shape)
+    kv_spec = ks.spec(("tokens", "kv_heads", "head_dim"), k.shape)
+    pool_specs = {key: ks.spec(CACHE_AXES if a.ndim == 4 else CACHE_SCALE_AXES, a.shape) for key, a in pool.items()}
+    fn = jax.shard_map(functools.partial(_attend, **kw), mesh=ks.mesh,
+                       in_specs=(q_spec, kv_spec, kv_spec, pool_specs) + (P(),) * len(replicated),
+                       out_specs=(q_spec, pool_specs), check_vma=False)
+    return fn(q, k, v, pool, *replicated)
+
+
+def _project(x, w, axes: tuple, ks):
+    """x @ w (model.quantize.dense). A quantized weight on a TP mesh runs its kernel inside shard_map on
+    the local block: output columns (column-parallel), or input rows and a psum (row-parallel)."""
+    if ks is None or not isinstance(w, QuantizedWeight):
+        return dense(x, w)
+    w_spec = ks.quantized_weight_spec(w, axes)
+    in_axis, out_axis = w_spec.values
+    lead = (None,) * (x.ndim - 1)
+
+    def local(x, w):
+        # Static sizes of the local block: the arrays arrive split, the dataclass fields still say global.
+        w = QuantizedWeight(w.values, w.scales, w.zeros, w.bits, w.group_size,
+                            w.in_features // ks.parts(in_axis), w.out_features // ks.parts(out_axis))
+        y = dense(x, w)
+        return y if in_axis is None else jax.lax.psum(y, in_axis)
+
+    return jax.shard_map(local, mesh=ks.mesh, in_specs=(P(*lead, in_axis), w_spec), out_specs=P(*lead, out_axis),
+                         check_vma=False)(x, w)
+
+
 def _layer(cfg: LlamaConfig, inputs: StepInputs, attn_impl: str, dense_prefill_len: Optional[int],
            num_pages: int, carry, layer_and_params):
     """carry = (x, *cache_carry(cache)): (x, k, v) for a float pool, (x, k, v, k_scale, v_scale) for int8."""
     x, *pool = carry
     pool = cache_from_carry(pool)
     layer_idx, p = layer_and_params
+    ks = kernel_sharding(cfg, pool["k"], p["attn_norm"])  # None without tensor parallelism
     T = x.shape[0]
     H, KVH, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    axes = PARAM_AXES["layers"]
+    proj = lambda h, name: _project(h, p[name], axes[name][1:], ks)  # noqa: E731
 
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = dense(h, p["wq"]), dense(h, p["wk"]), dense(h, p["wv"])
+    q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
     if cfg.attention_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q, k, v = q.reshape(T, H, hd), k.reshape(T, KVH, hd), v.reshape(T, KVH, hd)
@@ -187,31 +300,40 @@ def _layer(cfg: LlamaConfig, inputs: StepInputs, attn_impl: str, dense_prefill_l
     # This layer's pages live at offset layer_idx * num_pages of the shared pool.
     page_size = pool["k"].shape[2]
     slots = jnp.where(inputs.slot_mapping >= 0, inputs.slot_mapping + layer_idx * num_pages * page_size, -1)
-    new_k, new_v = k, v  # an int8 pool quantizes the float rows itself; a float pool stores them in its dtype
-    if "k_scale" not in pool:
-        new_k, new_v = k.astype(pool["k"].dtype), v.astype(pool["v"].dtype)
-    pool = cache_from_carry(update_kv_cache(pool["k"], pool["v"], new_k, new_v, slots, impl=attn_impl,
-                                            **_scale_kwargs(pool)))
-    sm_scale = 1.0 / float(np.sqrt(hd))
-    if dense_prefill_len is None:
-        attn = ragged_paged_attention(
-            q, pool["k"], pool["v"], inputs.kv_lens, inputs.block_tables + layer_idx * num_pages,
-            inputs.cu_q_lens, inputs.num_seqs, sm_scale=sm_scale, impl=attn_impl, **_scale_kwargs(pool))
+    step = (slots, inputs.kv_lens, inputs.block_tables + layer_idx * num_pages, inputs.cu_q_lens, inputs.num_seqs)
+    kw = dict(attn_impl=attn_impl, dense_prefill_len=dense_prefill_len, sm_scale=1.0 / float(np.sqrt(hd)))
+    if ks is None:
+        attn, pool = _attend(q, k, v, pool, *step, **kw)
     else:
-        # Fresh prompts only (no cached prefix), each padded to dense_prefill_len: attend over the new K/V
-        # directly with flash attention; nothing is read back from the pages.
-        B = T // dense_prefill_len
-        q_lens = inputs.cu_q_lens[1:B + 1] - inputs.cu_q_lens[:B]
-        attn = flash_attention(
-            q.reshape(B, dense_prefill_len, H, hd), k.reshape(B, dense_prefill_len, KVH, hd),
-            v.reshape(B, dense_prefill_len, KVH, hd), q_lens, q_lens, causal=True, sm_scale=sm_scale,
-            impl=attn_impl).reshape(T, H, hd)
-    x = x + dense(attn.reshape(T, H * hd), p["wo"]).astype(x.dtype)
+        attn, pool = _sharded_attend(ks, q, k, v, pool, *step, **kw)
+    x = x + proj(attn.reshape(T, H * hd), "wo").astype(x.dtype)
 
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = dense(h, p["w_gate"]), dense(h, p["w_up"])
-    x = x + dense(jax.nn.silu(gate) * up, p["w_down"]).astype(x.dtype)
+    gate, up = proj(h, "w_gate"), proj(h, "w_up")
+    x = x + proj(jax.nn.silu(gate) * up, "w_down").astype(x.dtype)
     return (x, *cache_carry(pool)), None
+
+
+def _placement_mesh(*arrays):
+    """The mesh of the first of `arrays` that sits on one (under jit: its abstract mesh), or None."""
+    for a in arrays:
+        mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+        if mesh is not None and tuple(mesh.axis_names):
+            return mesh
+    return None
+
+
+def kernel_sharding(cfg: LlamaConfig, *arrays):
+    """sharding.rules.KernelSharding when `arrays` (the KV pool, the embedding) sit on a tensor-parallel
+    mesh, else None."""
+    mesh = _placement_mesh(*arrays)
+    if mesh is None:
+        return None
+    # The partition table lives in sharding/rules.py (the one place of truth); only that module builds
+    # the meshes this finds, so it is loaded only once such a mesh exists.
+    from sharding.rules import kernel_sharding as rules_kernel_sharding
+
+    return rules_kernel_sharding(cfg, mesh)
 
 
 def hidden_states(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaConfig, *,
@@ -250,7 +372,8 @@ def logits_from_hidden(params: Params, h: jax.Array, cfg: LlamaConfig) -> jax.Ar
     """h [N, d] -> float32 logits [N, vocab]."""
     if cfg.tie_word_embeddings:
         return jnp.einsum("nd,vd->nv", h, params["embed"], preferred_element_type=jnp.float32)
-    return dense(h, params["lm_head"]).astype(jnp.float32)
+    ks = kernel_sharding(cfg, params["embed"])
+    return _project(h, params["lm_head"], PARAM_AXES["lm_head"], ks).astype(jnp.float32)
 
 
 def forward(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaConfig, *,

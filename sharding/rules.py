@@ -18,10 +18,16 @@ so attention stays local to every device and each holds the least KV a replicate
 The placement is only a layout: under jit, GSPMD keeps the math identical whatever we pick and inserts
 the collectives the layout implies. The rules exist for memory and speed; the checks turn layouts that
 would split a head into clear errors, and uneven MLP / vocab splits into a replicated fallback.
+
+Pallas kernels are custom calls that GSPMD cannot split (it would gather their operands and run them
+whole on every device), so the model runs them inside `jax.shard_map` with specs from this same table
+(`KernelSharding`): the attention and KV-update kernels see each device's own heads and KV pool shard,
+the quantized matmul its own output columns (or input rows, then a psum).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Optional, Union
@@ -50,6 +56,7 @@ LOGICAL_AXIS_RULES: dict[str, Union[None, str, tuple]] = {
     "layers": None,
     "pages": None,
     "page_slot": None,
+    "tokens": None,  # activations: every device of a TP group holds all of a step's tokens
 }
 
 AnyMesh = Union[Mesh, AbstractMesh]
@@ -205,11 +212,51 @@ def cache_sharding(cfg: LlamaConfig, mesh: Mesh, kv_dtype=None) -> dict:
     return shardings
 
 
-def init_sharded_cache(cfg: LlamaConfig, num_pages: int, page_size: int, dtype, sharding: dict) -> dict:
-    """The empty KV pool created directly in its sharded layout (no full copy on one device first)."""
-    from model.llama import init_cache
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelSharding:
+    """The table applied to the kernels' operands on one TP mesh (what `model.llama` hands to shard_map)."""
 
-    return jax.jit(lambda: init_cache(cfg, num_pages, page_size, dtype), out_shardings=sharding)()
+    cfg: LlamaConfig
+    mesh: AnyMesh  # a rules mesh ("data", "model", "kv_replica") with tensor_parallel_size > 1
+    rules: dict    # resolve_rules(cfg, tp)
+
+    def spec(self, axes: tuple, shape: tuple) -> P:
+        """PartitionSpec of an operand with these logical axes (None entries: never split)."""
+        rules = {**self.rules, None: None}
+        return _spec(tuple(axes), tuple(shape), rules, self.mesh)
+
+    def quantized_weight_spec(self, w: QuantizedWeight, axes: tuple) -> QuantizedWeight:
+        """Specs of a 2-D quantized weight [in, out] with logical `axes`, exactly as `shard_params` placed it."""
+        return _quantized_specs(w, tuple(axes), self.rules, self.mesh)
+
+    def parts(self, entry) -> int:
+        """Into how many pieces one PartitionSpec entry (None, a mesh axis or a tuple of them) splits a dim."""
+        return 1 if entry is None else _axis_size(self.mesh, entry)
+
+    @property
+    def query_heads_axis(self) -> str:
+        """The logical axis the attention kernels split query heads by.
+
+        The kernels map local query head h to local KV head h // (local heads / local KV heads). That is
+        the model's GQA mapping when each device holds one KV head, or no KV head is replicated: then
+        "heads" (each device its own query heads). Otherwise (e.g. 3 KV heads on TP 2, all replicated)
+        each device attends for every query head of the KV heads it holds ("kv_heads") and keeps its own
+        heads afterwards: redundant attention FLOPs, but no copy of the pool."""
+        heads, kv_heads = self.cfg.num_heads, self.cfg.num_kv_heads
+        q_split = self.parts(self.spec(("heads",), (heads,))[0])
+        kv_split = self.parts(self.spec(("kv_heads",), (kv_heads,))[0])
+        return "heads" if q_split == kv_split or kv_heads // kv_split == 1 else "kv_heads"
+
+
+def kernel_sharding(cfg: LlamaConfig, mesh: Optional[AnyMesh]) -> Optional[KernelSharding]:
+    """KernelSharding for operands placed on `mesh` by these rules; None without tensor parallelism (or on
+    a mesh these rules did not build, where GSPMD alone partitions)."""
+    if mesh is None or tuple(mesh.axis_names) != RULES_MESH_AXES or tensor_parallel_size(mesh) == 1:
+        return None
+    with warnings.catch_warnings():  # an uneven MLP / vocab split was already reported at placement
+        warnings.simplefilter("ignore")
+        rules = resolve_rules(cfg, tensor_parallel_size(mesh))
+    return KernelSharding(cfg, mesh, rules)
 
 
 def kv_pool_split(cfg: LlamaConfig, sharding: Optional[dict]) -> int:
@@ -235,4 +282,4 @@ def bytes_per_device(tree) -> int:
 
 __all__ = ["LOGICAL_AXIS_RULES", "KV_REPLICA", "TP", "check_layout", "rules_mesh", "resolve_rules",
            "param_specs", "param_shardings", "shard_params", "cache_spec", "cache_sharding",
-           "init_sharded_cache", "kv_pool_split", "bytes_per_device", "tensor_parallel_size"]
+           "KernelSharding", "kernel_sharding", "kv_pool_split", "bytes_per_device", "tensor_parallel_size"]

@@ -200,3 +200,92 @@ def test_unstacked_layers_equal_scan(tiny_params):
     stacked = prompt_logits(tiny_params, TINY, ids, page_size=4, attn_impl="xla")
     unstacked = prompt_logits(unstack_layers(tiny_params), TINY, ids, page_size=4, attn_impl="xla")
     np.testing.assert_allclose(unstacked, stacked, atol=1e-5)
+
+
+# ----- int8 KV pools and the Triton lowering's 32-bit offsets -----
+# One int8 pool array holds every layer. The Pallas Triton lowering indexes an array with i32 element offsets
+# unless it exceeds 2**32 bytes, so int8 pools of 2-4 GiB would wrap: init_cache refuses them and the engine's
+# budget sizing caps below. Llama-3-8B's KV shape per device at TP 1: 8 KV heads, 32 layers, head_dim 128.
+LLAMA8B_KV = dataclasses.replace(TINY, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, name="llama8b-kv")
+PAGE = 16
+I32_LAST_SAFE_PAGES = 2**31 // (8 * 32 * PAGE * 128)       # 4096: exactly 2**31 int8 elements
+I64_FIRST_PAGES = 2**32 // (8 * 32 * PAGE * 128) + 1       # 8193: just over 2**32 bytes
+
+
+def test_int8_pool_sizes_never_land_where_offsets_wrap():
+    from model.llama import pool_offsets_wrap, safe_pool_pages
+
+    def wraps(pages, heads=8, dtype=jnp.int8):
+        return pool_offsets_wrap((heads, 32 * pages, PAGE, 128), dtype)
+
+    assert not wraps(I32_LAST_SAFE_PAGES) and wraps(I32_LAST_SAFE_PAGES + 1)
+    assert wraps(I64_FIRST_PAGES - 1) and not wraps(I64_FIRST_PAGES)
+    assert not wraps(I64_FIRST_PAGES - 1, dtype=jnp.bfloat16)  # 2-byte elements: i64 before 2**31 elements
+    for pages in (1, 1000, I32_LAST_SAFE_PAGES, I32_LAST_SAFE_PAGES + 1, 6000, I64_FIRST_PAGES - 1,
+                  I64_FIRST_PAGES, 20000):
+        got = safe_pool_pages(LLAMA8B_KV, pages, PAGE, jnp.int8, 8)
+        assert got <= pages and not wraps(got)
+        assert got == (pages if not wraps(pages) else I32_LAST_SAFE_PAGES)
+    # Per device under TP: 2 KV heads per device hold 4x the pages before the range begins.
+    assert safe_pool_pages(LLAMA8B_KV, 4 * I32_LAST_SAFE_PAGES + 1, PAGE, jnp.int8, 2) == 4 * I32_LAST_SAFE_PAGES
+    with pytest.raises(ValueError, match=r"num_pages=6000 .*use num_pages <= 4096 or >= 8193"):
+        init_cache(LLAMA8B_KV, 6000, PAGE, jnp.int8)  # refused before anything is allocated
+
+
+def test_engine_budget_caps_int8_pool_below_wrapping_range():
+    from inference.engine import Engine, EngineConfig
+
+    engine = Engine.__new__(Engine)  # only the sizing: no weights, no pool
+    engine.cfg = dataclasses.replace(LLAMA8B_KV, max_position_embeddings=1 << 20)
+    bytes_per_page = 2 * 8 * 32 * PAGE * 128 * (1 + 4 / 128)  # K and V, int8 plus per-token f32 scales
+    for budget_pages, want in ((3000, 3000), (6000, I32_LAST_SAFE_PAGES), (9000, 9000)):
+        engine.engine_cfg = EngineConfig(page_size=PAGE, kv_cache_memory_bytes=int(budget_pages * bytes_per_page) + 1,
+                                         max_num_seqs=64, max_model_len=1 << 20)
+        assert engine._pages_from_budget(jnp.int8) == want, budget_pages
+
+
+def _triton_pool_offset_types(lower) -> set:
+    """Offset types of the int8 pool's pointer arithmetic in the Triton IR the lowering builds."""
+    import re
+
+    tl = pytest.importorskip("jax._src.pallas.triton.lowering")  # private: skip cleanly if it moves
+    if not hasattr(tl, "lower_jaxpr_to_triton_module"):
+        pytest.skip("jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module moved")
+    modules, original = [], tl.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        modules.append(result.module.operation.get_asm())
+        return result
+
+    tl.lower_jaxpr_to_triton_module = capture
+    try:
+        lower()
+    finally:
+        tl.lower_jaxpr_to_triton_module = original
+    assert modules
+    return {m for ir in modules for m in re.findall(r"tt\.addptr [^:]*: \S*!tt\.ptr<i8>>?, (?:tensor<[\dx]*)?(i\d+)", ir)}
+
+
+@pytest.mark.parametrize("pages, offsets", [(I32_LAST_SAFE_PAGES, {"i32"}), (I32_LAST_SAFE_PAGES + 1, {"i32"}),
+                                            (I64_FIRST_PAGES, {"i64"})])
+def test_triton_lowering_offsets_at_the_int8_pool_boundary(pages, offsets):
+    """KV update and ragged attention lowered for CUDA (no GPU needed) on int8 pools of Llama-3-8B's shape:
+    i32 offsets up to 2**32 bytes -- fine at 2**31 elements, wrapping just past it (the sizes the pool
+    sizing avoids) -- and i64 once the array exceeds 2**32 bytes."""
+    from pallas_kernels import ragged_paged_attention, update_kv_cache
+
+    S = jax.ShapeDtypeStruct
+    pool, scales = S((8, 32 * pages, PAGE, 128), jnp.int8), S((8, 32 * pages, PAGE), jnp.float32)
+    rows, slots, q = S((16, 8, 128), jnp.bfloat16), S((16,), jnp.int32), S((16, 32, 128), jnp.bfloat16)
+    meta = (S((4,), jnp.int32), S((4, 8), jnp.int32), S((5,), jnp.int32), S((1,), jnp.int32))
+
+    def lower():
+        update = lambda k, v, ks, vs, kn, vn, sl: update_kv_cache(k, v, kn, vn, sl, impl="pallas", k_scales=ks,  # noqa
+                                                                   v_scales=vs)
+        jax.jit(update).trace(pool, pool, scales, scales, rows, rows, slots).lower(lowering_platforms=("cuda",))
+        attend = lambda q, k, v, ks, vs, *m: ragged_paged_attention(q, k, v, *m, k_scales=ks, v_scales=vs,  # noqa
+                                                                    impl="pallas")
+        jax.jit(attend).trace(q, pool, pool, scales, scales, *meta).lower(lowering_platforms=("cuda",))
+
+    assert _triton_pool_offset_types(lower) == offsets

@@ -169,7 +169,7 @@ def worker(out_dir: Path):
     from inference.sampling_params import SamplingParams
     from model.llama import forward, init_cache, init_params
     from sharding.mesh import make_mesh, replica_meshes
-    from sharding.rules import cache_sharding, init_sharded_cache, shard_params
+    from sharding.rules import cache_sharding, shard_params
 
     cfg = tiny_config()
     params = init_params(cfg, jax.random.PRNGKey(0))  # same key, same weights in every process
@@ -181,7 +181,7 @@ def worker(out_dir: Path):
         arrays["logits_single_device"], _ = two_ragged_steps(params, init_cache(cfg, num_pages, PAGE_SIZE), step)
     # TP over all devices of all processes: every process runs the same program on its own shards.
     mesh = make_mesh(TP, 1)
-    cache = init_sharded_cache(cfg, num_pages, PAGE_SIZE, jax.numpy.float32, cache_sharding(cfg, mesh))
+    cache = init_cache(cfg, num_pages, PAGE_SIZE, sharding=cache_sharding(cfg, mesh))
     logits, _ = two_ragged_steps(shard_params(params, cfg, mesh), cache, lambda p, c, i: _gathered(step(p, c, i)))
     arrays["logits_tp"] = logits
 

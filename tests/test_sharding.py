@@ -268,6 +268,63 @@ def test_llm_layout_errors(engine_results):
     assert "needs 16 devices" in errors["tp8xdp2"] and f"only {NUM_DEVICES} " in errors["tp8xdp2"]
 
 
+# ----- Pallas kernels under tensor parallelism (shard_map), attn_impl="pallas_interpret" -----
+# Tolerance: TP splits only heads (attention, KV writes) and adds the wo / w_down all-reduces, so logits
+# differ from one device by float32 summation order only (observed ~2e-6 at these sizes).
+PALLAS_TP_LOGITS_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pallas_tp_results(tmp_path_factory):
+    return run_worker("pallas_tp", tmp_path_factory.mktemp("sharding"))
+
+
+@pytest.mark.parametrize("model", ["mha8", "gqa_kv2"])
+def test_pallas_tp_logits_match_one_device(pallas_tp_results, model):
+    r = pallas_tp_results[model]
+    assert sorted(r["logits"]) == ["tp2", "tp4", "tp8"]
+    for tp, diff in r["logits"].items():
+        assert diff["max_abs_diff"] < PALLAS_TP_LOGITS_ATOL, (model, tp, diff)
+        assert diff["max_abs_ref"] > 1e-2
+    # The KV pool shard each device holds: 8 KV heads split up to 8 ways; 2 KV heads split 2 ways and
+    # replicated beyond (TP 4 / 8).
+    assert r["pool_heads_per_device"] == ({"tp1": 8, "tp2": 4, "tp4": 2, "tp8": 1} if model == "mha8"
+                                          else {"tp1": 2, "tp2": 1, "tp4": 1, "tp8": 1})
+
+
+def test_kv_pool_sized_from_per_device_bytes(pallas_tp_results):
+    """A 4 MiB per-device KV budget: each device holds 8 / tp of the 8 KV heads of every page, so TP t fits
+    t times the pages of one device, and no device holds more than the budget."""
+    sizing = pallas_tp_results["sizing"]
+    base = sizing["tp1"]["num_pages"]
+    assert base == KV_BUDGET_BYTES // (2 * 2 * 8 * PAGE_SIZE * 16 * 4)  # K+V, 2 layers, 8 KV heads, hd 16, f32
+    for tp in (1, 2, 4, 8):
+        got = sizing[f"tp{tp}"]
+        assert got["num_pages"] == tp * base, (tp, got)
+        assert KV_BUDGET_BYTES - got["page_bytes_per_device"] < got["pool_bytes_per_device"] <= KV_BUDGET_BYTES, got
+
+
+def test_pallas_tp_engine_greedy_tokens_match_one_device(pallas_tp_results):
+    runs = pallas_tp_results["engine"]
+    assert sorted(runs) == ["tp1", "tp2", "tp4", "tp8"]
+    for tp in ("tp2", "tp4", "tp8"):
+        assert runs[tp]["tokens"] == runs["tp1"]["tokens"], tp
+        np.testing.assert_allclose(runs[tp]["logprobs"], runs["tp1"]["logprobs"], atol=PALLAS_TP_LOGITS_ATOL)
+    np.testing.assert_allclose(runs["tp8"]["score"], runs["tp1"]["score"], atol=PALLAS_TP_LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("model", ["mha8", "gqa_kv2"])
+def test_pallas_tp_kernels_see_per_device_shapes(pallas_tp_results, model):
+    """The TP step lowered for CUDA (impl="pallas"): every Triton custom call sits inside the shard_map
+    (sdy.manual_computation) and its KV pool operands have one device's KV heads, not all of them."""
+    low = pallas_tp_results[model]["cuda_lowering"]
+    assert low["manual_computations"] >= 1
+    assert low["triton_calls"] >= 2  # the KV update and the ragged attention, at least
+    assert low["calls_with_local_pool"] == low["calls_with_pool"] >= 2, low
+    assert low["calls_with_global_pool"] == 0, low
+    assert low["calls_outside_manual"] == 0, low
+
+
 @pytest.mark.slow
 def test_sharded_quantized_forward_matches_one_device(tmp_path):
     r = run_worker("quantized", tmp_path)
@@ -456,6 +513,119 @@ def worker_quantized(results: dict):
         results[mode] = {"max_abs_diff": float(np.abs(got - ref).max())}
 
 
+def pallas_tp_configs():
+    """mha8: 16 query heads / 8 KV heads, so TP 8 still splits the KV pool; gqa_kv2: 2 KV heads, replicated
+    at TP 4 / 8. head_dim 16: the smallest the Pallas GPU kernels lower for."""
+    base = dataclasses.replace(tiny_config(), head_dim=16)
+    return {"mha8": dataclasses.replace(base, num_heads=16, num_kv_heads=8, name="tiny-h16-kv8"),
+            "gqa_kv2": dataclasses.replace(base, num_heads=8, num_kv_heads=2, name="tiny-h8-kv2-hd16")}
+
+
+def lowering_summary(lowered_text: str, global_pool: tuple, local_pool: tuple) -> dict:
+    """Counts the Triton custom calls of a CUDA lowering, where they sit and which pool shapes they see."""
+    import re
+
+    # Functions called from inside a shard_map body (they hold the kernels: jit-wrapped wrappers).
+    lines = lowered_text.splitlines()
+    manual_lines, depth, inside = set(), 0, False
+    for i, ln in enumerate(lines):
+        if "sdy.manual_computation" in ln:
+            inside, depth = True, 0
+        if inside:
+            manual_lines.add(i)
+            depth += ln.count("{") - ln.count("}")
+            if depth <= 0 and "}" in ln:
+                inside = False
+    called_in_manual = {m for i in manual_lines for m in re.findall(r"call @([\w$.-]+)", lines[i])}
+    func_of_line, func = [], None
+    for ln in lines:
+        m = re.match(r"\s*func\.func (?:private |public )?@([\w$.-]+)", ln)
+        if m:
+            func = m.group(1)
+        func_of_line.append(func)
+    # Calls nest (wrapper -> jitted kernel fn): close over them.
+    changed = True
+    while changed:
+        changed = False
+        for i, ln in enumerate(lines):
+            if func_of_line[i] in called_in_manual:
+                for m in re.findall(r"call @([\w$.-]+)", ln):
+                    if m not in called_in_manual:
+                        called_in_manual.add(m)
+                        changed = True
+    calls = [(i, ln) for i, ln in enumerate(lines) if "__gpu$xla.gpu.triton" in ln]
+    # KV-head counts of every pool-shaped operand of each call (its type signature follows the last " : ").
+    pool_re = re.compile(r"tensor<(\d+)x" + "x".join(map(str, global_pool[1:])) + r"x\w+>")
+    heads = [[int(h) for h in pool_re.findall(ln.rsplit(" : ", 1)[-1])] for _, ln in calls]
+    return {"manual_computations": sum("sdy.manual_computation" in ln for ln in lines),
+            "triton_calls": len(calls),
+            "calls_with_pool": sum(bool(h) for h in heads),
+            "calls_with_local_pool": sum(bool(h) and set(h) == {local_pool[0]} for h in heads),
+            "calls_with_global_pool": sum(global_pool[0] in h for h in heads) if global_pool[0] != local_pool[0] else 0,
+            "calls_outside_manual": sum(i not in manual_lines and func_of_line[i] not in called_in_manual
+                                        for i, _ in calls)}
+
+
+KV_BUDGET_BYTES = 4 << 20
+
+
+def worker_pallas_tp(results: dict):
+    import jax
+    from inference.engine import Engine, EngineConfig
+    from inference.llm import LLM
+    from inference.sampling_params import SamplingParams
+    from model.llama import forward, init_cache, init_params
+    from sharding.mesh import make_mesh
+    from sharding.rules import bytes_per_device, cache_sharding, shard_params
+
+    num_pages = PAGES_PER_SEQ * PAD_SEQS
+    for name, cfg in pallas_tp_configs().items():
+        params = init_params(cfg, jax.random.PRNGKey(0))
+        step = jax.jit(lambda p, c, i: forward(p, c, i, cfg, attn_impl="pallas_interpret"), donate_argnums=(1,))
+        ref, _ = two_ragged_steps(params, init_cache(cfg, num_pages, PAGE_SIZE), step)
+        r = {"logits": {}, "pool_heads_per_device": {"tp1": cfg.num_kv_heads}}
+        for tp in (2, 4, 8):
+            mesh = make_mesh(tp, 1)
+            sharding = cache_sharding(cfg, mesh)
+            cache = init_cache(cfg, num_pages, PAGE_SIZE, sharding=sharding)
+            r["pool_heads_per_device"][f"tp{tp}"] = cache["k"].addressable_shards[0].data.shape[0]
+            sharded = shard_params(params, cfg, mesh)
+            got, cache = two_ragged_steps(sharded, cache, step)
+            r["logits"][f"tp{tp}"] = {"max_abs_diff": float(np.abs(got - ref).max()),
+                                      "max_abs_ref": float(np.abs(ref).max())}
+            if tp == 8:
+                pallas = jax.jit(lambda p, c, i: forward(p, c, i, cfg, attn_impl="pallas"))
+                text = pallas.trace(sharded, cache, ragged_step([([1, 2, 3], 0)])[0]).lower(
+                    lowering_platforms=("cuda",)).as_text()
+                r["cuda_lowering"] = lowering_summary(text, tuple(cache["k"].shape),
+                                                      sharding["k"].shard_shape(cache["k"].shape))
+        results[name] = r
+
+    # KV sizing from a per-device budget (nothing runs: only the pool is created).
+    cfg = pallas_tp_configs()["mha8"]
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    results["sizing"] = {}
+    for tp in (1, 2, 4, 8):
+        group = make_mesh(tp, 1)
+        sizing_cfg = EngineConfig(page_size=PAGE_SIZE, kv_cache_memory_bytes=KV_BUDGET_BYTES, max_num_seqs=64,
+                                  max_model_len=512)
+        engine = Engine(cfg, shard_params(params, cfg, group), None, sizing_cfg, None, cache_sharding(cfg, group))
+        pages = engine.runner.num_pages
+        results["sizing"][f"tp{tp}"] = {"num_pages": pages, "pool_bytes_per_device": bytes_per_device(engine.runner.cache),
+                                        "page_bytes_per_device": bytes_per_device(engine.runner.cache) // pages}
+        engine.close()
+
+    # Greedy tokens through the engine (LLM's own TP set-up) at every TP degree.
+    sp = SamplingParams(temperature=0, max_tokens=4, logprobs=1)
+    results["engine"] = {}
+    for tp in (1, 2, 4, 8):
+        with LLM(tensor_parallel_size=tp, attn_impl="pallas_interpret", _loaded=(cfg, params, TinyTokenizer()),
+                 **ENGINE_KW) as llm:
+            results["engine"][f"tp{tp}"] = summarize(llm.generate(engine_prompts(), sp))
+            if tp in (1, 8):  # scoring: one dense prefill through the flash-attention kernel (also shard_mapped)
+                results["engine"][f"tp{tp}"]["score"] = llm.score("tensor parallel flash")[0].token_logprobs[1:]
+
+
 if __name__ == "__main__":
     case, out_path = sys.argv[1], sys.argv[2]
     sys.path.insert(0, str(REPO))
@@ -463,5 +633,6 @@ if __name__ == "__main__":
 
     assert len(jax.devices()) >= NUM_DEVICES, f"need {NUM_DEVICES} devices, got {jax.devices()}"
     res: dict = {}
-    {"forward": worker_forward, "engine": worker_engine, "quantized": worker_quantized}[case](res)
+    {"forward": worker_forward, "engine": worker_engine, "quantized": worker_quantized,
+     "pallas_tp": worker_pallas_tp}[case](res)
     Path(out_path).write_text(json.dumps(res))
