@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -112,8 +113,13 @@ class LLM:
                               params, is_leaf=is_quantized)
         if quantization == "gguf" and not any(map(is_quantized, params["layers"].values())):
             raise ValueError("quantization='gguf' needs a GGUF model with Q8_0/Q4_0/Q4_1 projection weights")
+        # With tensor parallelism, quantize on the host CPU device too, so that `shard_params` below sends each
+        # accelerator only its shards (never a whole float or quantized weight).
+        quantize_on = (jax.default_device(jax.devices("cpu")[0]) if tensor_parallel_size > 1
+                       else contextlib.nullcontext())
         if quantization == "int8":
-            params = quantize_params(params, "int8")
+            with quantize_on:
+                params = quantize_params(params, "int8")
         elif quantization == "int4":
             group_size = quantization_group_size
             if group_size is None:  # 576 and 1536 (SmolLM2-135M) -> 64
@@ -123,7 +129,8 @@ class LLM:
                 if group_size is None:
                     raise ValueError(f"no int4 group size in (128, 64, 32) divides every projection input dim "
                                      f"{sorted(in_dims)}; pass quantization_group_size")
-            params = quantize_params(params, "int4", group_size)
+            with quantize_on:
+                params = quantize_params(params, "int4", group_size)
         self.config = cfg
         self.tokenizer = tokenizer
         self.quantization = quantization
