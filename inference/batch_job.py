@@ -10,16 +10,29 @@
 
 Every line is written, flushed and fsynced as its request finishes. On restart, the ids (custom_ids) already
 in the output are skipped; a torn last line left by a kill is cut off first, so nothing is lost or duplicated.
+Input lines are decoded one at a time: a non-UTF-8 or malformed line gets an error result with its line number.
+Lines already in the output that are not results (non-UTF-8, not an object, no id) are warned about and skipped.
+
+Safety around the output file (the output format itself is unchanged, so readers of it need not know):
+* OUTPUT.lock: an exclusive flock held for the whole job; a second job on the same output gets OutputLockedError.
+* OUTPUT.meta.json: written atomically before the first result; the input file's sha256, the job-level settings
+  (format, chat, default SamplingParams / served model name) and, per request, its key, line and a sha256 of the
+  canonical JSON of its record plus those settings. A resume refuses with ResumeMismatchError, naming the id and
+  line, when the settings changed or any finished result's request is missing or different in the input; new
+  records appended to the input are fine. `overwrite=True` (`--overwrite`) empties the output and starts over.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import os
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -72,13 +85,192 @@ class _Job:
         self.outputs = [None] * len(self.requests)
 
 
+class BatchJobError(Exception):
+    """A batch job that cannot start or resume; the message names the file, line or setting, and the fix."""
+
+
+class OutputPathError(BatchJobError):
+    """The output path cannot be written (a directory, a missing parent, no write permission)."""
+
+
+class OutputLockedError(BatchJobError):
+    """Another job holds the output's lock."""
+
+
+class ResumeMismatchError(BatchJobError):
+    """The output holds results made from other requests or settings than this run's."""
+
+
+class BatchOutputWarning(UserWarning):
+    """A line already in the output that is not a result (skipped; its request runs again)."""
+
+
+def meta_path(output_path) -> Path:
+    """The fingerprint sidecar: OUTPUT.meta.json."""
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.name + ".meta.json")
+
+
+def lock_path(output_path) -> Path:
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.name + ".lock")
+
+
+def check_output_path(output_path) -> Path:
+    """Raises OutputPathError unless results can be appended to `output_path` (cheap: run before loading a model)."""
+    output = Path(output_path)
+    if output.is_dir():
+        raise OutputPathError(f"output {str(output)!r} is a directory; give a file path such as "
+                              f"{str(output / 'results.jsonl')!r}")
+    parent = output.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"output directory {str(parent)!r} does not exist (for output {str(output)!r}); "
+                              "create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output directory {str(parent)!r} is not writable (for output {str(output)!r})")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise OutputPathError(f"output {str(output)!r} is not writable")
+    return output
+
+
+class OutputLock:
+    """An exclusive flock on OUTPUT.lock, held for the whole job: two jobs can never append to one output.
+
+    The lock file is left in place on release (unlinking a lock file races with a job about to take it).
+    """
+
+    def __init__(self, output_path):
+        output = check_output_path(output_path)
+        self.path = lock_path(output)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputPathError(f"cannot create the lock file {str(self.path)!r}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(f"output {str(output)!r} is in use by another batch job (it holds "
+                                    f"{str(self.path)!r}); wait for it to finish or give another output") from None
+        self._fd = fd
+
+    def release(self):
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=repr)
+
+
+@dataclass
+class _Entry:
+    """One non-blank input line: its output key, parsed record (or the error it gets), and fingerprint."""
+
+    line_no: int
+    key: object
+    record: object
+    error: Optional[str]
+    fingerprint: str  # sha256 of the canonical record (or of the raw bytes) plus the job's settings
+
+
+def _read_input(input_path: Path, fmt, settings: dict) -> tuple[list, str]:
+    """Every non-blank line, decoded alone (a non-UTF-8 or malformed line fails alone); and the file's sha256."""
+    file_hash = hashlib.sha256()
+    entries, seen_keys = [], set()
+    settings_json = _canonical(settings)
+    with open(input_path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            file_hash.update(raw)
+            if not raw.strip():
+                continue
+            record, error = None, None
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if not isinstance(record, dict):
+                    error = f"line {line_no}: expected a JSON object, got {type(record).__name__}"
+            except UnicodeDecodeError as e:
+                error = f"line {line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            except json.JSONDecodeError as e:
+                error = f"line {line_no}: malformed JSON ({e.msg} at column {e.colno})"
+            key = fmt.job_key(line_no, record)
+            if key in seen_keys:
+                error = f"line {line_no}: duplicate {fmt.key}={key!r}"
+                key = f"{key}#line-{line_no}"
+            seen_keys.add(key)
+            content = _canonical(record) if record is not None else raw.hex()
+            fingerprint = hashlib.sha256(f"{content}\n{settings_json}".encode()).hexdigest()
+            entries.append(_Entry(line_no, key, record, error, fingerprint))
+    return entries, file_hash.hexdigest()
+
+
+def _write_meta(output_path: Path, meta: dict):
+    """Atomically (write, fsync, rename): a kill leaves the old sidecar or the new one, never half of one."""
+    path = meta_path(output_path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_resume(output_path: Path, input_path: Path, settings: dict, entries: list, done: set, key_name: str):
+    """Raises ResumeMismatchError unless every result in the output was made from this run's request."""
+    start_over = "pass --overwrite (overwrite=True) to start over, or give another output"
+    path = meta_path(output_path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        recorded = {r["key"]: (r["line"], r["sha256"]) for r in meta["requests"]}
+        old_settings = meta["settings"]
+    except FileNotFoundError:
+        raise ResumeMismatchError(f"{str(output_path)!r} holds {len(done)} results but no fingerprint file "
+                                  f"{str(path)!r}, so they cannot be matched to {str(input_path)!r}; "
+                                  f"{start_over}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResumeMismatchError(f"fingerprint file {str(path)!r} is unreadable ({e}); {start_over}") from None
+    if old_settings != settings:
+        changed = sorted(_diff(old_settings, settings))
+        raise ResumeMismatchError(f"{str(output_path)!r} was written with other settings ({'; '.join(changed)}); "
+                                  f"re-run with the earlier flags, or {start_over}")
+    current = {e.key: e for e in entries}
+    for key in sorted(done, key=lambda k: recorded.get(k, (0,))[0]):
+        old = recorded.get(key)
+        entry = current.get(key)
+        if old is None:
+            raise ResumeMismatchError(f"{str(output_path)!r} holds a result for {key_name}={key!r} that its "
+                                      f"fingerprint file does not list; {start_over}")
+        if entry is None:
+            raise ResumeMismatchError(f"{str(output_path)!r} holds a result for {key_name}={key!r} (line {old[0]} "
+                                      f"of the earlier input), which {str(input_path)!r} does not contain; "
+                                      f"{start_over}")
+        if entry.fingerprint != old[1]:
+            raise ResumeMismatchError(f"line {entry.line_no} of {str(input_path)!r} ({key_name}={key!r}) differs "
+                                      f"from the request (line {old[0]} of the earlier input) whose result is in "
+                                      f"{str(output_path)!r}; {start_over}")
+
+
+def _diff(old, new, prefix="") -> list:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 def detect_format(input_path: Path) -> str:
     """OPENAI if the first JSON object line looks like an OpenAI Batch request, else RECORDS."""
-    with open(input_path, encoding="utf-8") as f:
+    with open(input_path, "rb") as f:
         for line in f:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(record, dict):
                 return OPENAI if "custom_id" in record or ("url" in record and "body" in record) else RECORDS
@@ -86,7 +278,8 @@ def detect_format(input_path: Path) -> str:
 
 
 def _repair_and_read_done(output: Path, key: str) -> set:
-    """Keys already written; truncates a torn (unterminated) last line left by a kill."""
+    """Keys already written; truncates a torn (unterminated) last line left by a kill, warns about (and skips)
+    lines that are not results, whose requests then run again."""
     done = set()
     if not output.exists():
         return done
@@ -96,13 +289,25 @@ def _repair_and_read_done(output: Path, key: str) -> set:
         if end < len(data):
             f.truncate(end)
             data = data[:end]
-    for line in data.decode("utf-8").splitlines():
-        if not line.strip():
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
+        problem = None
         try:
-            done.add(json.loads(line)[key])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
+            line = json.loads(raw.decode("utf-8"))
+            if not isinstance(line, dict):
+                problem = f"a JSON {type(line).__name__}, not a result object"
+            elif not isinstance(line.get(key), (str, int)) or isinstance(line.get(key), bool):
+                problem = f"no string or integer {key!r} ({key}={line.get(key)!r})"
+            else:
+                done.add(line[key])
+        except UnicodeDecodeError as e:
+            problem = f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+        except json.JSONDecodeError as e:
+            problem = f"malformed JSON ({e.msg} at column {e.colno})"
+        if problem:
+            warnings.warn(f"{str(output)!r} line {line_no}: {problem}; skipped (its request runs again)",
+                          BatchOutputWarning, stacklevel=3)
     return done
 
 
@@ -209,19 +414,52 @@ class _OpenAIFormat:
 
 def run_batch_job(llm, input_path, output_path, *, default_params: SamplingParams, chat: bool = False,
                   show_progress: bool = True, max_records: Optional[int] = None,
-                  model_name: Optional[str] = None) -> JobSummary:
+                  model_name: Optional[str] = None, overwrite: bool = False,
+                  output_lock: Optional[OutputLock] = None) -> JobSummary:
     """Runs every not-yet-done record of `input_path` through `llm`'s engine, appending to `output_path`.
 
     default_params and chat apply to ridgeline records; OpenAI requests carry their own parameters (OpenAI
-    defaults) and report `model_name` (default: the model's config name).
+    defaults) and report `model_name` (default: the model's config name). Resuming refuses (ResumeMismatchError)
+    when a finished result was made from a different request or settings; `overwrite=True` starts over.
+    `output_lock`: an OutputLock already held on `output_path` (the CLI takes it before loading the model);
+    without one the job takes its own, raising OutputLockedError if another job holds it.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {str(input_path)!r}")
-    fmt = (_OpenAIFormat(llm, model_name or llm.config.name) if detect_format(input_path) == OPENAI
-           else _RecordsFormat(llm, default_params, chat))
+    own_lock = output_lock is None
+    lock = OutputLock(output_path) if own_lock else output_lock
+    try:
+        return _run_locked(llm, input_path, output_path, default_params=default_params, chat=chat,
+                           show_progress=show_progress, max_records=max_records, model_name=model_name,
+                           overwrite=overwrite)
+    finally:
+        if own_lock:
+            lock.release()
+
+
+def _run_locked(llm, input_path: Path, output_path: Path, *, default_params, chat, show_progress, max_records,
+                model_name, overwrite) -> JobSummary:
+    if detect_format(input_path) == OPENAI:
+        fmt = _OpenAIFormat(llm, model_name or llm.config.name)
+        settings = {"format": OPENAI, "model_name": fmt.model_name}
+    else:
+        fmt = _RecordsFormat(llm, default_params, chat)
+        settings = {"format": RECORDS, "chat": chat, "defaults": dataclasses.asdict(default_params)}
+    settings = json.loads(_canonical(settings))  # what the sidecar holds, so comparisons see the same types
+    entries, input_sha256 = _read_input(input_path, fmt, settings)
     summary = JobSummary()
-    done = _repair_and_read_done(output_path, fmt.key)
+    if overwrite:
+        output_path.write_bytes(b"")
+        done = set()
+    else:
+        done = _repair_and_read_done(output_path, fmt.key)
+        if done:
+            _check_resume(output_path, input_path, settings, entries, done, fmt.key)
+    _write_meta(output_path, {"version": 1, "input": {"path": str(input_path.absolute()), "sha256": input_sha256},
+                              "settings": settings,
+                              "requests": [{"key": e.key, "line": e.line_no, "sha256": e.fingerprint}
+                                           for e in entries]})
     start = time.perf_counter()
     out = open(output_path, "a", encoding="utf-8")
 
@@ -239,51 +477,34 @@ def run_batch_job(llm, input_path, output_path, *, default_params: SamplingParam
     engine = llm.engine
     pending: dict[str, tuple[_Job, int]] = {}  # engine request id -> (job, choice index)
     num_jobs = 0
-    seen_keys = set()
-    with open(input_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            summary.total_records += 1
+    for entry in entries:
+        line_no, key, record, error = entry.line_no, entry.key, entry.record, entry.error
+        summary.total_records += 1
+        if key in done:
+            summary.skipped_done += 1
+            continue
+        if max_records is not None and num_jobs >= max_records:
+            break
+        try:
+            if error is not None:
+                raise _LineError(error, fmt.error_line(key, error))
+            job = fmt.build(line_no, record, key)
+            added = []
             try:
-                record, error = json.loads(line), None
-                if not isinstance(record, dict):
-                    error = f"line {line_no}: expected a JSON object, got {type(record).__name__}"
-            except json.JSONDecodeError as e:
-                record, error = None, f"line {line_no}: malformed JSON ({e.msg} at column {e.colno})"
-            key = fmt.job_key(line_no, record)
-            if key in done:
-                summary.skipped_done += 1
+                for rid, index, ids, params, text in job.requests:
+                    engine.add_request(rid, ids, params, prompt=text, stream=False)
+                    added.append(rid)
+            except (ValueError, TypeError) as e:
+                for rid in added:
+                    engine.abort(rid)
+                failed = _error_output(rid, ids, f"line {line_no}: {e}")
+                write(*job.finish([failed] * len(job.requests)))
                 continue
-            if key in seen_keys:
-                error = f"line {line_no}: duplicate {fmt.key}={key!r}"
-                key = f"{key}#line-{line_no}"
-                if key in done:
-                    summary.skipped_done += 1
-                    continue
-            seen_keys.add(key)
-            if max_records is not None and num_jobs >= max_records:
-                break
-            try:
-                if error is not None:
-                    raise _LineError(error, fmt.error_line(key, error))
-                job = fmt.build(line_no, record, key)
-                added = []
-                try:
-                    for rid, index, ids, params, text in job.requests:
-                        engine.add_request(rid, ids, params, prompt=text, stream=False)
-                        added.append(rid)
-                except (ValueError, TypeError) as e:
-                    for rid in added:
-                        engine.abort(rid)
-                    failed = _error_output(rid, ids, f"line {line_no}: {e}")
-                    write(*job.finish([failed] * len(job.requests)))
-                    continue
-                for rid, index, *_ in job.requests:
-                    pending[rid] = (job, index)
-                num_jobs += 1
-            except _LineError as e:
-                write(e.line, str(e))
+            for rid, index, *_ in job.requests:
+                pending[rid] = (job, index)
+            num_jobs += 1
+        except _LineError as e:
+            write(e.line, str(e))
 
     progress = None
     if show_progress and pending:

@@ -68,14 +68,7 @@ def cmd_generate(args) -> int:
     if args.input:
         if not args.output:
             raise SystemExit("ridgeline generate: --input needs --output")
-        from inference.batch_job import run_batch_job
-
-        llm = _make_llm(args)
-        summary = run_batch_job(llm, args.input, args.output, default_params=params, chat=args.chat,
-                                show_progress=not args.quiet)
-        print(summary.format(), file=sys.stderr)
-        llm.close()
-        return 0
+        return _run_batch(args, params, model_name=None)
     if not args.prompts:
         raise SystemExit("ridgeline generate: give a prompt, or --input prompts.jsonl --output results.jsonl")
     llm = _make_llm(args)
@@ -101,15 +94,27 @@ def _served_model_name(args) -> str:
     return args.served_model_name or args.model or DEFAULT_MODEL
 
 
-def cmd_batch(args) -> int:
-    from inference.batch_job import run_batch_job
+def _run_batch(args, params, model_name: Optional[str]) -> int:
+    from pathlib import Path
 
-    llm = _make_llm(args)
-    summary = run_batch_job(llm, args.input, args.output, default_params=_sampling_params(args), chat=args.chat,
-                            show_progress=not args.quiet, model_name=_served_model_name(args))
+    from inference.batch_job import OutputLock, run_batch_job
+
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"input file not found: {args.input!r}")
+    with OutputLock(args.output) as lock:  # path checked and lock taken before the model loads
+        llm = _make_llm(args)
+        try:
+            summary = run_batch_job(llm, args.input, args.output, default_params=params, chat=args.chat,
+                                    show_progress=not args.quiet, model_name=model_name, overwrite=args.overwrite,
+                                    output_lock=lock)
+        finally:
+            llm.close()
     print(summary.format(), file=sys.stderr)
-    llm.close()
     return 0
+
+
+def cmd_batch(args) -> int:
+    return _run_batch(args, _sampling_params(args), model_name=_served_model_name(args))
 
 
 def cmd_serve(args) -> int:
@@ -129,8 +134,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from pathlib import Path
+
     from model.checkpoint import load_model, save_checkpoint
 
+    if Path(args.output).exists():  # checked before the (slow) model load
+        raise FileExistsError(f"convert output {args.output!r} already exists; remove it or give a new path")
     cfg, params, tok = load_model(args.model)
     path = save_checkpoint(args.output, cfg, params, tok)
     print(f"saved {cfg.name} ({cfg.num_params() / 1e6:.1f}M params) to {path}", file=sys.stderr)
@@ -161,6 +170,8 @@ def main(argv: Optional[list] = None) -> int:
     g.add_argument("--input", help="JSONL with {id, prompt | messages, sampling?} per line")
     g.add_argument("--output", help="JSONL results, appended and flushed as each request finishes; resumable")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--overwrite", action="store_true", help="--input: empty --output and start over instead of "
+                                                            "resuming (a resume with other inputs is refused)")
     g.add_argument("--stream", action="store_true")
     g.add_argument("--quiet", action="store_true")
     _add_model_args(g)
@@ -172,6 +183,8 @@ def main(argv: Optional[list] = None) -> int:
     b.add_argument("--input", required=True, help="JSONL requests")
     b.add_argument("--output", required=True, help="JSONL results, appended, flushed and fsynced as each finishes")
     b.add_argument("--chat", action="store_true", help="{id, prompt} records: apply the model's chat template")
+    b.add_argument("--overwrite", action="store_true",
+                   help="empty --output and start over instead of resuming (a resume with other inputs is refused)")
     b.add_argument("--served-model-name", default=None, help="the `model` reported in OpenAI response bodies")
     b.add_argument("--quiet", action="store_true")
     _add_model_args(b)
@@ -213,9 +226,11 @@ def main(argv: Optional[list] = None) -> int:
         args = argparse.Namespace(func=cmd_eval, lm_eval_args=argv[1:])
     else:
         args = parser.parse_args(argv)
+    from inference.batch_job import BatchJobError
+
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, BatchJobError) as e:
         print(f"ridgeline: error: {e}", file=sys.stderr)
         return 2
 

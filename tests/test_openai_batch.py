@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.batch_job import run_batch_job
+from inference.batch_job import ResumeMismatchError, run_batch_job
 from inference.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,3 +120,26 @@ def test_kill_mid_run_then_resume_has_every_custom_id_once(default_llm, tmp_path
     for r in got:
         i = int(r["custom_id"][1:])
         assert [c["text"] for c in r["response"]["body"]["choices"]] == [reference[i].text] * (1 + i % 2)
+
+
+def test_openai_resume_refuses_a_changed_body_and_bad_lines_fail_alone(default_llm, tmp_path):
+    inp, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    inp.write_bytes(request("a", prompt="The capital of France is", max_tokens=4, temperature=0).encode() + b"\n"
+                    + b'{"custom_id": "b", "body": "\xff"}\n'
+                    + request("c", prompt="Hello", max_tokens=4, temperature=0).encode() + b"\n")
+    summary = run_batch_job(default_llm, inp, out, default_params=SamplingParams(), show_progress=False)
+    results = {r["custom_id"]: r for r in read_lines(out)}
+    assert summary.completed == 2 and summary.failed == 1
+    assert results["line-2"]["response"] is None
+    assert results["line-2"]["error"]["message"] == "line 2: not UTF-8 (byte 0xff at column 29)"
+
+    with open(out, "ab") as f:  # a foreign line in the output: warned about, never a crash
+        f.write(b'["not", "a", "result"]\n')
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(inp.read_bytes().decode("utf-8", "replace").replace('"max_tokens": 4', '"max_tokens": 5', 1))
+    with pytest.warns(UserWarning, match="line 4: a JSON list"):
+        with pytest.raises(ResumeMismatchError, match=r"line 1 of .*changed.jsonl.*custom_id='a'"):
+            run_batch_job(default_llm, changed, out, default_params=SamplingParams(), show_progress=False)
+    with pytest.warns(UserWarning, match="line 4: a JSON list"):
+        again = run_batch_job(default_llm, inp, out, default_params=SamplingParams(), show_progress=False)
+    assert again.skipped_done == 3 and again.completed == 0
