@@ -48,7 +48,34 @@ def ref_penalties(logits, counts, prompt_mask, rep, presence, frequency):
     return out
 
 
+def _ref_top_k_top_p(s_row, top_k, top_p):
+    """vLLM's apply_top_k_top_p (ascending sort) on one row: [V] bool of the tokens it keeps."""
+    v_ = s_row.shape[0]
+    asc = np.argsort(s_row, kind="stable")
+    s = np.array(s_row[asc], np.float64)
+    k = v_ if top_k <= 0 else min(top_k, v_)
+    s = np.where(s < s[v_ - k], -np.inf, s)
+    cum = np.cumsum(_softmax(s))
+    cut = cum <= 1.0 - top_p
+    cut[-1] = False
+    s = np.where(cut, -np.inf, s)
+    keep = np.zeros(v_, bool)
+    keep[asc] = np.isfinite(s)
+    return keep
+
+
+def _ref_min_p(s_row, min_p):
+    probs = _softmax(s_row)
+    return probs >= min_p * probs.max()
+
+
 def ref_keep(scaled_row, top_k, top_p, min_p):
+    """vLLM V1 for one row: the min-p processor, then apply_top_k_top_p on its survivors."""
+    survivors = _ref_min_p(scaled_row, min_p)
+    return _ref_top_k_top_p(np.where(survivors, scaled_row, -np.inf), top_k, top_p) & survivors
+
+
+def ref_keep_v0(scaled_row, top_k, top_p, min_p):
     """vLLM V0 _apply_top_k_top_p (ascending sort) followed by _apply_min_p, for one row."""
     v_ = scaled_row.shape[0]
     asc = np.argsort(scaled_row, kind="stable")
@@ -66,18 +93,17 @@ def ref_keep(scaled_row, top_k, top_p, min_p):
 
 
 def ref_keep_by_value(scaled_row, top_k, top_p, min_p):
-    """The sampler's tie rule (a descending sort, cut-offs as values: tokens tied with the last kept
-    one are all kept); equals `ref_keep` on rows without ties."""
+    """The sampler's tie rule (a descending sort of the min-p survivors, cut-offs as values: tokens
+    tied with the last kept one are all kept); equals `ref_keep` on rows without ties."""
     v_ = scaled_row.shape[0]
-    s = np.sort(np.asarray(scaled_row, np.float64))[::-1]
+    survivors = _ref_min_p(scaled_row, min_p)
+    s = np.sort(np.where(survivors, np.asarray(scaled_row, np.float64), -np.inf))[::-1]
     k = v_ if top_k <= 0 else min(top_k, v_)
     in_k = s >= s[k - 1]
     probs = np.where(in_k, np.exp(s - s[0]), 0.0)
     probs /= probs.sum()
     in_p = (np.cumsum(probs) - probs < top_p) | (top_p >= 1.0)
-    keep = scaled_row >= s[max(int((in_k & in_p).sum()), 1) - 1]
-    probs = _softmax(np.where(keep, scaled_row, -np.inf))
-    return keep & (probs >= min_p * probs.max())
+    return survivors & (scaled_row >= s[max(int((in_k & in_p).sum()), 1) - 1])
 
 
 @pytest.fixture
@@ -188,6 +214,19 @@ def test_filter_mask_matches_vllm_reference():
     for i, p in enumerate(params):
         np.testing.assert_array_equal(keep[i], ref_keep(scaled[i], p.top_k, p.top_p, p.min_p),
                                       err_msg=f"row {i}: {p}")
+    # The batch tells V1 from V0: rows where the nucleus over the min-p survivors is smaller.
+    v0 = [ref_keep_v0(scaled[i], p.top_k, p.top_p, p.min_p) for i, p in enumerate(params)]
+    assert sum((keep[i] != v0[i]).any() for i in range(b)) >= 3
+
+
+def test_min_p_comes_before_top_p_as_in_vllm_v1():
+    # probs 0.4, 0.3, 0.1 x 3: min_p 0.3 keeps {0, 1}; top_p 0.5 over those (0.57, 0.43) keeps {0}.
+    # V0 took the nucleus over all tokens first ({0, 1}: 0.4 < 0.5), then min-p, keeping {0, 1}.
+    scaled = np.log(np.array([[0.4, 0.3, 0.1, 0.1, 0.1]], np.float32))
+    params = [SamplingParams(top_p=0.5, min_p=0.3)]
+    keep = np.asarray(filter_mask(scaled, SamplingTensors.from_params(params)))
+    np.testing.assert_array_equal(keep[0], [True, False, False, False, False])
+    np.testing.assert_array_equal(ref_keep_v0(scaled[0], 0, 0.5, 0.3), [True, True, False, False, False])
 
 
 def test_filter_mask_without_sorting_rows_keeps_all_but_min_p():
@@ -211,8 +250,11 @@ def test_filter_mask_past_the_candidates_matches_vllm_reference(shrink_candidate
     refs = [ref_keep(scaled[i], p.top_k, p.top_p, p.min_p) for i, p in enumerate(params)]
     # The test data really needs the fallback: 4 candidates cannot settle these rows.
     top_k = np.asarray(SamplingTensors.from_params(params).top_k)
+    with np.errstate(divide="ignore"):  # min_p = 0: log(0) = -inf, no floor
+        min_p_cutoff = scaled.max(-1) + np.log(np.array([p.min_p for p in params], np.float32))
     _, settled, _, _ = sampler._candidate_threshold(scaled, np.where(top_k <= 0, V, np.minimum(top_k, V)),
-                                              np.array([p.top_p for p in params], np.float32), 4)
+                                                    np.array([p.top_p for p in params], np.float32),
+                                                    min_p_cutoff, 4)
     assert (~np.asarray(settled)).sum() >= 12
     for i in range(b):
         np.testing.assert_array_equal(keep[i], refs[i], err_msg=f"row {i}: {params[i]}")
@@ -240,13 +282,14 @@ def test_first_argmax_equals_argmax(v):
     x[5, [10, v - 1]] = 100.0     # tie across blocks
     np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), np.argmax(x, axis=-1))
 
-# Five filter settings x 20k draws each, all in one [100000, 8] batch (a single compile).
+# Six filter settings x 20k draws each, all in one [120000, 8] batch (a single compile).
 DIST_CASES = [
     dict(top_k=3),
     dict(top_p=0.7),
     dict(min_p=0.2),
     dict(top_k=5, top_p=0.8, min_p=0.05, temperature=0.7),
     dict(temperature=1.5),
+    dict(top_p=0.8, min_p=0.25),  # V1's nucleus over the min-p survivors: 3 tokens (V0: 4)
 ]
 N_DRAWS = 20_000
 TV_TOL = 0.02  # expected TV for 20k draws over <= 8 outcomes is < 0.008
