@@ -466,3 +466,128 @@ def test_logprobs_are_raw_sorted_top_k():
 
     none = sample(logits, SamplingTensors.from_params(params), num_logprobs=0)
     assert none.top_logprobs.shape == (b, 0) and none.top_ids.shape == (b, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit_bias, allowed_token_ids, bad_words: vLLM V1's processors, against a plain numpy sampler
+
+def ref_bad_word_bans(words, history):
+    """vLLM's _apply_bad_words_single_batch: ban a word's last token when the history ends with the rest."""
+    banned = set()
+    for word in words:
+        if len(word) > len(history) + 1:
+            continue
+        prefix = word[:-1]
+        if list(history[len(history) - len(prefix):]) == list(prefix) or not prefix:
+            banned.add(word[-1])
+    return banned
+
+
+def ref_processed(logits_row, p: SamplingParams, history=(), eos=None):
+    """vLLM V1's logits before temperature for one row: allowed mask, bad words, min_tokens,
+    logit_bias, penalties (here with no penalty state)."""
+    x = np.array(logits_row, np.float64)
+    if p.allowed_token_ids is not None:
+        x[np.setdiff1d(np.arange(x.shape[0]), p.allowed_token_ids)] = -np.inf
+    for t in ref_bad_word_bans(p.bad_words_token_ids, history):
+        x[t] = -np.inf
+    if len(history) < p.min_tokens:
+        x[list(p.stop_token_ids) + ([] if p.ignore_eos or eos is None else [eos])] = -np.inf
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
+    return x
+
+
+def ref_probs(logits_row, p: SamplingParams, history=(), eos=None):
+    """[V] probabilities of the next token under vLLM V1 (one-hot argmax for greedy rows)."""
+    x = ref_processed(logits_row, p, history, eos)
+    if p.is_greedy:
+        return np.eye(x.shape[0])[np.argmax(x)]
+    scaled = x / p.temperature
+    keep = ref_keep(scaled, p.top_k, p.top_p, p.min_p)
+    return np.where(keep, _softmax(np.where(keep, scaled, -np.inf)), 0.0)
+
+
+def test_bad_word_bans_follow_the_history():
+    words = [[5], [1, 2], [3, 4, 6], [7, 7]]
+    for history in ([], [1], [9, 1], [3, 4], [1, 3, 4], [7], [2, 1], [3]):
+        assert set(sampler.bad_word_bans(words, history)) == ref_bad_word_bans(words, history), history
+    assert set(sampler.bad_word_bans(words, [0, 3, 4])) == {5, 6}
+    assert set(sampler.bad_word_bans(words, [1])) == {5, 2}
+    assert set(sampler.bad_word_bans(words, [])) == {5}
+
+
+PROCESSOR_CASES = [
+    dict(logit_bias={3: 4.0, 10: -100.0, 11: 2.5}),
+    dict(allowed_token_ids=[2, 5, 9, 17, 40, 63]),
+    dict(bad_words=[[0], [4, 1], [8, 2, 6]], history=[3, 8, 2]),
+    dict(allowed_token_ids=list(range(0, V, 3)), logit_bias={0: 3.0, 6: -2.0, 7: 50.0}, top_p=0.8, min_p=0.02),
+    dict(bad_words=[[1, 2]], history=[1], logit_bias={2: 100.0, 5: 1.0}, top_k=5, temperature=0.8),
+    dict(min_tokens=2, stop_token_ids=[6], logit_bias={6: 10.0, 12: 1.5}, history=[4]),
+]
+
+
+def _case_params(case, **extra):
+    """(params, history) of a PROCESSOR_CASES entry; its bad words come as token ids, set as if
+    `update_from_tokenizer` had produced them."""
+    case = {**case, **extra}
+    words, history = case.pop("bad_words", None), case.pop("history", [])
+    if words:
+        case["bad_words"] = [f"word{i}" for i in range(len(words))]
+    p = SamplingParams(**case)
+    if words:
+        p._bad_words_token_ids = [list(w) for w in words]
+    return p, history
+
+
+def test_processors_greedy_match_numpy_reference():
+    # Each case as a greedy row and with the processed argmax pushed away from the raw one.
+    b = 2 * len(PROCESSOR_CASES)
+    logits = _logits(b, seed=20)
+    params, histories = [], []
+    for case in PROCESSOR_CASES * 2:
+        p, h = _case_params(case, temperature=0.0)
+        params.append(p)
+        histories.append(h)
+    t = SamplingTensors.from_params(params, steps=[len(h) for h in histories], output_token_ids=histories,
+                                    eos_token_id=1, pad_to=16)
+    out = sample(np.concatenate([logits, np.zeros((16 - b, V), np.float32)]), t, num_logprobs=3)
+    want = [int(np.argmax(ref_processed(logits[i], p, histories[i], eos=1))) for i, p in enumerate(params)]
+    assert np.asarray(out.tokens)[:b].tolist() == want
+    assert sum(w != int(np.argmax(logits[i])) for i, w in enumerate(want)) >= 4  # the processors matter
+    # Logprobs stay those of the raw logits.
+    np.testing.assert_allclose(np.asarray(out.chosen_logprob)[:b], _log_softmax(logits)[np.arange(b), want],
+                               atol=1e-5)
+
+
+def test_processors_sampled_distribution_matches_numpy_reference():
+    n = 4000
+    row = _logits(1, seed=21, scale=1.5)[0]
+    params, steps, histories = [], [], []
+    for c, case in enumerate(PROCESSOR_CASES):
+        p, h = _case_params(case, seed=300 + c)
+        params += [p] * n
+        histories += [h] * n
+        steps += range(n)  # the step only changes the key here: no min_tokens past the history
+    t = SamplingTensors.from_params(params, steps=steps, output_token_ids=histories, eos_token_id=1)
+    # min_tokens counts the history, not the key's step: rebuild that ban from the history length.
+    t = t._replace(banned_ids=SamplingTensors.from_params(params, steps=[len(h) for h in histories],
+                                                          eos_token_id=1).banned_ids)
+    tokens = np.asarray(sample(np.broadcast_to(row, (len(params), V)), t).tokens)
+    for c, case in enumerate(PROCESSOR_CASES):
+        p, h = _case_params(case, seed=300 + c)
+        expected = ref_probs(row, p, h, eos=1)
+        got = tokens[c * n:(c + 1) * n]
+        assert set(np.unique(got)) <= set(np.flatnonzero(expected)), case
+        assert len(np.unique(got)) > 1, case
+        assert chi2_pvalue(np.bincount(got, minlength=V), expected) > 1e-4, case
+
+
+def test_processor_rows_leave_their_neighbours_unchanged():
+    # A seeded plain row draws the same tokens alone and next to rows using every processor.
+    request = SamplingParams(seed=44, temperature=1.1, top_p=0.9)
+    logits_row = _logits(1, seed=22, scale=1.0)[0]
+    others = [_case_params(case, seed=i)[0] for i, case in enumerate(PROCESSOR_CASES)]
+    alone = _request_tokens(1, 0, others, request, logits_row)
+    beside = _request_tokens(5, 2, others, request, logits_row)
+    assert alone == beside and len(set(alone)) > 1
