@@ -730,8 +730,8 @@ class Engine:
     def _attach_lookahead(self) -> bool:
         """Multi-step decode: when every running sequence decodes and nothing can be admitted, gives each
         one placeholder draft tokens for the tokens it will sample inside the program (so the scheduler
-        allocates their pages). Requests inside their min_tokens window keep it one step at a time (the
-        eos/stop-id ban changes between steps)."""
+        allocates their pages). Requests inside their min_tokens window or with bad_words keep it one step at
+        a time (their bans change between steps)."""
         k = self.engine_cfg.num_decode_steps
         sch = self.scheduler
         if k == 1 or not sch.running or (sch.waiting and len(sch.running) < sch.max_num_seqs):

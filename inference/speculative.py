@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.sampler import (BAN_PAD, SamplingTensors, apply_logits_processors, apply_penalties, categorical,
-                               filter_mask, row_keys)
+from inference.sampler import (BAN_PAD, SamplingTensors, apply_logits_processors, apply_penalties,
+                               categorical, filter_mask, row_keys)
 from inference.sampling_params import SAMPLING_EPS
 
 # Padding value of `VerifyOutput.output_tokens` beyond `num_output`.

@@ -591,3 +591,55 @@ def test_processor_rows_leave_their_neighbours_unchanged():
     alone = _request_tokens(1, 0, others, request, logits_row)
     beside = _request_tokens(5, 2, others, request, logits_row)
     assert alone == beside and len(set(alone)) > 1
+
+
+class _PairTokenizer:
+    """Test double for the engine's tokenizer: every text encodes to one fixed token pair."""
+
+    eos_token_id = None
+
+    def __init__(self, pair):
+        self.pair = list(pair)
+
+    def encode(self, text, add_special_tokens=True):
+        return self.pair
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        return ""
+
+
+def test_engine_applies_the_processors_end_to_end():
+    import dataclasses
+
+    from inference.engine import Engine, EngineConfig
+    from model.config import PRESETS
+    from model.llama import init_params
+
+    cfg = dataclasses.replace(PRESETS["tiny"], num_heads=4, num_kv_heads=2, max_position_embeddings=256)
+    weights = init_params(cfg, jax.random.key(7))
+    prompt = list(range(3, 11))
+    greedy = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def engine(tokenizer=None):
+        # Multi-step decode on: rows with bad words must still see their own last token.
+        return Engine(cfg, weights, tokenizer, EngineConfig(page_size=4, num_pages=64, max_num_seqs=4,
+                                                            max_num_batched_tokens=64, attn_impl="xla",
+                                                            num_decode_steps=4))
+
+    e = engine()
+    e.add_request("plain", prompt, SamplingParams(**greedy))
+    want = e.run()["plain"].token_ids
+    pair = want[3:5]
+    e = engine(_PairTokenizer(pair))
+    e.add_request("plain", prompt, SamplingParams(**greedy))
+    e.add_request("bad", prompt, SamplingParams(bad_words=["the pair"], **greedy))
+    e.add_request("bias", prompt, SamplingParams(logit_bias={17: 100.0}, **greedy))
+    e.add_request("allowed", prompt, SamplingParams(allowed_token_ids=[5, 40], seed=1, max_tokens=12))
+    out = {rid: o.token_ids for rid, o in e.run().items()}
+    assert out["plain"] == want                       # neighbours with processors change nothing
+    assert out["bad"][:4] == want[:4] and out["bad"][4] != want[4]   # banned right after its prefix
+    assert all(out["bad"][i:i + 2] != pair for i in range(len(out["bad"]) - 1))
+    assert out["bias"] == [17] * 12
+    assert set(out["allowed"]) <= {5, 40} and len(out["allowed"]) == 12
+    with pytest.raises(ValueError, match=rf"logit_bias: token id\(s\) \[{cfg.vocab_size}\]"):
+        e.add_request("oob", prompt, SamplingParams(logit_bias={cfg.vocab_size: 1.0}))
