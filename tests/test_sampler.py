@@ -643,3 +643,26 @@ def test_engine_applies_the_processors_end_to_end():
     assert set(out["allowed"]) <= {5, 40} and len(out["allowed"]) == 12
     with pytest.raises(ValueError, match=rf"logit_bias: token id\(s\) \[{cfg.vocab_size}\]"):
         e.add_request("oob", prompt, SamplingParams(logit_bias={cfg.vocab_size: 1.0}))
+
+
+def test_speculative_verify_applies_the_same_processors():
+    from inference.speculative import verify
+
+    # logit_bias and allowed_token_ids (state-free) at every position of a speculated block: greedy rows
+    # whose guesses are the processed argmax chain accept them all and add the processed bonus token.
+    B, K = 4, 3
+    logits = _logits(B * (K + 1), seed=23).reshape(B, K + 1, V)
+    cases = [dict(logit_bias={3: 9.0, 11: 8.5}), dict(allowed_token_ids=[2, 5, 9, 17, 40, 63]),
+             dict(allowed_token_ids=list(range(0, V, 3)), logit_bias={6: 3.0}), dict()]
+    params = [SamplingParams(temperature=0.0, **c) for c in cases]
+    chain = np.array([[int(np.argmax(ref_processed(logits[b, i], p))) for i in range(K + 1)]
+                      for b, p in enumerate(params)])
+    assert (chain != logits.argmax(-1)).sum() >= 6  # the processors matter
+    tensors = SamplingTensors.from_params(params)
+    out = verify(logits, chain[:, :K], None, np.full(B, K, np.int32), tensors)
+    np.testing.assert_array_equal(np.asarray(out.output_tokens), chain)
+    # No guesses: verify samples exactly what `sample` does, processors included.
+    sampled = [SamplingParams(seed=50 + b, **c) for b, c in enumerate(cases)]
+    tensors = SamplingTensors.from_params(sampled)
+    out = verify(logits, chain[:, :K], None, np.zeros(B, np.int32), tensors)
+    np.testing.assert_array_equal(np.asarray(out.output_tokens)[:, 0], np.asarray(sample(logits[:, 0], tensors).tokens))
