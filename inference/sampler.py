@@ -173,9 +173,6 @@ class SamplingTensors(NamedTuple):
             if p.allowed_token_ids is not None:
                 allowed[i], restricted[i] = p.allowed_token_ids, True
 
-        # Round the ban width up to a power of two so that it rarely triggers a recompile.
-        width = max(len(b) for b in banned) if rows else 0
-        width = 1 << max(width - 1, 0).bit_length()
         banned_ids = _padded_ids(banned)
         bias_ids = bias_values = allowed_ids = None
         if any(bias):
@@ -354,7 +351,8 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     cand_w = jnp.where(in_top_k, jnp.exp(cand - cand[:, :1]), 0.0)      # [B, width]
     # The survivors' mass needs the whole row (ties past the candidates, or top-k off): one masked sum.
     # When the k-th value lies past the candidates that mass is only bounded, by the candidates'
-    # mass below and the whole row's above; the row is settled if both bounds give one nucleus.
+    # mass below and that of every token >= floor above; the row is settled if both bounds give one
+    # nucleus.
     mass_hi = jnp.sum(jnp.where(scaled >= kth[:, None], jnp.exp(scaled - cand[:, :1]), 0.0), axis=-1)
     mass_lo = jnp.where(k_known, mass_hi, jnp.sum(cand_w, axis=-1))
     mass_before = jnp.cumsum(cand_w, axis=-1) - cand_w
