@@ -560,9 +560,15 @@ class Engine:
         spec = self.engine_cfg.speculative
         if speculate and spec is None:
             raise ValueError("speculate=True but the engine has no speculative config (EngineConfig.speculative)")
-        speculate = spec is not None and speculate is not False
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError(f"bad_words={params.bad_words!r} need a tokenizer; the engine has none")
+            params.update_from_tokenizer(self.tokenizer)
+        params.validate_token_ids(self.cfg.vocab_size)
+        # Bad-word bans follow the output token by token, so such requests neither draft nor multi-step.
+        speculate = spec is not None and speculate is not False and not params.bad_words
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs single samples; LLM.generate fans n out")
         rid = str(next(self._ids)) if request_id is None else str(request_id)
@@ -656,7 +662,8 @@ class Engine:
         steps = [len(r.stop.token_ids) for r in rows]
         tensors = SamplingTensors.from_params(
             [r.params for r in rows], steps=steps,
-            fallback_seeds=[r.fallback_seed for r in rows], eos_token_id=self.eos_token_id, pad_to=S)
+            fallback_seeds=[r.fallback_seed for r in rows], eos_token_id=self.eos_token_id, pad_to=S,
+            output_token_ids=[r.stop.token_ids for r in rows])
         # One logprobs width for all: a per-request k would be another program to compile.
         num_logprobs = MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0
         slots = self._penalty_slots(sched, rows, S)
@@ -723,15 +730,16 @@ class Engine:
     def _attach_lookahead(self) -> bool:
         """Multi-step decode: when every running sequence decodes and nothing can be admitted, gives each
         one placeholder draft tokens for the tokens it will sample inside the program (so the scheduler
-        allocates their pages). Requests inside their min_tokens window keep it one step at a time (the
-        eos/stop-id ban changes between steps)."""
+        allocates their pages). Requests inside their min_tokens window or with bad_words keep it one step at
+        a time (their bans change between steps)."""
         k = self.engine_cfg.num_decode_steps
         sch = self.scheduler
         if k == 1 or not sch.running or (sch.waiting and len(sch.running) < sch.max_num_seqs):
             return False
         for seq in sch.running:
             state = self._requests.get(seq.request_id)
-            if state is None or not seq.is_decoding or len(seq.output_token_ids) < state.params.min_tokens:
+            if (state is None or not seq.is_decoding or len(seq.output_token_ids) < state.params.min_tokens
+                    or state.params.bad_words):
                 return False
         lookahead = [(seq, min(k, self._room(seq)) - 1) for seq in sch.running]
         for seq, n in lookahead:

@@ -1,8 +1,18 @@
 """Device-side batched sampler: one jitted program for a batch that mixes greedy and sampled rows.
 
-Pipeline per row (vLLM semantics):
-    raw logits --(min_tokens ban)--> --(repetition, frequency, presence penalties)-->
-    --(greedy? argmax)-- else /temperature --> top-k --> top-p --> min-p --> inverse-CDF draw.
+Pipeline per row, in vLLM V1's order (`vllm/v1/sample/sampler.py`):
+    raw logits --> allowed_token_ids mask --> bad_words ban --> min_tokens ban --> + logit_bias
+    --> repetition, frequency, presence penalties --(greedy? argmax)-- else /temperature
+    --> min-p --> top-k --> top-p --> inverse-CDF draw.
+The processors before the penalties change greedy rows too. min-p comes first (V1; V0 ran it last):
+it keeps p_i >= min_p * p_max of the full distribution, top-k then keeps the k largest of those, and
+top-p renormalises over the survivors of both, so with min-p and top-p set the nucleus is taken
+over the min-p survivors (V0 took it over the whole top-k set, then cut by min-p).
+
+Per-request processors cost nothing when unused: `logit_bias` and the bad-word bans travel as one
+sparse (ids, values) pair and `allowed_token_ids` as sparse ids, each only when some row of the
+batch uses it (otherwise the field is None and the traced program has no such step). Bad words
+depend on the request's output so far; the host works out which token each word bans at this step.
 
 Cost on XLA:CPU (where a full vocab sort or a Gumbel draw over the vocab per row would dominate a
 small model's step): every filter is a per-row cut-off on values (`filter_cutoff`); top-k/top-p
@@ -66,6 +76,13 @@ class SamplingTensors(NamedTuple):
     stream: jax.Array              # [B] u32  STREAM_USER or STREAM_ENGINE
     step: jax.Array                # [B] u32  tokens generated so far by the request
     banned_ids: jax.Array          # [B, S] i32  token ids forbidden this step (min_tokens); BAN_PAD = none
+    # None unless some row uses logit_bias or bad_words: added to the logits (-inf bans a bad word's
+    # last token); ids unique per row, BAN_PAD = none.
+    bias_ids: Optional[jax.Array] = None     # [B, W] i32
+    bias_values: Optional[jax.Array] = None  # [B, W] f32
+    # None unless some row uses allowed_token_ids: rows with `restricted` sample only these ids.
+    allowed_ids: Optional[jax.Array] = None  # [B, A] i32; BAN_PAD = none
+    restricted: Optional[jax.Array] = None   # [B] bool
 
     @classmethod
     def from_params(
@@ -76,6 +93,7 @@ class SamplingTensors(NamedTuple):
         fallback_seeds: Optional[Sequence[Optional[int]]] = None,
         eos_token_id: Union[int, Sequence[int], None] = None,
         pad_to: Optional[int] = None,
+        output_token_ids: Optional[Sequence[Sequence[int]]] = None,
     ) -> "SamplingTensors":
         """Builds the batch on the host with numpy and transfers it in one `device_put`.
 
@@ -86,6 +104,8 @@ class SamplingTensors(NamedTuple):
         eos_token_id: eos id(s), banned together with `stop_token_ids` while step < min_tokens
             (unless ignore_eos), like vLLM's min_tokens logits processor.
         pad_to: pad the batch to this many rows with inert greedy rows (keeps shapes bucketed).
+        output_token_ids: per row the tokens the request has generated so far (default none), for
+            bad_words (rows using them need `SamplingParams.update_from_tokenizer` first).
         """
         n = len(params)
         rows = n if pad_to is None else pad_to
@@ -96,6 +116,8 @@ class SamplingTensors(NamedTuple):
             raise ValueError(f"steps has {len(steps)} entries for {n} rows")
         if fallback_seeds is not None and len(fallback_seeds) != n:
             raise ValueError(f"fallback_seeds has {len(fallback_seeds)} entries for {n} rows")
+        if output_token_ids is not None and len(output_token_ids) != n:
+            raise ValueError(f"output_token_ids has {len(output_token_ids)} entries for {n} rows")
         if eos_token_id is None:
             eos_ids = []
         elif isinstance(eos_token_id, (int, np.integer)):
@@ -116,6 +138,9 @@ class SamplingTensors(NamedTuple):
         stream = np.zeros(rows, np.uint32)
         step = np.zeros(rows, np.uint32)
         banned: list[list[int]] = [[] for _ in range(rows)]
+        bias: list[dict[int, float]] = [{} for _ in range(rows)]
+        allowed: list[list[int]] = [[] for _ in range(rows)]
+        restricted = np.zeros(rows, bool)
 
         for i, p in enumerate(params):
             # Greedy rows (incl. top_k == 1) get temperature 0, which is how the device tells them
@@ -139,16 +164,53 @@ class SamplingTensors(NamedTuple):
             step[i] = steps[i]
             if steps[i] < p.min_tokens:
                 banned[i] = list(p.stop_token_ids) + ([] if p.ignore_eos else eos_ids)
+            if p.logit_bias:
+                bias[i] = dict(p.logit_bias)
+            if p.bad_words:
+                history = [] if output_token_ids is None else output_token_ids[i]
+                for token in bad_word_bans(p.bad_words_token_ids, history):
+                    bias[i][token] = -np.inf
+            if p.allowed_token_ids is not None:
+                allowed[i], restricted[i] = p.allowed_token_ids, True
 
-        # Round the ban width up to a power of two so that it rarely triggers a recompile.
-        width = max(len(b) for b in banned) if rows else 0
-        width = 1 << max(width - 1, 0).bit_length()
-        banned_ids = np.full((rows, width), BAN_PAD, np.int32)
-        for i, b in enumerate(banned):
-            banned_ids[i, : len(b)] = b
+        banned_ids = _padded_ids(banned)
+        bias_ids = bias_values = allowed_ids = None
+        if any(bias):
+            bias_ids = _padded_ids([list(b) for b in bias])
+            bias_values = np.zeros(bias_ids.shape, np.float32)
+            for i, b in enumerate(bias):
+                bias_values[i, : len(b)] = list(b.values())
+        if restricted.any():
+            allowed_ids = _padded_ids(allowed)
+        else:
+            restricted = None
 
         return jax.device_put(cls(temperature, top_k, top_p, min_p, rep, presence, frequency,
-                                  seed_lo, seed_hi, stream, step, banned_ids))
+                                  seed_lo, seed_hi, stream, step, banned_ids, bias_ids, bias_values,
+                                  allowed_ids, restricted))
+
+
+def _padded_ids(ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """[rows, W] i32 of per-row id lists padded with BAN_PAD, W a power of two (rarely recompiles)."""
+    width = max((len(row) for row in ids), default=0)
+    width = 1 << max(width - 1, 0).bit_length()
+    out = np.full((len(ids), width), BAN_PAD, np.int32)
+    for i, row in enumerate(ids):
+        out[i, : len(row)] = row
+    return out
+
+
+def bad_word_bans(bad_words_token_ids: Sequence[Sequence[int]], history: Sequence[int]) -> list[int]:
+    """Tokens banned at the next step, as vLLM's bad-words processor: a word's last token whenever
+    the output so far ends with the word's other tokens (single-token words are always banned)."""
+    bans = []
+    for word in bad_words_token_ids:
+        prefix = len(word) - 1
+        if prefix > len(history):
+            continue
+        if prefix == 0 or list(history[len(history) - prefix:]) == list(word[:-1]):
+            bans.append(word[-1])
+    return bans
 
 
 class SamplerOutput(NamedTuple):
@@ -234,21 +296,20 @@ def _largest_value_where(pred, rows: int) -> jax.Array:
     return _from_ordered(jax.lax.fori_loop(0, 32, set_bit, jnp.zeros(rows, jnp.uint32)))
 
 
-def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, kth: jax.Array,
-                      kth_known: jax.Array) -> jax.Array:
-    """[R] top-k-then-top-p cut-off by bisection on values: exact, no sort, 32 O(V) passes per
-    bisection (one for the k-th value where unknown, one for the nucleus where top-p is on).
+def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, floor: jax.Array,
+                      kth: jax.Array, kth_known: jax.Array) -> jax.Array:
+    """[R] min-p-then-top-k-then-top-p cut-off by bisection on values: exact, no sort, 32 O(V)
+    passes per bisection (one for the k-th value where unknown, one for the nucleus where top-p is on).
 
-    scaled [R, V]; top_k [R] in 1..V (V = off); top_p [R]; kth [R] the k-th largest value where
-    kth_known [R]. The rule of `_candidate_threshold`: the k-th largest value, then the smallest
-    value whose strictly-larger top-k mass is < p.
+    scaled [R, V]; top_k [R] in 1..V (V = off); top_p [R]; floor [R] the min-p cut-off; kth [R]
+    max(k-th largest value, floor) where kth_known [R]. The rule of `_candidate_threshold`.
     """
     rows = scaled.shape[0]
     # Each row's result is the same whichever branch its chunk takes.
     kth = jax.lax.cond(
         jnp.all(kth_known), lambda: kth,
-        lambda: jnp.where(kth_known, kth, _largest_value_where(
-            lambda t: jnp.sum(scaled >= t, axis=-1) >= top_k, rows)))
+        lambda: jnp.where(kth_known, kth, jnp.maximum(floor, _largest_value_where(
+            lambda t: jnp.sum(scaled >= t, axis=-1) >= top_k, rows))))
 
     def nucleus_cutoff():
         weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
@@ -263,14 +324,16 @@ def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, kth
     return jax.lax.cond(jnp.all(top_p >= 1.0), lambda: kth, nucleus_cutoff)
 
 
-def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, width: int):
-    """[B] (cut-off, settled, kth, kth_known) of top-k then top-p from the top `width` values only.
+def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, floor: jax.Array,
+                         width: int):
+    """[B] (cut-off, settled, kth, kth_known) of min-p, top-k then top-p from the top `width` values.
 
-    Follows a descending sort: the k-th largest value is the top-k cut-off (ties with it kept, as
-    in vLLM); a token stays in the nucleus while the top-k mass strictly before it is < p, and the
-    value at the nucleus' last position is the cut-off. A row is settled when that position is
-    provably among the candidates; otherwise its cut-off here is meaningless. kth is the k-th
-    largest value (-inf with top-k off) where kth_known, i.e. where it is among the candidates.
+    floor [B] is the min-p cut-off (-inf without min-p). Follows a descending sort of the min-p
+    survivors: the k-th largest value is the top-k cut-off (ties with it kept, as in vLLM); a token
+    stays in the nucleus while the surviving mass strictly before it is < p, and the value at the
+    nucleus' last position is the cut-off. A row is settled when that position is provably among
+    the candidates; otherwise its cut-off here is meaningless. kth is max(k-th largest value, floor)
+    (floor with top-k off) where kth_known, i.e. where it is among the candidates or below floor.
     """
     vocab = scaled.shape[-1]
     width = min(width, vocab)
@@ -280,11 +343,16 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     k_known = (top_k <= width) | (top_k >= vocab)
     kth = jnp.take_along_axis(cand, (jnp.minimum(top_k, width) - 1)[:, None], axis=-1)[:, 0]
     kth = jnp.where((top_k >= vocab) | ~k_known, -jnp.inf, kth)          # [B]
+    # min-p survivors first: a k-th value past the candidates lies below the last one, so a floor at
+    # or above that settles it; elsewhere the floor only bounds the survivors' mass from above.
+    k_known = k_known | (floor >= cand[:, -1])
+    kth = jnp.maximum(kth, floor)
     in_top_k = cand >= kth[:, None]
     cand_w = jnp.where(in_top_k, jnp.exp(cand - cand[:, :1]), 0.0)      # [B, width]
-    # The top-k mass needs the whole row (ties past the candidates, or top-k off): one masked sum.
+    # The survivors' mass needs the whole row (ties past the candidates, or top-k off): one masked sum.
     # When the k-th value lies past the candidates that mass is only bounded, by the candidates'
-    # mass below and the whole row's above; the row is settled if both bounds give one nucleus.
+    # mass below and that of every token >= floor above; the row is settled if both bounds give one
+    # nucleus.
     mass_hi = jnp.sum(jnp.where(scaled >= kth[:, None], jnp.exp(scaled - cand[:, :1]), 0.0), axis=-1)
     mass_lo = jnp.where(k_known, mass_hi, jnp.sum(cand_w, axis=-1))
     mass_before = jnp.cumsum(cand_w, axis=-1) - cand_w
@@ -297,11 +365,12 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     return jnp.where(p_off, kth, cutoff), settled, kth, k_known
 
 
-def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
+def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, floor: jax.Array,
                            active: jax.Array, *, width: int, chunk_rows: int) -> jax.Array:
-    """[B] logit cut-off of top-k then top-p; -inf for rows that are not `active` [B]."""
+    """[B] logit cut-off of top-k then top-p over the tokens >= floor [B] (min-p's cut-off); -inf
+    for rows that are not `active` [B]."""
     rows = scaled.shape[0]
-    threshold, settled, kth, kth_known = _candidate_threshold(scaled, top_k, top_p, width)
+    threshold, settled, kth, kth_known = _candidate_threshold(scaled, top_k, top_p, floor, width)
     unsettled = active & ~settled
     # Unsettled rows first, bisected in chunks of `chunk_rows`: the cost follows their number, and
     # a row's cut-off depends only on its own logits (never on the batch or its chunk).
@@ -311,7 +380,8 @@ def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
     def bisect_chunk(i, threshold):
         chunk = jax.lax.dynamic_slice(order, (i * chunk_rows,), (chunk_rows,))
         safe = jnp.minimum(chunk, rows - 1)
-        cut = _bisect_threshold(scaled[safe], top_k[safe], top_p[safe], kth[safe], kth_known[safe])
+        cut = _bisect_threshold(scaled[safe], top_k[safe], top_p[safe], floor[safe], kth[safe],
+                                kth_known[safe])
         target = jnp.where((chunk < rows) & unsettled[safe], chunk, rows)  # rows = dropped
         return threshold.at[target].set(cut, mode="drop")
 
@@ -321,9 +391,9 @@ def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
 
 def filter_cutoff(scaled: jax.Array, tensors: SamplingTensors,
                   skip_rows: Optional[jax.Array] = None) -> jax.Array:
-    """[B] f32: per row, the smallest temperature-scaled logit that top-k, top-p and min-p allow;
-    a token is kept iff scaled >= cutoff (every filter is a cut-off on values, so they compose as
-    a max). The row maximum always passes.
+    """[B] f32: per row, the smallest temperature-scaled logit that min-p, top-k and top-p (in that
+    order) allow; a token is kept iff scaled >= cutoff (every filter is a cut-off on values). The
+    row maximum always passes.
 
     skip_rows [B] bool marks rows whose cut-off is irrelevant (greedy); they never cost a selection.
     """
@@ -332,22 +402,22 @@ def filter_cutoff(scaled: jax.Array, tensors: SamplingTensors,
     active = (top_k < vocab) | (tensors.top_p < 1.0)
     if skip_rows is not None:
         active &= ~skip_rows
+    # min-p: p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p), over the whole distribution
+    # (no softmax needed). min_p = 0 gives log(0) = -inf.
+    min_p_cutoff = jnp.max(scaled, axis=-1) + jnp.log(tensors.min_p)
     # Skip the candidate selection entirely when no row in the batch uses top-k or top-p. (The
     # sizes are bound here, at trace time, rather than read inside the traced branch.)
     threshold = jax.lax.cond(jnp.any(active),
                              partial(_top_k_top_p_threshold, width=TOP_CANDIDATES,
                                      chunk_rows=FALLBACK_ROWS),
-                             lambda s, k, p, a: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
-                             scaled, top_k, tensors.top_p, active)
-    # min-p: p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p). The ratio needs no softmax and
-    # is unchanged by top-k/top-p (the max always survives). min_p = 0 gives log(0) = -inf.
-    l_max = jnp.max(scaled, axis=-1)
-    return jnp.maximum(threshold, l_max + jnp.log(tensors.min_p))
+                             lambda s, k, p, f, a: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
+                             scaled, top_k, tensors.top_p, min_p_cutoff, active)
+    return jnp.maximum(threshold, min_p_cutoff)
 
 
 def filter_mask(scaled: jax.Array, tensors: SamplingTensors,
                 skip_rows: Optional[jax.Array] = None) -> jax.Array:
-    """[B, V] bool: tokens allowed after top-k, top-p and min-p on temperature-scaled logits."""
+    """[B, V] bool: tokens allowed after min-p, top-k and top-p on temperature-scaled logits."""
     return scaled >= filter_cutoff(scaled, tensors, skip_rows)[:, None]
 
 
@@ -413,6 +483,19 @@ def _ban(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:
     return logits.at[rows, banned_ids].set(-jnp.inf, mode="drop")
 
 
+def apply_logits_processors(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
+    """vLLM V1's processors before the penalties on [B, V] f32 logits: the allowed_token_ids mask,
+    the bad-word and min_tokens bans, logit_bias (bans are -inf, which a bias cannot lift)."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    if tensors.allowed_ids is not None:
+        allowed = jnp.zeros(logits.shape, bool).at[rows, tensors.allowed_ids].set(True, mode="drop")
+        logits = jnp.where(tensors.restricted[:, None] & ~allowed, -jnp.inf, logits)
+    logits = _ban(logits, tensors.banned_ids)
+    if tensors.bias_ids is not None:
+        logits = logits.at[rows, tensors.bias_ids].add(tensors.bias_values, mode="drop")
+    return logits
+
+
 @partial(jax.jit, static_argnames=("num_logprobs",))
 def sample(logits: jax.Array, tensors: SamplingTensors,
            token_counts: Optional[jax.Array] = None, prompt_mask: Optional[jax.Array] = None,
@@ -426,7 +509,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
     logits = logits.astype(jnp.float32)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
 
-    x = _ban(logits, tensors.banned_ids)
+    x = apply_logits_processors(logits, tensors)
     x = apply_penalties(x, tensors, token_counts, prompt_mask)
     greedy = tensors.temperature < SAMPLING_EPS
     greedy_tokens = first_argmax(x)

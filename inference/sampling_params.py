@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 # Temperatures below this are treated as greedy (as in vLLM): dividing logits by a tiny temperature
@@ -16,6 +16,8 @@ from typing import Optional, Union
 SAMPLING_EPS = 1e-5
 # Upper bound on `logprobs` / `prompt_logprobs` (vLLM's default `max_logprobs`).
 MAX_LOGPROBS = 20
+# `logit_bias` values are clamped to this range, as the OpenAI API specifies (and vLLM does).
+MAX_LOGIT_BIAS = 100.0
 
 
 def _is_int(x) -> bool:
@@ -34,6 +36,11 @@ class SamplingParams:
     top_k: 0 or -1 disables it. stop: a string or a list of strings (normalised to a list).
     logprobs: if set to k, return the top-k logprobs of every generated token plus the chosen
     token's own logprob (k = 0 returns only the chosen token's).
+    logit_bias: {token_id: bias} added to the logits before penalties (keys may be str, as in JSON;
+    biases clamped to [-100, 100]). allowed_token_ids: only these tokens can be sampled.
+    bad_words: words never generated: each is tokenized with and without a leading space
+    (`update_from_tokenizer`), and a word's last token is banned whenever the output so far ends
+    with the rest of the word. Token ids are checked against the vocab by `validate_token_ids`.
     """
 
     n: int = 1
@@ -54,6 +61,11 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    # Token ids of every bad-word variant, set by `update_from_tokenizer` (None until then).
+    _bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Normalise first so validation sees the canonical form.
@@ -71,6 +83,33 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         else:
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a list of ints or None")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias={self.logit_bias!r} must be a dict {{token_id: bias}} or None")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                try:
+                    token_id = int(token)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias={self.logit_bias!r}: key {token!r} is not a token id") from None
+                if (not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value)
+                        or isinstance(token, bool) or (isinstance(token, float) and token != token_id)):
+                    raise ValueError(f"logit_bias={self.logit_bias!r}: {token!r}: {value!r} must map a token id "
+                                     "to a number")
+                bias[token_id] = min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, float(value)))
+            self.logit_bias = bias
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not all(
+                    _is_int(t) for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids={self.allowed_token_ids!r} must be a list of ints or None")
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids=[] is empty: no token could be sampled")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(
+                    isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise ValueError(f"bad_words={self.bad_words!r} must be a list of non-blank strings or None")
+            self.bad_words = list(self.bad_words)
         self._validate()
 
     def _validate(self) -> None:
@@ -117,6 +156,42 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
                 raise ValueError(f"{name}={k!r} must be an int in [0, {MAX_LOGPROBS}] or None")
+
+    def validate_token_ids(self, vocab_size: int) -> None:
+        """Raises ValueError naming the ids of logit_bias / allowed_token_ids / tokenized bad_words
+        outside [0, vocab_size) (vLLM checks these against the model at admission too)."""
+        fields = [("logit_bias", list(self.logit_bias or ())), ("allowed_token_ids", self.allowed_token_ids or [])]
+        if self._bad_words_token_ids is not None:
+            fields.append(("bad_words", [t for ids in self._bad_words_token_ids for t in ids]))
+        for name, ids in fields:
+            bad = sorted({t for t in ids if not 0 <= t < vocab_size})
+            if bad:
+                raise ValueError(f"{name}: token id(s) {bad} out of range for vocab_size={vocab_size} "
+                                 f"(valid ids are 0..{vocab_size - 1})")
+
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """Tokenizes `bad_words` as vLLM does: every word as is (leading spaces stripped) and with one
+        leading space; the spaced variant is kept only when it is a different first token and the
+        same number of tokens (a spaced word is then a word in the middle of text)."""
+        if not self.bad_words:
+            return
+        variants: list[list[int]] = []
+        for word in self.bad_words:
+            plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            variants.append(list(plain))
+            if spaced[0] != plain[0] and len(spaced) == len(plain):
+                variants.append(list(spaced))
+        self._bad_words_token_ids = variants
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]]:
+        """Token ids of every bad-word variant ([] without bad_words)."""
+        if not self.bad_words:
+            return []
+        if self._bad_words_token_ids is None:
+            raise ValueError(f"bad_words={self.bad_words!r} are not tokenized: call update_from_tokenizer first")
+        return self._bad_words_token_ids
 
     @property
     def is_greedy(self) -> bool:

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.sampler import (BAN_PAD, SamplingTensors, _ban, apply_penalties, categorical,
-                               filter_mask, row_keys)
+from inference.sampler import (BAN_PAD, SamplingTensors, apply_logits_processors, apply_penalties,
+                               categorical, filter_mask, row_keys)
 from inference.sampling_params import SAMPLING_EPS
 
 # Padding value of `VerifyOutput.output_tokens` beyond `num_output`.
@@ -242,7 +242,7 @@ def verify(target_logits: jax.Array, draft_tokens: jax.Array, draft_probs: Optio
 
     # The target's processed logits at every position, exactly as `sample` would see them if the
     # guesses before that position had been emitted one by one.
-    x = _ban(logits, flat.banned_ids)
+    x = apply_logits_processors(logits, flat)
     if token_counts is not None or prompt_mask is not None:
         base = jnp.zeros((B, V), jnp.int32) if token_counts is None else token_counts.astype(jnp.int32)
         added = jax.nn.one_hot(jnp.where(valid, guesses, -1), V, dtype=jnp.int32)  # -1 -> zeros

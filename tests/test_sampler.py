@@ -48,7 +48,34 @@ def ref_penalties(logits, counts, prompt_mask, rep, presence, frequency):
     return out
 
 
+def _ref_top_k_top_p(s_row, top_k, top_p):
+    """vLLM's apply_top_k_top_p (ascending sort) on one row: [V] bool of the tokens it keeps."""
+    v_ = s_row.shape[0]
+    asc = np.argsort(s_row, kind="stable")
+    s = np.array(s_row[asc], np.float64)
+    k = v_ if top_k <= 0 else min(top_k, v_)
+    s = np.where(s < s[v_ - k], -np.inf, s)
+    cum = np.cumsum(_softmax(s))
+    cut = cum <= 1.0 - top_p
+    cut[-1] = False
+    s = np.where(cut, -np.inf, s)
+    keep = np.zeros(v_, bool)
+    keep[asc] = np.isfinite(s)
+    return keep
+
+
+def _ref_min_p(s_row, min_p):
+    probs = _softmax(s_row)
+    return probs >= min_p * probs.max()
+
+
 def ref_keep(scaled_row, top_k, top_p, min_p):
+    """vLLM V1 for one row: the min-p processor, then apply_top_k_top_p on its survivors."""
+    survivors = _ref_min_p(scaled_row, min_p)
+    return _ref_top_k_top_p(np.where(survivors, scaled_row, -np.inf), top_k, top_p) & survivors
+
+
+def ref_keep_v0(scaled_row, top_k, top_p, min_p):
     """vLLM V0 _apply_top_k_top_p (ascending sort) followed by _apply_min_p, for one row."""
     v_ = scaled_row.shape[0]
     asc = np.argsort(scaled_row, kind="stable")
@@ -66,18 +93,17 @@ def ref_keep(scaled_row, top_k, top_p, min_p):
 
 
 def ref_keep_by_value(scaled_row, top_k, top_p, min_p):
-    """The sampler's tie rule (a descending sort, cut-offs as values: tokens tied with the last kept
-    one are all kept); equals `ref_keep` on rows without ties."""
+    """The sampler's tie rule (a descending sort of the min-p survivors, cut-offs as values: tokens
+    tied with the last kept one are all kept); equals `ref_keep` on rows without ties."""
     v_ = scaled_row.shape[0]
-    s = np.sort(np.asarray(scaled_row, np.float64))[::-1]
+    survivors = _ref_min_p(scaled_row, min_p)
+    s = np.sort(np.where(survivors, np.asarray(scaled_row, np.float64), -np.inf))[::-1]
     k = v_ if top_k <= 0 else min(top_k, v_)
     in_k = s >= s[k - 1]
     probs = np.where(in_k, np.exp(s - s[0]), 0.0)
     probs /= probs.sum()
     in_p = (np.cumsum(probs) - probs < top_p) | (top_p >= 1.0)
-    keep = scaled_row >= s[max(int((in_k & in_p).sum()), 1) - 1]
-    probs = _softmax(np.where(keep, scaled_row, -np.inf))
-    return keep & (probs >= min_p * probs.max())
+    return survivors & (scaled_row >= s[max(int((in_k & in_p).sum()), 1) - 1])
 
 
 @pytest.fixture
@@ -188,6 +214,19 @@ def test_filter_mask_matches_vllm_reference():
     for i, p in enumerate(params):
         np.testing.assert_array_equal(keep[i], ref_keep(scaled[i], p.top_k, p.top_p, p.min_p),
                                       err_msg=f"row {i}: {p}")
+    # The batch tells V1 from V0: rows where the nucleus over the min-p survivors is smaller.
+    v0 = [ref_keep_v0(scaled[i], p.top_k, p.top_p, p.min_p) for i, p in enumerate(params)]
+    assert sum((keep[i] != v0[i]).any() for i in range(b)) >= 3
+
+
+def test_min_p_comes_before_top_p_as_in_vllm_v1():
+    # probs 0.4, 0.3, 0.1 x 3: min_p 0.3 keeps {0, 1}; top_p 0.5 over those (0.57, 0.43) keeps {0}.
+    # V0 took the nucleus over all tokens first ({0, 1}: 0.4 < 0.5), then min-p, keeping {0, 1}.
+    scaled = np.log(np.array([[0.4, 0.3, 0.1, 0.1, 0.1]], np.float32))
+    params = [SamplingParams(top_p=0.5, min_p=0.3)]
+    keep = np.asarray(filter_mask(scaled, SamplingTensors.from_params(params)))
+    np.testing.assert_array_equal(keep[0], [True, False, False, False, False])
+    np.testing.assert_array_equal(ref_keep_v0(scaled[0], 0, 0.5, 0.3), [True, True, False, False, False])
 
 
 def test_filter_mask_without_sorting_rows_keeps_all_but_min_p():
@@ -211,8 +250,11 @@ def test_filter_mask_past_the_candidates_matches_vllm_reference(shrink_candidate
     refs = [ref_keep(scaled[i], p.top_k, p.top_p, p.min_p) for i, p in enumerate(params)]
     # The test data really needs the fallback: 4 candidates cannot settle these rows.
     top_k = np.asarray(SamplingTensors.from_params(params).top_k)
+    with np.errstate(divide="ignore"):  # min_p = 0: log(0) = -inf, no floor
+        min_p_cutoff = scaled.max(-1) + np.log(np.array([p.min_p for p in params], np.float32))
     _, settled, _, _ = sampler._candidate_threshold(scaled, np.where(top_k <= 0, V, np.minimum(top_k, V)),
-                                              np.array([p.top_p for p in params], np.float32), 4)
+                                                    np.array([p.top_p for p in params], np.float32),
+                                                    min_p_cutoff, 4)
     assert (~np.asarray(settled)).sum() >= 12
     for i in range(b):
         np.testing.assert_array_equal(keep[i], refs[i], err_msg=f"row {i}: {params[i]}")
@@ -240,13 +282,14 @@ def test_first_argmax_equals_argmax(v):
     x[5, [10, v - 1]] = 100.0     # tie across blocks
     np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), np.argmax(x, axis=-1))
 
-# Five filter settings x 20k draws each, all in one [100000, 8] batch (a single compile).
+# Six filter settings x 20k draws each, all in one [120000, 8] batch (a single compile).
 DIST_CASES = [
     dict(top_k=3),
     dict(top_p=0.7),
     dict(min_p=0.2),
     dict(top_k=5, top_p=0.8, min_p=0.05, temperature=0.7),
     dict(temperature=1.5),
+    dict(top_p=0.8, min_p=0.25),  # V1's nucleus over the min-p survivors: 3 tokens (V0: 4)
 ]
 N_DRAWS = 20_000
 TV_TOL = 0.02  # expected TV for 20k draws over <= 8 outcomes is < 0.008
@@ -423,3 +466,203 @@ def test_logprobs_are_raw_sorted_top_k():
 
     none = sample(logits, SamplingTensors.from_params(params), num_logprobs=0)
     assert none.top_logprobs.shape == (b, 0) and none.top_ids.shape == (b, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit_bias, allowed_token_ids, bad_words: vLLM V1's processors, against a plain numpy sampler
+
+def ref_bad_word_bans(words, history):
+    """vLLM's _apply_bad_words_single_batch: ban a word's last token when the history ends with the rest."""
+    banned = set()
+    for word in words:
+        if len(word) > len(history) + 1:
+            continue
+        prefix = word[:-1]
+        if list(history[len(history) - len(prefix):]) == list(prefix) or not prefix:
+            banned.add(word[-1])
+    return banned
+
+
+def ref_processed(logits_row, p: SamplingParams, history=(), eos=None):
+    """vLLM V1's logits before temperature for one row: allowed mask, bad words, min_tokens,
+    logit_bias, penalties (here with no penalty state)."""
+    x = np.array(logits_row, np.float64)
+    if p.allowed_token_ids is not None:
+        x[np.setdiff1d(np.arange(x.shape[0]), p.allowed_token_ids)] = -np.inf
+    for t in ref_bad_word_bans(p.bad_words_token_ids, history):
+        x[t] = -np.inf
+    if len(history) < p.min_tokens:
+        x[list(p.stop_token_ids) + ([] if p.ignore_eos or eos is None else [eos])] = -np.inf
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
+    return x
+
+
+def ref_probs(logits_row, p: SamplingParams, history=(), eos=None):
+    """[V] probabilities of the next token under vLLM V1 (one-hot argmax for greedy rows)."""
+    x = ref_processed(logits_row, p, history, eos)
+    if p.is_greedy:
+        return np.eye(x.shape[0])[np.argmax(x)]
+    scaled = x / p.temperature
+    keep = ref_keep(scaled, p.top_k, p.top_p, p.min_p)
+    return np.where(keep, _softmax(np.where(keep, scaled, -np.inf)), 0.0)
+
+
+def test_bad_word_bans_follow_the_history():
+    words = [[5], [1, 2], [3, 4, 6], [7, 7]]
+    for history in ([], [1], [9, 1], [3, 4], [1, 3, 4], [7], [2, 1], [3]):
+        assert set(sampler.bad_word_bans(words, history)) == ref_bad_word_bans(words, history), history
+    assert set(sampler.bad_word_bans(words, [0, 3, 4])) == {5, 6}
+    assert set(sampler.bad_word_bans(words, [1])) == {5, 2}
+    assert set(sampler.bad_word_bans(words, [])) == {5}
+
+
+PROCESSOR_CASES = [
+    dict(logit_bias={3: 4.0, 10: -100.0, 11: 2.5}),
+    dict(allowed_token_ids=[2, 5, 9, 17, 40, 63]),
+    dict(bad_words=[[0], [4, 1], [8, 2, 6]], history=[3, 8, 2]),
+    dict(allowed_token_ids=list(range(0, V, 3)), logit_bias={0: 3.0, 6: -2.0, 7: 50.0}, top_p=0.8, min_p=0.02),
+    dict(bad_words=[[1, 2]], history=[1], logit_bias={2: 100.0, 5: 1.0}, top_k=5, temperature=0.8),
+    dict(min_tokens=2, stop_token_ids=[6], logit_bias={6: 10.0, 12: 1.5}, history=[4]),
+]
+
+
+def _case_params(case, **extra):
+    """(params, history) of a PROCESSOR_CASES entry; its bad words come as token ids, set as if
+    `update_from_tokenizer` had produced them."""
+    case = {**case, **extra}
+    words, history = case.pop("bad_words", None), case.pop("history", [])
+    if words:
+        case["bad_words"] = [f"word{i}" for i in range(len(words))]
+    p = SamplingParams(**case)
+    if words:
+        p._bad_words_token_ids = [list(w) for w in words]
+    return p, history
+
+
+def test_processors_greedy_match_numpy_reference():
+    # Each case as a greedy row and with the processed argmax pushed away from the raw one.
+    b = 2 * len(PROCESSOR_CASES)
+    logits = _logits(b, seed=20)
+    params, histories = [], []
+    for case in PROCESSOR_CASES * 2:
+        p, h = _case_params(case, temperature=0.0)
+        params.append(p)
+        histories.append(h)
+    t = SamplingTensors.from_params(params, steps=[len(h) for h in histories], output_token_ids=histories,
+                                    eos_token_id=1, pad_to=16)
+    out = sample(np.concatenate([logits, np.zeros((16 - b, V), np.float32)]), t, num_logprobs=3)
+    want = [int(np.argmax(ref_processed(logits[i], p, histories[i], eos=1))) for i, p in enumerate(params)]
+    assert np.asarray(out.tokens)[:b].tolist() == want
+    assert sum(w != int(np.argmax(logits[i])) for i, w in enumerate(want)) >= 4  # the processors matter
+    # Logprobs stay those of the raw logits.
+    np.testing.assert_allclose(np.asarray(out.chosen_logprob)[:b], _log_softmax(logits)[np.arange(b), want],
+                               atol=1e-5)
+
+
+def test_processors_sampled_distribution_matches_numpy_reference():
+    n = 4000
+    row = _logits(1, seed=21, scale=1.5)[0]
+    params, steps, histories = [], [], []
+    for c, case in enumerate(PROCESSOR_CASES):
+        p, h = _case_params(case, seed=300 + c)
+        params += [p] * n
+        histories += [h] * n
+        steps += range(n)  # the step only changes the key here: no min_tokens past the history
+    t = SamplingTensors.from_params(params, steps=steps, output_token_ids=histories, eos_token_id=1)
+    # min_tokens counts the history, not the key's step: rebuild that ban from the history length.
+    t = t._replace(banned_ids=SamplingTensors.from_params(params, steps=[len(h) for h in histories],
+                                                          eos_token_id=1).banned_ids)
+    tokens = np.asarray(sample(np.broadcast_to(row, (len(params), V)), t).tokens)
+    for c, case in enumerate(PROCESSOR_CASES):
+        p, h = _case_params(case, seed=300 + c)
+        expected = ref_probs(row, p, h, eos=1)
+        got = tokens[c * n:(c + 1) * n]
+        assert set(np.unique(got)) <= set(np.flatnonzero(expected)), case
+        assert len(np.unique(got)) > 1, case
+        assert chi2_pvalue(np.bincount(got, minlength=V), expected) > 1e-4, case
+
+
+def test_processor_rows_leave_their_neighbours_unchanged():
+    # A seeded plain row draws the same tokens alone and next to rows using every processor.
+    request = SamplingParams(seed=44, temperature=1.1, top_p=0.9)
+    logits_row = _logits(1, seed=22, scale=1.0)[0]
+    others = [_case_params(case, seed=i)[0] for i, case in enumerate(PROCESSOR_CASES)]
+    alone = _request_tokens(1, 0, others, request, logits_row)
+    beside = _request_tokens(5, 2, others, request, logits_row)
+    assert alone == beside and len(set(alone)) > 1
+
+
+class _PairTokenizer:
+    """Test double for the engine's tokenizer: every text encodes to one fixed token pair."""
+
+    eos_token_id = None
+
+    def __init__(self, pair):
+        self.pair = list(pair)
+
+    def encode(self, text, add_special_tokens=True):
+        return self.pair
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        return ""
+
+
+def test_engine_applies_the_processors_end_to_end():
+    import dataclasses
+
+    from inference.engine import Engine, EngineConfig
+    from model.config import PRESETS
+    from model.llama import init_params
+
+    cfg = dataclasses.replace(PRESETS["tiny"], num_heads=4, num_kv_heads=2, max_position_embeddings=256)
+    weights = init_params(cfg, jax.random.key(7))
+    prompt = list(range(3, 11))
+    greedy = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def engine(tokenizer=None):
+        # Multi-step decode on: rows with bad words must still see their own last token.
+        return Engine(cfg, weights, tokenizer, EngineConfig(page_size=4, num_pages=64, max_num_seqs=4,
+                                                            max_num_batched_tokens=64, attn_impl="xla",
+                                                            num_decode_steps=4))
+
+    e = engine()
+    e.add_request("plain", prompt, SamplingParams(**greedy))
+    want = e.run()["plain"].token_ids
+    pair = want[3:5]
+    e = engine(_PairTokenizer(pair))
+    e.add_request("plain", prompt, SamplingParams(**greedy))
+    e.add_request("bad", prompt, SamplingParams(bad_words=["the pair"], **greedy))
+    e.add_request("bias", prompt, SamplingParams(logit_bias={17: 100.0}, **greedy))
+    e.add_request("allowed", prompt, SamplingParams(allowed_token_ids=[5, 40], seed=1, max_tokens=12))
+    out = {rid: o.token_ids for rid, o in e.run().items()}
+    assert out["plain"] == want                       # neighbours with processors change nothing
+    assert out["bad"][:4] == want[:4] and out["bad"][4] != want[4]   # banned right after its prefix
+    assert all(out["bad"][i:i + 2] != pair for i in range(len(out["bad"]) - 1))
+    assert out["bias"] == [17] * 12
+    assert set(out["allowed"]) <= {5, 40} and len(out["allowed"]) == 12
+    with pytest.raises(ValueError, match=rf"logit_bias: token id\(s\) \[{cfg.vocab_size}\]"):
+        e.add_request("oob", prompt, SamplingParams(logit_bias={cfg.vocab_size: 1.0}))
+
+
+def test_speculative_verify_applies_the_same_processors():
+    from inference.speculative import verify
+
+    # logit_bias and allowed_token_ids (state-free) at every position of a speculated block: greedy rows
+    # whose guesses are the processed argmax chain accept them all and add the processed bonus token.
+    B, K = 4, 3
+    logits = _logits(B * (K + 1), seed=23).reshape(B, K + 1, V)
+    cases = [dict(logit_bias={3: 9.0, 11: 8.5}), dict(allowed_token_ids=[2, 5, 9, 17, 40, 63]),
+             dict(allowed_token_ids=list(range(0, V, 3)), logit_bias={6: 3.0}), dict()]
+    params = [SamplingParams(temperature=0.0, **c) for c in cases]
+    chain = np.array([[int(np.argmax(ref_processed(logits[b, i], p))) for i in range(K + 1)]
+                      for b, p in enumerate(params)])
+    assert (chain != logits.argmax(-1)).sum() >= 6  # the processors matter
+    tensors = SamplingTensors.from_params(params)
+    out = verify(logits, chain[:, :K], None, np.full(B, K, np.int32), tensors)
+    np.testing.assert_array_equal(np.asarray(out.output_tokens), chain)
+    # No guesses: verify samples exactly what `sample` does, processors included.
+    sampled = [SamplingParams(seed=50 + b, **c) for b, c in enumerate(cases)]
+    tensors = SamplingTensors.from_params(sampled)
+    out = verify(logits, chain[:, :K], None, np.zeros(B, np.int32), tensors)
+    np.testing.assert_array_equal(np.asarray(out.output_tokens)[:, 0], np.asarray(sample(logits[:, 0], tensors).tokens))
