@@ -18,3 +18,14 @@ def default_llm(default_model):
 
     with LLM(_loaded=default_model, max_num_seqs=8, max_num_batched_tokens=256) as llm:
         yield llm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs_between_modules():
+    """Compiled programs stay in JAX's process-wide cache (LLM.close() leaves them for other instances), so a
+    long test session would keep every module's programs alive; drop them after each module."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
