@@ -30,7 +30,7 @@ _IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_c
 # vLLM's extra sampling fields (sent by the openai client through `extra_body`).
 _EXTRA_SAMPLING_FIELDS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int,
                           "ignore_eos": bool, "stop_token_ids": list, "skip_special_tokens": bool,
-                          "include_stop_str_in_output": bool}
+                          "include_stop_str_in_output": bool, "allowed_token_ids": list, "bad_words": list}
 _COMMON_FIELDS = {"model", "n", "temperature", "top_p", "max_tokens", "stop", "seed", "stream", "stream_options",
                   "presence_penalty", "frequency_penalty", "logit_bias", *_IGNORED_FIELDS, *_EXTRA_SAMPLING_FIELDS}
 _KNOWN_FIELDS = {
@@ -124,7 +124,8 @@ def _sampling_params(body: dict, max_tokens: int, logprobs: Optional[int], field
                   seed=_field(body, "seed", int),
                   stop=_field(body, "stop", (str, list)),
                   presence_penalty=_field(body, "presence_penalty", float, 0.0),
-                  frequency_penalty=_field(body, "frequency_penalty", float, 0.0))
+                  frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
+                  logit_bias=_field(body, "logit_bias", dict))  # {"token id": bias in [-100, 100]}
     for name, t in _EXTRA_SAMPLING_FIELDS.items():
         if body.get(name) is not None:
             kwargs[name] = _field(body, name, t)
@@ -144,8 +145,6 @@ def _check_unsupported(body: dict, kind: str) -> None:
     unknown = sorted(set(body) - _KNOWN_FIELDS[kind])
     if unknown:
         raise OpenAIError(f"unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
-    if body.get("logit_bias"):
-        raise OpenAIError("logit_bias is not supported", param="logit_bias")
     if kind == COMPLETIONS and body.get("suffix") is not None:
         raise OpenAIError("suffix is not supported", param="suffix")
     if kind == CHAT:

@@ -221,6 +221,16 @@ def test_bad_fields_are_400_naming_the_field(served, route, body, param):
     assert e["param"] == param and e["type"] == "invalid_request_error" and param.split("[")[0] in e["message"]
 
 
+def test_logit_bias_forces_a_token(served, default_llm):
+    forced = default_llm.tokenizer.encode(" Paris")[0]
+    r = served.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                           logit_bias={str(forced): 100})
+    assert default_llm.tokenizer.encode(r.choices[0].text) == [forced] * 3
+    with pytest.raises(openai.BadRequestError) as err:
+        served.client().completions.create(model=MODEL, prompt="hi", extra_body={"logit_bias": "x"})
+    assert err.value.body["param"] == "logit_bias"
+
+
 def test_unknown_model_is_404_and_bad_json_is_400(served):
     with pytest.raises(openai.NotFoundError) as err:
         served.client().completions.create(model="gpt-4", prompt="hi")
