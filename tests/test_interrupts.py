@@ -184,7 +184,7 @@ def test_fault_with_lookahead_or_drafts_rolls_back(params, monkeypatch, engine_k
 
 
 def tiny_llm(params, **kw):
-    return LLM(_loaded=(CFG, params, IdTokenizer()), dtype="float32", **{**ENGINE_KW, **kw})
+    return LLM(_loaded=(CFG, params, IdTokenizer()), dtype="float32", unroll_layers=False, **{**ENGINE_KW, **kw})
 
 
 def test_interrupted_generate_then_next_generate_matches_a_fresh_llm(params, monkeypatch):
@@ -219,7 +219,8 @@ _SIGINT_CHILD = textwrap.dedent("""
     from tests.test_interrupts import CFG, ENGINE_KW, IdTokenizer
     from model.llama import init_params
 
-    llm = LLM(_loaded=(CFG, init_params(CFG, jax.random.key(3)), IdTokenizer()), dtype="float32", **ENGINE_KW)
+    llm = LLM(_loaded=(CFG, init_params(CFG, jax.random.key(3)), IdTokenizer()), dtype="float32",
+              unroll_layers=False, **ENGINE_KW)
     short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     long = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
     prompts = [[5, 6, 7], [9] * 20, [1, 2]]
