@@ -15,6 +15,11 @@ When pages run out, the most recently arrived running request is preempted by re
 pages and goes back to the front of the waiting queue with prompt + generated tokens, which are recomputed
 later (often from the prefix cache), so its final output does not change.
 
+A step whose results never arrive (the device call or the caller's output processing raised, or Ctrl-C)
+is undone with `cancel_step`: its pages are freed and every request is as before `schedule()`. A request
+that needs more pages than the whole pool (only possible when pages are held outside the scheduler, since
+the engine checks the pool against max_model_len) ends with finish_reason "length" and keeps its tokens.
+
 The step contract with the runner (docs/DESIGN.md, StepInputs) is `SchedulerOutput.to_step_arrays`.
 """
 
