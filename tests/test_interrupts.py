@@ -297,3 +297,30 @@ def test_request_outgrowing_the_pool_returns_its_tokens(params):
     assert len(out.token_ids) == 24 - 10 + 1 and out.token_ids == want[:len(out.token_ids)]
     engine.allocator.free_all(held)
     assert_idle(engine)
+
+
+@pytest.mark.slow  # compiles the self-draft programs
+def test_interrupt_after_self_draft_proposal_rebuilds_the_lost_pool(params, monkeypatch):
+    """The self-draft proposer runs on the device with the pool donated: interrupted after it ran but before
+    its new pool was stored, the pool is gone; the engine rebuilds it and recomputes every request."""
+    spec = dict(method="draft", num_speculative_tokens=3, draft_num_layers=1)
+    prompts, sps = workload()
+    fresh = make_engine(params, speculative=spec)
+    ids = [fresh.add_request(None, p, sp, stream=False) for p, sp in zip(prompts, sps)]
+    final = fresh.run()
+    want = {i: summary(final[i]) for i in ids}
+    engine = make_engine(params, speculative=spec)
+    ids = [engine.add_request(None, p, sp, stream=False) for p, sp in zip(prompts, sps)]
+    inject(monkeypatch, engine.proposer, "propose", 3, KeyboardInterrupt(), after=True)
+    got = {}
+    with pytest.raises(KeyboardInterrupt):
+        run_collecting(engine, got)
+    monkeypatch.undo()
+    assert engine.runner.cache is not None and not engine.runner.cache_lost()
+    run_collecting(engine, got)
+    # Greedy requests give the same tokens (recomputed KV differs from the first one by float rounding,
+    # which can move logprobs and the draws of the seeded request, as any recompute under speculation).
+    greedy = [i for i, sp in zip(ids, sps) if sp.temperature == 0]
+    assert [got[i][0] for i in greedy] == [w[0] for i, w in zip(ids, want.values()) if i in greedy]
+    assert set(got) == set(ids) and engine.scheduler.num_preemptions > 0
+    assert_idle(engine)
