@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import itertools
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -267,7 +268,9 @@ class ModelRunner:
         self.engine_cfg = engine_cfg
         self.num_pages = num_pages  # pages the scheduler allocates; `extra_pages` more follow (draft scratch)
         self.params = params
-        self.cache = init_cache(cfg, num_pages + extra_pages, engine_cfg.page_size, kv_dtype, sharding=cache_sharding)
+        self._new_cache = functools.partial(init_cache, cfg, num_pages + extra_pages, engine_cfg.page_size, kv_dtype,
+                                            sharding=cache_sharding)
+        self.cache = self._new_cache()
         self.max_pages_per_seq = -(-engine_cfg.max_model_len // engine_cfg.page_size)
         self.max_seqs_bucket = _pow2_at_least(engine_cfg.max_num_seqs)
         self.num_slots = engine_cfg.max_num_seqs  # penalty slots (one per running request at most)
@@ -417,6 +420,19 @@ class ModelRunner:
                 run(k, np.full(S, self.num_slots, np.int32) if with_penalties else None)
         return len(num_logprobs) * len(penalties)
 
+    def cache_lost(self) -> bool:
+        """True when the KV pool was donated to a step program whose result was never stored (the step
+        was interrupted between the two): its buffers are deleted and it must be rebuilt."""
+        return self.cache is not None and any(a.is_deleted() for a in jax.tree.leaves(self.cache))
+
+    def reset_cache(self) -> None:
+        """A fresh (zeroed) KV pool in place of a lost one."""
+        self.cache = self._new_cache()
+
+    def reset_penalties(self) -> None:
+        """Drops the penalty state (rows are rewritten when their requests next run)."""
+        self.penalties = None
+
     def release(self):
         self.params = None
         self.cache = None
@@ -467,6 +483,18 @@ class _RequestState:
     adaptive: Optional[AdaptiveK] = None  # per-request k policy (None: always the engine's k)
     spec: Optional[SpecDecodeStats] = None  # per-request speculation metrics
 
+    def checkpoint(self) -> dict:
+        """What a step's output processing changes, to restore if the step is rolled back."""
+        return {"stop": dict(vars(self.stop), token_ids=list(self.stop.token_ids)),
+                "num_raw_logprobs": None if self.raw_logprobs is None else len(self.raw_logprobs),
+                "cumulative_logprob": self.cumulative_logprob}
+
+    def restore(self, saved: dict) -> None:
+        vars(self.stop).update(saved["stop"])
+        if self.raw_logprobs is not None:
+            del self.raw_logprobs[saved["num_raw_logprobs"]:]
+        self.cumulative_logprob = saved["cumulative_logprob"]
+
 
 class Engine:
     """Continuous-batching engine. Use through `inference.LLM`, or directly:
@@ -478,11 +506,13 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, params, tokenizer, engine_cfg: EngineConfig = EngineConfig(),
                  param_sharding=None, cache_sharding=None, weight_bytes: int = 0):
+        max_len_given = engine_cfg.max_model_len is not None
         engine_cfg = dataclasses.replace(engine_cfg, max_model_len=cfg.usable_context(engine_cfg.max_model_len))
         self.cfg, self.tokenizer, self.engine_cfg = cfg, tokenizer, engine_cfg
         compute_dtype = jax.tree.leaves(params)[0].dtype
         kv_dtype = compute_dtype if engine_cfg.kv_cache_dtype == "auto" else _DTYPES[engine_cfg.kv_cache_dtype]
         num_pages = engine_cfg.num_pages or self._pages_from_budget(kv_dtype, cache_sharding)
+        engine_cfg = self.engine_cfg = self._fit_max_model_len(engine_cfg, num_pages, max_len_given)
         self.allocator = BlockAllocator(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens,
                                    engine_cfg.max_model_len, engine_cfg.enable_chunked_prefill)
@@ -511,6 +541,22 @@ class Engine:
                                   extra_pages=extra_pages)
 
     # ------------------------------------------------------------------ sizing
+    @staticmethod
+    def _fit_max_model_len(engine_cfg: EngineConfig, num_pages: int, max_len_given: bool) -> EngineConfig:
+        """A pool that cannot hold one max_model_len request would fail requests mid-run: refused when
+        max_model_len was asked for, else max_model_len is lowered to what the pool holds (as vLLM does)."""
+        pool_tokens = num_pages * engine_cfg.page_size
+        if pool_tokens >= engine_cfg.max_model_len:
+            return engine_cfg
+        message = (f"the KV pool of {num_pages} pages of {engine_cfg.page_size} tokens holds {pool_tokens} tokens, "
+                   f"fewer than one request of max_model_len={engine_cfg.max_model_len} tokens needs "
+                   f"({-(-engine_cfg.max_model_len // engine_cfg.page_size)} pages)")
+        if max_len_given:
+            raise ValueError(f"{message}; give more KV memory (num_pages, kv_cache_memory_bytes, "
+                             f"gpu_memory_utilization) or a max_model_len <= {pool_tokens}")
+        warnings.warn(f"{message}; lowering max_model_len to {pool_tokens}", stacklevel=3)
+        return dataclasses.replace(engine_cfg, max_model_len=pool_tokens)
+
     def _pages_from_budget(self, kv_dtype, cache_sharding=None) -> int:
         """Pages that fit one device's KV budget. Under TP each device holds only its KV heads of every
         page (sharding.rules.cache_sharding), so a page costs that device 1/split of its full bytes."""
@@ -583,10 +629,9 @@ class Engine:
             raise ValueError(f"request {rid!r}: prompt length {len(ids)} tokens leaves no room to generate within "
                              f"the context window max_model_len={max_len}")
         max_tokens = min(params.max_tokens, max_len - len(ids))
-        self.scheduler.add_request(rid, ids, max_tokens=max_tokens)
         decode = (lambda toks, skip=params.skip_special_tokens: self.tokenizer.decode(toks, skip_special_tokens=skip)) \
             if self.tokenizer is not None else (lambda toks: "")
-        self._requests[rid] = _RequestState(
+        state = _RequestState(
             request_id=rid, prompt=prompt, prompt_token_ids=ids, params=params,
             stop=StopChecker(params, self.eos_token_id, decode), fallback_seed=next_engine_seed(),
             metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)),
@@ -596,6 +641,8 @@ class Engine:
                             or bool(params.frequency_penalty)), speculate=speculate,
             adaptive=AdaptiveK(spec.num_speculative_tokens) if speculate and spec.adaptive else None,
             spec=SpecDecodeStats() if spec is not None else None)
+        self.scheduler.add_request(rid, ids, max_tokens=max_tokens)
+        self._requests[rid] = state
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -633,7 +680,44 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Returns outputs of requests that finished, and of streamed requests
-        (`add_request(stream=True)`) that got new tokens."""
+        (`add_request(stream=True)`) that got new tokens.
+
+        An exception or interrupt (KeyboardInterrupt) anywhere in the step rolls it back before it
+        propagates: requests are left as they were before the step (the KV a half-run step wrote is never
+        read), so the next step works and gives the same tokens."""
+        checkpoints: dict[str, dict] = {}
+        try:
+            return self._step(checkpoints)
+        except BaseException:
+            self._roll_back_step(checkpoints)
+            raise
+
+    def _roll_back_step(self, checkpoints: dict[str, dict]) -> None:
+        """Undoes a step that did not complete. `checkpoints` holds the host state (stop checker,
+        logprobs) of each request whose outputs were being processed, as it was before the step; once
+        the scheduler took the step's results they stand, and so does that host state."""
+        committed = not self.scheduler.step_in_flight
+        self.scheduler.cancel_step()
+        for rid, saved in checkpoints.items() if not committed else ():
+            state = self._requests.get(rid)
+            if state is not None:
+                state.restore(saved)
+        if self.runner.cache_lost():
+            # Every page's KV is gone: recompute every request from its tokens in a fresh pool.
+            self.runner.reset_cache()
+            self.scheduler.reset_pool()
+            self.allocator = self.scheduler.allocator
+        # The device penalty counts may hold the rolled-back tokens (or the state was donated and lost):
+        # rebuild every row from the host's token lists when its request next runs.
+        self.runner.reset_penalties()
+        self._free_slots = list(range(self.engine_cfg.max_num_seqs))[::-1]
+        for state in self._requests.values():
+            state.slot = None
+        # Requests the scheduler finished while the step was cut short have no output to give any more.
+        for rid in [rid for rid in self._requests if not self.scheduler.has_request(rid)]:
+            self._retire(self._requests[rid])
+
+    def _step(self, checkpoints: dict[str, dict]) -> list[RequestOutput]:
         t0 = time.perf_counter()
         self._propose_drafts()
         lookahead = self._attach_lookahead()
@@ -644,6 +728,13 @@ class Engine:
             if state is not None:
                 self._free_slot(state)
                 results.append(self._error_output(state, seq.error))
+        for seq in sched.out_of_pool:  # keeps what it generated; finish_reason "length", the pool named
+            state = self._requests.get(seq.request_id)
+            if state is not None:
+                state.stop.finish_reason, state.stop.stop_reason = "length", seq.error
+                state.metrics.finished_time = time.perf_counter()
+                results.append(self._output(state, finished=True))
+                self._retire(state)
         if sched.is_empty:
             self.scheduler.update_from_output({})
             return results
@@ -677,6 +768,7 @@ class Engine:
         now = time.perf_counter()
         for row, (rid, num_rows) in enumerate(layout):
             state = self._requests[rid]
+            checkpoints[rid] = state.checkpoint()
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             # Emitted tokens go through the stop checks one by one: a stop (EOS, stop string,
@@ -699,7 +791,7 @@ class Engine:
             sampled[rid] = kept
             if state.spec is not None:
                 self._record_spec(state, num_rows - 1, int(out.num_accepted[row]), len(kept))
-        done = self.scheduler.update_from_output(sampled, finished)
+        done = self.scheduler.update_from_output(sampled, finished)  # from here on the step stands
         for seq in done:
             state = self._requests[seq.request_id]
             if not state.stop.finished:  # the scheduler ended it (max_tokens / context window)

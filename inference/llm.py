@@ -276,6 +276,11 @@ class LLM:
                                 [c for c, _ in partial.pop(i)], True, first.metrics)
                     if progress is not None:
                         progress.update(1)
+        except BaseException:
+            # Interrupted (Ctrl-C) or failed: this call's requests must not stay queued holding pages.
+            for rid in children:
+                engine.abort(rid)
+            raise
         finally:
             if progress is not None:
                 progress.close()

@@ -15,6 +15,11 @@ When pages run out, the most recently arrived running request is preempted by re
 pages and goes back to the front of the waiting queue with prompt + generated tokens, which are recomputed
 later (often from the prefix cache), so its final output does not change.
 
+A step whose results never arrive (the device call or the caller's output processing raised, or Ctrl-C)
+is undone with `cancel_step`: its pages are freed and every request is as before `schedule()`. A request
+that needs more pages than the whole pool (only possible when pages are held outside the scheduler, since
+the engine checks the pool against max_model_len) ends with finish_reason "length" and keeps its tokens.
+
 The step contract with the runner (docs/DESIGN.md, StepInputs) is `SchedulerOutput.to_step_arrays`.
 """
 
@@ -147,6 +152,9 @@ class SchedulerOutput:
     page_size: int
     preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
     failed: list[Sequence] = dataclasses.field(default_factory=list)   # failed this step; .error says why
+    # Finished this step with reason "length" because their next tokens cannot fit in the whole KV pool;
+    # they keep what they generated, and .error says why.
+    out_of_pool: list[Sequence] = dataclasses.field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -245,6 +253,7 @@ class Scheduler:
         self._in_flight: list[tuple[Sequence, ScheduledSequence]] = []  # last schedule() not yet updated
         self.num_preemptions = 0
         self.num_failed = 0
+        self.num_out_of_pool = 0  # ended with finish_reason "length" by the KV pool's size
         self.num_steps = 0
 
     # ----- requests ----------------------------------------------------------------------------------------
@@ -270,6 +279,15 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def step_in_flight(self) -> bool:
+        """schedule() returned a step that update_from_output() has not taken yet."""
+        return bool(self._in_flight)
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether `request_id` is waiting or running (not finished, aborted or unknown)."""
+        return request_id in self._requests
 
     @property
     def num_unfinished(self) -> int:
@@ -299,6 +317,7 @@ class Scheduler:
         plan: dict[str, tuple[Sequence, int, int]] = {}   # request_id -> (seq, new tokens, draft tokens)
         preempted: list[str] = []
         failed: list[Sequence] = []
+        out_of_pool: list[Sequence] = []
 
         # 1+2) Running sequences: decodes first (latency), then continuing chunked prefills, FCFS in each.
         by_arrival = sorted(self.running, key=lambda s: s.arrival)
@@ -318,9 +337,9 @@ class Scheduler:
                 victim = max(self.running, key=lambda s: s.arrival)
                 if victim is seq:
                     if len(self.running) == 1:
-                        # Alone and still too big: it can never run. Fail it instead of looping.
-                        self._fail(seq, self._too_big_message(seq, seq.num_computed_tokens + n))
-                        failed.append(seq)
+                        # Alone and still too big: it can never run. End it (keeping what it generated)
+                        # instead of looping.
+                        self._out_of_pool(seq, seq.num_computed_tokens + n, failed, out_of_pool)
                     else:
                         self._preempt(seq)
                         preempted.append(seq.request_id)
@@ -340,8 +359,7 @@ class Scheduler:
             seq = self.waiting[0]
             if _cdiv(seq.num_tokens, self.page_size) > self.allocator.num_pages:
                 self.waiting.popleft()
-                self._fail(seq, self._too_big_message(seq, seq.num_tokens))
-                failed.append(seq)
+                self._out_of_pool(seq, seq.num_tokens, failed, out_of_pool)
                 continue
             cached = self._lookup_cached_pages(seq)
             num_cached = len(cached) * self.page_size
@@ -373,7 +391,8 @@ class Scheduler:
             self._in_flight.append((seq, s))
         self.num_steps += 1
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(s.num_new_tokens for s in scheduled),
-                               page_size=self.page_size, preempted_request_ids=preempted, failed=failed)
+                               page_size=self.page_size, preempted_request_ids=preempted, failed=failed,
+                               out_of_pool=out_of_pool)
 
     def _num_new_tokens(self, seq: Sequence, num_computed: int, budget: int, reserve: int) -> tuple[int, int]:
         """(tokens to compute incl. drafts, draft tokens) for `seq` with `budget` tokens left this step."""
@@ -414,6 +433,19 @@ class Scheduler:
             samples=start + n - k == seq.num_tokens,
             is_prefill=n - k > 1,
         )
+
+    def _out_of_pool(self, seq: Sequence, num_tokens: int, failed: list, out_of_pool: list) -> None:
+        """`seq` needs more pages than the whole pool holds: a request with generated tokens ends with
+        finish_reason "length" and keeps them; one that generated nothing fails."""
+        message = self._too_big_message(seq, num_tokens)
+        if seq.output_token_ids:
+            self._finish(seq, "length")
+            seq.error = message
+            self.num_out_of_pool += 1
+            out_of_pool.append(seq)
+        else:
+            self._fail(seq, message)
+            failed.append(seq)
 
     def _too_big_message(self, seq: Sequence, num_tokens: int) -> str:
         pages = _cdiv(num_tokens, self.page_size)
@@ -556,6 +588,44 @@ class Scheduler:
             return "length"
         return None
 
+    def cancel_step(self) -> None:
+        """Forgets the step `schedule()` returned, as if it had not been scheduled: for when its device
+        work or its output processing failed or was interrupted (even half way through `schedule()`
+        itself). Pages allocated for it are freed, so KV a half-run step wrote is never read; requests
+        keep the tokens they had, and draft / lookahead tokens are dropped (proposed again next step)."""
+        self._in_flight = []
+        running = set(map(id, self.running))
+        waiting = set(map(id, self.waiting))
+        lost = [s for s in self._requests.values() if id(s) not in running and id(s) not in waiting]
+        for seq in sorted(lost, key=lambda s: s.arrival, reverse=True):  # caught between the two queues
+            self._release_pages(seq)
+            seq.num_computed_tokens = 0
+            if seq.status is not SequenceStatus.WAITING:
+                seq.status = SequenceStatus.PREEMPTED
+            self.waiting.appendleft(seq)
+        for seq in self.running:
+            # Outside a step a running sequence holds exactly the pages of its computed tokens.
+            self._truncate_kv(seq, seq.num_computed_tokens)
+        for seq in self._requests.values():
+            seq.draft_token_ids = []
+
+    def reset_pool(self) -> None:
+        """The KV pool's contents were lost (see Engine.step): an empty allocator of the same size takes
+        the old one's place and every request is recomputed from its tokens (running ones are preempted)."""
+        old = self.allocator
+        self.allocator = BlockAllocator(old.num_pages, old.page_size, old.enable_prefix_caching, old.hash_fn)
+        self.allocator.stats = old.stats
+        self._in_flight = []
+        for seq in sorted(self.running, key=lambda s: s.arrival, reverse=True):
+            seq.status = SequenceStatus.PREEMPTED
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
+            self.waiting.appendleft(seq)
+        self.running = []
+        for seq in self._requests.values():
+            seq.block_table, seq.num_computed_tokens = [], 0
+            seq._page_hashes, seq._num_registered_pages = [], 0  # chained from the old allocator's root
+
     def rollback(self, request_id: str, num_tokens: int) -> None:
         """Remove the last `num_tokens` generated tokens (e.g. drafts appended as outputs and then rejected,
         or a stop string) with their KV, freeing pages that become unused. Not needed after
@@ -578,6 +648,7 @@ class Scheduler:
             "num_steps": self.num_steps,
             "num_preemptions": self.num_preemptions,
             "num_failed": self.num_failed,
+            "num_out_of_pool": self.num_out_of_pool,
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "pages_free": self.allocator.num_free,

@@ -70,7 +70,7 @@ def run(sched, runner, max_steps=5000, check=None, before_step=None):
         out = sched.schedule()
         if check:
             check(sched, out)
-        for seq in out.failed:
+        for seq in out.failed + out.out_of_pool:
             done[seq.request_id] = seq
         for seq in sched.update_from_output(runner.step(out)):
             done[seq.request_id] = seq
@@ -295,10 +295,12 @@ def test_request_too_big_for_pool_fails_without_deadlock():
     done = run(sched, runner)
     assert done["huge"].finish_reason == "error"
     assert "length 20" in done["huge"].error and "only 4 pages of 4 tokens" in done["huge"].error
-    assert done["grows"].finish_reason == "error" and "only 4 pages" in done["grows"].error
+    # Outgrowing the pool mid-run keeps what it generated: finish_reason "length", the message names the pool.
+    assert done["grows"].finish_reason == "length" and "only 4 pages" in done["grows"].error
     assert len(done["grows"].output_token_ids) == 16 - 3 + 1   # generated until the 16 KV slots ran out
+    assert done["grows"].output_token_ids == reference_output([1, 2, 3], 14)
     assert done["ok"].output_token_ids == reference_output([9, 9], 3)
-    assert sched.num_failed == 2
+    assert sched.num_failed == 1 and sched.num_out_of_pool == 1
 
 
 def test_prompt_longer_than_max_model_len_rejected():
@@ -536,7 +538,7 @@ def test_random_workloads_match_reference(seed):
                 sched.set_draft_tokens(seq.request_id, drafts)
         out = sched.schedule()
         assert out.num_batched_tokens <= budget and len(sched.running) <= sched.max_num_seqs
-        for seq in out.failed:
+        for seq in out.failed + out.out_of_pool:
             done[seq.request_id] = seq
         for seq in sched.update_from_output(runner.step(out)):
             done[seq.request_id] = seq
@@ -565,3 +567,51 @@ def test_colliding_prefix_hashes_never_serve_foreign_kv():
         done = run(sched, runner)   # one at a time, so each later prompt could hit earlier pages
         assert done[f"r{i}"].output_token_ids == reference_output(p, 6)
         assert done[f"r{i}"].num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_cancelled_steps_change_no_output_and_free_their_pages(caching):
+    """An interrupted step (schedule() and the device write done, update_from_output never called) is
+    cancelled: the KV it wrote is never read (the toy runner checks every read), outputs equal the
+    reference, and every page is free at the end. Covers admissions, chunked prefill, drafts, preemption."""
+    sched, runner = make(num_pages=12, page_size=4, max_num_seqs=4, budget=12, caching=caching)
+    rng = random.Random(3)
+    prompts = {f"r{i}": [rng.randrange(100) for _ in range(rng.randrange(1, 30))] for i in range(8)}
+    prompts["shared"] = prompts["r0"][:9] + [5]
+    lens = {rid: rng.randrange(1, 15) for rid in prompts}
+    for rid, p in prompts.items():
+        sched.add_request(rid, p, max_tokens=lens[rid])
+    done, cancelled = {}, 0
+    for _ in range(2000):
+        if not sched.has_unfinished_requests():
+            break
+        for seq in sched.running:
+            if seq.is_decoding and rng.random() < 0.5:
+                hist, drafts = list(seq.all_token_ids), []
+                for _ in range(2):
+                    drafts.append(next_token(hist) if rng.random() < 0.7 else 100 + rng.randrange(10))
+                    hist.append(drafts[-1])
+                sched.set_draft_tokens(seq.request_id, drafts)
+        out = sched.schedule()
+        done.update({seq.request_id: seq for seq in out.failed + out.out_of_pool})
+        sampled = runner.step(out)  # the device wrote this step's KV ...
+        if rng.random() < 0.3:
+            sched.cancel_step()     # ... and then the step was interrupted
+            cancelled += 1
+            continue
+        done.update({seq.request_id: seq for seq in sched.update_from_output(sampled)})
+    assert cancelled > 10 and sched.num_preemptions > 0
+    assert {rid: s.output_token_ids for rid, s in done.items()} == \
+        {rid: reference_output(p, lens[rid]) for rid, p in prompts.items()}
+    assert sched.allocator.num_free == sched.allocator.num_pages
+
+
+def test_cancel_step_repairs_a_request_caught_between_the_queues():
+    """An interrupt inside schedule() can leave an admitted request out of both queues with pages."""
+    sched, runner = make(num_pages=16, page_size=4)
+    sched.add_request("a", [1, 2, 3, 4, 5, 6], max_tokens=4)
+    seq = sched.waiting.popleft()   # schedule() stopped right after taking it from the queue
+    seq.block_table = sched.allocator.allocate_many(2)
+    sched.cancel_step()
+    assert sched.allocator.num_free == 16 and list(sched.waiting) == [seq]
+    assert run(sched, runner)["a"].output_token_ids == reference_output([1, 2, 3, 4, 5, 6], 4)
