@@ -157,7 +157,7 @@ def _kv_update_case(model: Model, kv_dtype: str, page_size: int, step: str, num_
     return Case(f"kv_update/{model.name}/{kv_dtype}/ps{page_size}/{step}-t{num_tokens}", "kv_cache_update", build)
 
 
-def _flash_case(model: Model, length: int):
+def _flash_case(model: Model, length: int, lowering: str = "triton"):
     def build():
         import jax.numpy as jnp
         from pallas_kernels import flash_attention
@@ -165,24 +165,12 @@ def _flash_case(model: Model, length: int):
         q = _sds((1, length, model.num_heads, model.head_dim), jnp.bfloat16)
         kv = _sds((1, length, model.num_kv_heads, model.head_dim), jnp.bfloat16)
         lens = _sds((1,), jnp.int32)
-        fn = lambda *a: flash_attention(*a, impl="pallas", lowering="triton")  # noqa: E731
+        fn = lambda *a: flash_attention(*a, impl="pallas", lowering=lowering)  # noqa: E731
         return fn, (q, kv, kv, lens, lens), ()
 
-    return Case(f"flash/{model.name}/prefill-{length // 1024}k", "flash_attention", build, needs_wgmma=True)
-
-
-def _mosaic_flash_case(model: Model, length: int):
-    def build():
-        import jax.numpy as jnp
-        from pallas_kernels import flash_attention
-
-        q = _sds((1, length, model.num_heads, model.head_dim), jnp.bfloat16)
-        kv = _sds((1, length, model.num_kv_heads, model.head_dim), jnp.bfloat16)
-        lens = _sds((1,), jnp.int32)
-        fn = lambda *a: flash_attention(*a, impl="pallas", lowering="mosaic")  # noqa: E731
-        return fn, (q, kv, kv, lens, lens), ()
-
-    return Case(f"flash-mosaic/{model.name}/prefill-{length // 1024}k", "flash_attention", build, mosaic=True)
+    family = "flash" if lowering == "triton" else f"flash-{lowering}"
+    return Case(f"{family}/{model.name}/prefill-{length // 1024}k", "flash_attention", build,
+                needs_wgmma=lowering == "triton", mosaic=lowering == "mosaic")
 
 
 def _qmm_case(fmt: str, bits: int, group_size: Optional[int], k: int, n: int, m: int):
@@ -223,7 +211,7 @@ def build_cases() -> list[Case]:
     for model in MODELS:
         for length in (2048, 8192):
             cases.append(_flash_case(model, length))
-            cases.append(_mosaic_flash_case(model, length))
+            cases.append(_flash_case(model, length, lowering="mosaic"))
     for fmt, bits, group_size in QMM_FORMATS:
         for k, n in QMM_SHAPES:
             for m in QMM_ROWS:

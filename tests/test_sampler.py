@@ -77,17 +77,7 @@ def ref_keep(scaled_row, top_k, top_p, min_p):
 
 def ref_keep_v0(scaled_row, top_k, top_p, min_p):
     """vLLM V0 _apply_top_k_top_p (ascending sort) followed by _apply_min_p, for one row."""
-    v_ = scaled_row.shape[0]
-    asc = np.argsort(scaled_row, kind="stable")
-    s = np.array(scaled_row[asc], np.float64)
-    k = v_ if top_k <= 0 else min(top_k, v_)
-    s = np.where(s < s[v_ - k], -np.inf, s)
-    cum = np.cumsum(_softmax(s))
-    cut = cum <= 1.0 - top_p
-    cut[-1] = False
-    s = np.where(cut, -np.inf, s)
-    keep = np.zeros(v_, bool)
-    keep[asc] = np.isfinite(s)
+    keep = _ref_top_k_top_p(scaled_row, top_k, top_p)
     probs = _softmax(np.where(keep, scaled_row, -np.inf))
     return keep & (probs >= min_p * probs.max())
 
