@@ -336,8 +336,6 @@ class _RecordsFormat:
             params = self.default_params
             if record.get("sampling"):
                 params = dataclasses.replace(self.default_params, **record["sampling"])
-            if params.n != 1:
-                raise ValueError(f"n={params.n}: use the OpenAI Batch format for n > 1")
             if "messages" in record:
                 ids, text = tokenizer.encode_chat(record["messages"]), None
             else:
@@ -349,13 +347,27 @@ class _RecordsFormat:
         except (ValueError, TypeError) as e:
             raise _LineError(m := f"line {line_no}: {e}", self.error_line(key, m)) from None
 
-        def finish(outputs):
-            out = outputs[0]
-            return {"id": key, "text": out.text if not out.error else None,
-                    "token_ids": out.token_ids if not out.error else None, "finish_reason": out.finish_reason,
-                    "num_prompt_tokens": len(out.prompt_token_ids), "error": out.error}, out.error
+        n = params.n
 
-        return _Job([(str(key), 0, ids, params, text)], finish)
+        def finish(outputs):
+            # n > 1: every sample under "outputs" (sample j of a seeded request has seed + j, as in LLM.generate);
+            # the top-level fields are sample 0's. One failed sample fails the line.
+            out = outputs[0]
+            error = next((o.error for o in outputs if o.error), None)
+            line = {"id": key, "text": out.text if not error else None,
+                    "token_ids": out.token_ids if not error else None,
+                    "finish_reason": "error" if error else out.finish_reason,
+                    "num_prompt_tokens": len(out.prompt_token_ids), "error": error}
+            if n > 1:
+                line["outputs"] = None if error else [
+                    {"index": j, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
+                    for j, o in enumerate(outputs)]
+            return line, error
+
+        if n == 1:
+            return _Job([(str(key), 0, ids, params, text)], finish)
+        # Engine ids of the samples are per input line, so no record's id can collide with them.
+        return _Job([(f"line{line_no}-sample{j}", j, ids, params.for_child(j), text) for j in range(n)], finish)
 
 
 class _OpenAIFormat:

@@ -51,6 +51,22 @@ def test_bad_records_get_errors_and_the_rest_complete(default_llm, tmp_path):
     assert summary.completed == 3 and summary.failed == 6 and summary.total_records == 9
 
 
+def test_n_samples_in_one_line_equal_llm_generate(default_llm, tmp_path):
+    sampling = {"n": 3, "seed": 11, "temperature": 0.8, "max_tokens": 5}
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "many", "prompt": "Once upon a time", "sampling": sampling}) + "\n"
+                   + json.dumps({"id": "one", "prompt": "Hello", "sampling": {"max_tokens": 2}}) + "\n")
+    summary = run_batch_job(default_llm, inp, out, default_params=GREEDY, show_progress=False)
+    results = {r["id"]: r for r in read_results(out)}
+    want = default_llm.generate("Once upon a time", SamplingParams(ignore_eos=False, **sampling))[0].outputs
+    many = results["many"]
+    assert many["error"] is None and [o["token_ids"] for o in many["outputs"]] == [w.token_ids for w in want]
+    assert [o["text"] for o in many["outputs"]] == [w.text for w in want]
+    assert many["token_ids"] == want[0].token_ids and [o["index"] for o in many["outputs"]] == [0, 1, 2]
+    assert "outputs" not in results["one"] and len(results["one"]["token_ids"]) == 2
+    assert summary.completed == 2 and summary.failed == 0
+
+
 def test_resume_skips_done_ids_and_repairs_torn_line(default_llm, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": f"Count to {i}:"}) + "\n" for i in range(4)))
