@@ -38,6 +38,19 @@ LOWERING_ENV_VAR = "RIDGELINE_PALLAS_LOWERING"
 DEFAULT_LOWERING = "triton"
 
 
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block shapes are powers of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def resolve_impl(impl: str) -> str:
     """Maps ``impl`` (one of IMPLS) to a concrete implementation name (never "auto")."""
     if impl not in IMPLS:

@@ -32,18 +32,6 @@ from pallas_kernels import backend
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 @dataclasses.dataclass(frozen=True)
 class FlashAttentionBlockSizes:
     """Tile sizes of the Pallas kernel and its launch shape.
@@ -62,11 +50,11 @@ class FlashAttentionBlockSizes:
     def __post_init__(self):
         for name in ("block_q", "block_k"):
             value = getattr(self, name)
-            if not _is_power_of_two(value):
+            if not backend.is_power_of_two(value):
                 raise ValueError(f"{name}={value} must be a power of two")
             if value < 16:
                 raise ValueError(f"{name}={value} must be >= 16 (the smallest Triton dot tile)")
-        if not _is_power_of_two(self.num_warps):
+        if not backend.is_power_of_two(self.num_warps):
             raise ValueError(f"num_warps={self.num_warps} must be a power of two")
         if self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages} must be >= 1")
@@ -309,11 +297,11 @@ def _flash_attention_pallas(q, k, v, q_lens, kv_lens, *, causal, sm_scale, block
     heads = _heads_per_program(group, block_sizes.block_q)
     head_blocks = group // heads
     # Shrink tiles for short inputs but keep >= 16 rows and keys, the smallest Triton dot tile.
-    block_tokens = min(block_sizes.block_q // heads, _next_power_of_two(q_len))
+    block_tokens = min(block_sizes.block_q // heads, backend.next_power_of_two(q_len))
     block_tokens = max(block_tokens, 16 // heads)
-    block_k = min(block_sizes.block_k, max(16, _next_power_of_two(kv_len)))
-    padded_q_len = _round_up(q_len, block_tokens)
-    padded_kv_len = _round_up(kv_len, block_k)
+    block_k = min(block_sizes.block_k, max(16, backend.next_power_of_two(kv_len)))
+    padded_q_len = backend.round_up(q_len, block_tokens)
+    padded_kv_len = backend.round_up(kv_len, block_k)
     if padded_q_len != q_len:
         q = jnp.pad(q, ((0, 0), (0, padded_q_len - q_len), (0, 0), (0, 0)))
     if padded_kv_len != kv_len:
@@ -376,7 +364,7 @@ def _validate(q, k, v, q_lens, kv_lens, impl):
             raise ValueError(f"{name}.shape={lens.shape} must be ({batch},) (one length per sequence)")
         if lens.dtype != jnp.int32:
             raise ValueError(f"{name}.dtype={lens.dtype} must be int32")
-    if impl == "pallas" and not (_is_power_of_two(head_dim) and head_dim >= 16):
+    if impl == "pallas" and not (backend.is_power_of_two(head_dim) and head_dim >= 16):
         raise ValueError(f"head_dim={head_dim} must be a power of two >= 16 for the Pallas GPU kernel")
 
 

@@ -52,14 +52,6 @@ from pallas_kernels.kv_cache_update import check_kv_scales, dequantize_kv
 from pallas_kernels.ragged_paged_attention_xla import MASK_VALUE, ragged_paged_attention_xla, sequence_q_lens
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 @dataclasses.dataclass(frozen=True)
 class RaggedPagedAttentionBlockSizes:
     """Tiling of the Pallas kernel.
@@ -94,7 +86,7 @@ class RaggedPagedAttentionBlockSizes:
     def __post_init__(self):
         for name in ("block_rows", "block_k_tokens", "num_warps", "split_block_rows", "split_k_tokens",
                      "split_num_warps"):
-            if not _is_power_of_two(getattr(self, name)):
+            if not backend.is_power_of_two(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a power of two")
         for name in ("num_stages", "split_num_stages"):
             if getattr(self, name) < 1:
@@ -440,7 +432,7 @@ def _ragged_paged_attention_pallas(q, k_pages, v_pages, kv_lens, block_tables, c
     # Static bounds on each launch's tiles: a tile holds >= 1 token, and a sequence's tiles number
     # cdiv(q_len, tokens_per_tile) <= q_len / tokens_per_tile + 1.
     if block_sizes.split_max_q_len > 0:
-        rows = max(block_sizes.split_block_rows, _next_power_of_two(group))
+        rows = max(block_sizes.split_block_rows, backend.next_power_of_two(group))
         tokens_per_tile = rows // group
         num_tiles = min(num_tokens, pl.cdiv(num_tokens, tokens_per_tile) + max_seqs,
                         max_seqs * pl.cdiv(block_sizes.split_max_q_len, tokens_per_tile))
@@ -502,9 +494,9 @@ def _validate(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, k
                         ("num_seqs", num_seqs)):
         if array.dtype != jnp.int32:
             raise ValueError(f"{name}.dtype={array.dtype} must be int32")
-    if backend.is_pallas(impl) and not _is_power_of_two(page_size):
+    if backend.is_pallas(impl) and not backend.is_power_of_two(page_size):
         raise ValueError(f"page_size={page_size} must be a power of two for the Pallas kernel")
-    if impl == "pallas" and not (_is_power_of_two(head_dim) and head_dim >= 16):
+    if impl == "pallas" and not (backend.is_power_of_two(head_dim) and head_dim >= 16):
         raise ValueError(f"head_dim={head_dim} must be a power of two >= 16 for the Pallas GPU kernel")
 
 
