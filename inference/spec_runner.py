@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inference.runner import pow2_bucket
 from model.config import LlamaConfig
 from model.llama import StepInputs, _layer, logits_from_hidden, rms_norm
 
@@ -86,10 +87,6 @@ class SpeculativeConfig:
         if n > cfg.num_layers:
             raise ValueError(f"draft_num_layers={n} exceeds the target's num_layers={cfg.num_layers}")
         return n
-
-
-def _pow2_at_least(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 # Cache entries in the order `model.llama._layer` carries them through the layer scan (its
@@ -149,7 +146,7 @@ class SelfDraftRunner:
                  max_num_seqs: int, attn_impl: str = "auto"):
         self.cfg, self.num_layers, self.k = cfg, num_layers, k
         self.page_size, self.attn_impl = page_size, attn_impl
-        self.max_rows = _pow2_at_least(max_num_seqs)
+        self.max_rows = pow2_bucket(max_num_seqs)
         self.scratch_per_row = -(-k // page_size)
         self.first_scratch_page = num_pages  # scratch pages follow the scheduler's pages
         self.num_scratch_pages = self.max_rows * self.scratch_per_row
@@ -164,10 +161,10 @@ class SelfDraftRunner:
         n, k, ps = len(rows), self.k, self.page_size
         if n > self.max_rows:
             raise ValueError(f"{n} draft rows exceed the {self.max_rows} rows with scratch pages")
-        B = min(_pow2_at_least(n), self.max_rows)
+        B = min(pow2_bucket(n), self.max_rows)
         # At least 8 token rows, like the target's steps: XLA on CPU runs a 1-token step ~30x slower.
         T = max(B, 8)
-        P = _pow2_at_least(max(len(bt) for _, _, bt in rows) + self.scratch_per_row)
+        P = pow2_bucket(max(len(bt) for _, _, bt in rows) + self.scratch_per_row)
         first = np.zeros(B, np.int32)
         positions = np.zeros((k, T), np.int32)
         slots = np.full((k, T), -1, np.int32)  # padding rows write nowhere

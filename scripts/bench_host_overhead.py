@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 
-from inference.engine import count_xla_compiles  # noqa: E402
+from inference.runner import count_xla_compiles  # noqa: E402
 from inference.llm import LLM  # noqa: E402
 from inference.sampling_params import SamplingParams  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402

@@ -202,7 +202,7 @@ def test_warmup_then_a_64_request_job_compiles_nothing(default_model):
     A 1-layer, 64-wide random model with the default tokenizer keeps the compiles cheap."""
     import jax
 
-    from inference.engine import count_xla_compiles
+    from inference.runner import count_xla_compiles
     from inference.llm import LLM
     from model.config import LlamaConfig
     from model.llama import init_params

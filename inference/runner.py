@@ -1,0 +1,400 @@
+"""The model runner: device params, KV pool and penalty state, and the jitted step programs.
+
+`ModelRunner.execute` pads a scheduled ragged batch to one of a fixed set of shapes (token buckets,
+with the sequence count tied to them, times a block-table width ladder ending at max_model_len) and
+runs one jitted program: the model forward plus sampling (or speculative verification) on device,
+with the KV pool and penalty state donated. `warmup` compiles the whole set up front.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inference.sampler import SamplingTensors, sample
+from inference.scheduler import SchedulerOutput
+from inference.speculative import verify
+from model.config import LlamaConfig
+from model.llama import StepInputs, forward, init_cache
+from pallas_kernels.backend import next_power_of_two
+
+if TYPE_CHECKING:
+    from inference.engine import EngineConfig
+
+
+def pow2_bucket(n: int, minimum: int = 1) -> int:
+    """The padded size of n in a power-of-two shape bucket (at least `minimum`)."""
+    return max(minimum, next_power_of_two(n))
+
+
+# Block-table widths are a ladder ending at max_model_len / page_size, a factor of this apart: the
+# XLA attention path gathers every page of the table, so a single full width would make short
+# sequences pay for the longest possible one; a coarse ladder keeps the compiled set small.
+_PAGE_BUCKET_RATIO = 4
+
+
+class PenaltyState(NamedTuple):
+    """Per-slot penalty inputs kept on the device between steps (R = max_num_seqs slots).
+
+    A request using penalties holds a slot while it runs: its row is written once at admission
+    (output tokens so far, prompt tokens) and the step adds the tokens it samples on device.
+    """
+
+    counts: jax.Array       # [R, V] i32 occurrences of each token in the slot's output
+    prompt_mask: jax.Array  # [R, V] bool tokens of the slot's prompt
+
+
+def _gather_penalty_rows(state: PenaltyState, slots: jax.Array):
+    """[S, V] counts and prompt mask of the step's rows; rows with slot R (none) read zeros."""
+    return (state.counts.at[slots].get(mode="fill", fill_value=0),
+            state.prompt_mask.at[slots].get(mode="fill", fill_value=False))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_penalty_row(state: PenaltyState, slot, counts_row, mask_row) -> PenaltyState:
+    return PenaltyState(state.counts.at[slot].set(counts_row), state.prompt_mask.at[slot].set(mask_row))
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
+    """Jitted forward + sample with the cache (and penalty state) donated. Module-level so that engines
+    with the same config share compiled programs (params are arguments, never closed over)."""
+
+    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
+             slots):
+        logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
+        if penalties is None:
+            return sample(logits, tensors, num_logprobs=num_logprobs), cache, None
+        out = sample(logits, tensors, *_gather_penalty_rows(penalties, slots), num_logprobs=num_logprobs)
+        counts = penalties.counts.at[slots, out.tokens].add(1, mode="drop")
+        return out, cache, PenaltyState(counts, penalties.prompt_mask)
+
+    return jax.jit(step, donate_argnums=(1, 4))
+
+
+@functools.lru_cache(maxsize=None)
+def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
+    """Jitted forward + speculative verify: logits_indices come grouped as [S * (k+1)] (row-major)."""
+
+    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
+             slots, draft_tokens, num_draft, ban_len):
+        logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
+        S, K = draft_tokens.shape
+        counts, mask = (None, None) if penalties is None else _gather_penalty_rows(penalties, slots)
+        out = verify(logits.reshape(S, K + 1, logits.shape[-1]), draft_tokens, None, num_draft, tensors,
+                     token_counts=counts, prompt_mask=mask, ban_len=ban_len, num_logprobs=num_logprobs)
+        if penalties is not None:
+            emitted = (jnp.arange(K + 1)[None, :] < out.num_output[:, None]).astype(jnp.int32)
+            penalties = PenaltyState(penalties.counts.at[slots[:, None], out.output_tokens].add(emitted, mode="drop"),
+                                     penalties.prompt_mask)
+        return out, cache, penalties
+
+    return jax.jit(step, donate_argnums=(1, 4))
+
+
+class DecodeBatch(NamedTuple):
+    """Rows of a multi-step decode (padded to S): each feeds its last known token, then its own samples."""
+
+    first_tokens: np.ndarray  # [S] i32
+    positions: np.ndarray     # [S] i32 position of the first token
+    num_steps: np.ndarray     # [S] i32 decode steps of the row (0: padding row)
+    block_tables: np.ndarray  # [S, P] i32 pages covering every step's position
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int, num_steps: int):
+    """Jitted `num_steps` decode steps in one lax.scan: step i feeds the tokens step i - 1 sampled.
+    Returns SamplerOutput fields stacked [num_steps, S, ...]; rows past their num_steps write nothing."""
+
+    def step(params, cache, batch: DecodeBatch, tensors: SamplingTensors, penalties: Optional[PenaltyState], slots):
+        S = batch.first_tokens.shape[0]
+        page_size = cache["k"].shape[2]
+        rows = jnp.arange(S, dtype=jnp.int32)
+
+        def one(carry, i):
+            cache, penalties, tokens = carry
+            active = i < batch.num_steps
+            pos = batch.positions + i
+            page = jnp.take_along_axis(batch.block_tables, (pos // page_size)[:, None], axis=1, mode="clip")[:, 0]
+            inputs = StepInputs(
+                tokens=tokens, positions=jnp.where(active, pos, 0),
+                slot_mapping=jnp.where(active, page * page_size + pos % page_size, -1),
+                cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), kv_lens=jnp.where(active, pos + 1, 1),
+                block_tables=batch.block_tables, num_seqs=jnp.full((1,), S, jnp.int32), logits_indices=rows)
+            logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
+            step_tensors = tensors._replace(step=tensors.step + i.astype(jnp.uint32))
+            if penalties is None:
+                out = sample(logits, step_tensors, num_logprobs=num_logprobs)
+            else:
+                out = sample(logits, step_tensors, *_gather_penalty_rows(penalties, slots), num_logprobs=num_logprobs)
+                row_slots = jnp.where(active, slots, penalties.counts.shape[0])
+                penalties = PenaltyState(penalties.counts.at[row_slots, out.tokens].add(1, mode="drop"),
+                                         penalties.prompt_mask)
+            return (cache, penalties, jnp.where(active, out.tokens, tokens)), out
+
+        (cache, penalties, _), outs = jax.lax.scan(one, (cache, penalties, batch.first_tokens),
+                                                   jnp.arange(num_steps, dtype=jnp.int32))
+        return outs, cache, penalties
+
+    return jax.jit(step, donate_argnums=(1, 4))
+
+
+class count_xla_compiles:
+    """Counts XLA backend compilations (JAX's own compile events) while active:
+
+        with count_xla_compiles() as compiles: ...
+        compiles.count
+    """
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+
+    def _listener(self, event: str, duration_secs: float, **_):
+        if event == self._EVENT:
+            self.count += 1
+            self.seconds += duration_secs
+
+    def __enter__(self) -> "count_xla_compiles":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+class StepResult(NamedTuple):
+    """Host results of one step, per sampling row (in `sampling_layout` order, padded to S rows).
+
+    A plain step emits one token per row (K = 0); a speculative step emits the accepted guesses and
+    then the target's token: `tokens[b, :num_output[b]]`.
+    """
+
+    tokens: np.ndarray          # [S, K+1] int32
+    num_output: np.ndarray      # [S] int32, 1..K+1
+    num_accepted: np.ndarray    # [S] int32 guesses accepted (num_output - 1)
+    chosen_logprob: np.ndarray  # [S, K+1] f32 raw logprob of each emitted token
+    top_logprobs: np.ndarray    # [S, K+1, n] f32
+    top_ids: np.ndarray         # [S, K+1, n] int32
+
+
+class SpecBatch(NamedTuple):
+    """Per sampling row inputs of a speculative step (padded to S rows; K = the engine's k)."""
+
+    draft_tokens: np.ndarray  # [S, K] int32 guesses fed after the last token (0 padding)
+    num_draft: np.ndarray     # [S] int32 guesses of the row (0 = plain sampling row)
+    ban_len: np.ndarray       # [S] int32 leading positions the min_tokens ban covers
+
+
+class ModelRunner:
+    """Owns the device params, KV pool and penalty state; runs one padded, jitted step (forward + sample
+    or verify). Steps are padded to a fixed set of shapes (see `buckets`), so a job compiles nothing
+    once `warmup` ran the set."""
+
+    def __init__(self, cfg: LlamaConfig, params, engine_cfg: EngineConfig, num_pages: int,
+                 kv_dtype, param_sharding=None, cache_sharding=None, extra_pages: int = 0):
+        self.cfg = cfg
+        self.engine_cfg = engine_cfg
+        self.num_pages = num_pages  # pages the scheduler allocates; `extra_pages` more follow (draft scratch)
+        self.params = params
+        self._new_cache = functools.partial(init_cache, cfg, num_pages + extra_pages, engine_cfg.page_size, kv_dtype,
+                                            sharding=cache_sharding)
+        self.cache = self._new_cache()
+        self.max_pages_per_seq = -(-engine_cfg.max_model_len // engine_cfg.page_size)
+        self.max_seqs_bucket = pow2_bucket(engine_cfg.max_num_seqs)
+        self.num_slots = engine_cfg.max_num_seqs  # penalty slots (one per running request at most)
+        self.penalties: Optional[PenaltyState] = None  # allocated when the first request needs it
+        self.device_wait_seconds = 0.0  # host time spent blocked on step results (the rest is host work)
+        widths, w = [], self.max_pages_per_seq
+        while True:
+            widths.append(w)
+            if w == 1:
+                break
+            w = -(-w // _PAGE_BUCKET_RATIO)
+        self.page_buckets = sorted(widths)
+        self.token_buckets = [1 << i for i in range(3, pow2_bucket(engine_cfg.max_num_batched_tokens, 8)
+                                                     .bit_length())]
+
+    def seqs_bucket(self, num_tokens_bucket: int) -> int:
+        # Sequences never outnumber tokens: tying S to T keeps the compiled set one-dimensional in
+        # (tokens, sequences); padded sequence rows cost little (q_len 0, kv_len 0).
+        return min(num_tokens_bucket, self.max_seqs_bucket)
+
+    def bucket(self, sched: SchedulerOutput) -> tuple[int, int, int]:
+        """(tokens, seqs, pages) padded sizes, from the fixed set `warmup` compiles."""
+        T = pow2_bucket(sched.num_batched_tokens, 8)
+        longest = max(len(s.block_table) for s in sched.scheduled)
+        P = next((w for w in self.page_buckets if w >= longest), longest)
+        return T, self.seqs_bucket(T), P
+
+    # ------------------------------------------------------------------ penalty state
+    def write_penalty_row(self, slot: int, output_token_ids: Sequence[int], prompt_token_ids: Sequence[int]):
+        """Sets a slot's penalty row: counts of the output tokens so far and the prompt's token mask."""
+        V = self.cfg.vocab_size
+        if self.penalties is None:  # host zeros + device_put: no XLA program per shape
+            self.penalties = jax.device_put(PenaltyState(np.zeros((self.num_slots, V), np.int32),
+                                                         np.zeros((self.num_slots, V), bool)))
+        counts = np.bincount(np.asarray(output_token_ids, np.int64), minlength=V).astype(np.int32)
+        mask = np.zeros(V, bool)
+        mask[np.asarray(prompt_token_ids, np.int64)] = True
+        self.penalties = _write_penalty_row(self.penalties, np.int32(slot), counts, mask)
+
+    # ------------------------------------------------------------------ steps
+    def rows_bucket(self, sched: SchedulerOutput, multi_step: bool) -> int:
+        """Sampling rows of the step's program (S)."""
+        if multi_step:  # one row per sequence; the steps are a loop inside the program
+            return self.seqs_bucket(pow2_bucket(len(sched.scheduled), 8))
+        return self.bucket(sched)[1]
+
+    def execute(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
+                num_logprobs: int, spec: Optional[SpecBatch] = None) -> StepResult:
+        """Runs the step (with `spec`: forward + verify of the drafts); returns host results per sampling
+        row. slots [S] i32: each row's penalty slot (num_slots = none), or None for a step without penalties.
+
+        Without `spec`, trailing draft tokens are multi-step lookahead placeholders (see
+        `execute_decode_steps`) that could not run as such: each row samples after its last real token
+        and the placeholders' KV is discarded by the scheduler."""
+        T, S, P = self.bucket(sched)
+        if spec is None:
+            arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
+            arrays["logits_indices"] = _first_logits_rows(sched, S)
+            fn, extra = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs), ()
+        else:
+            arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
+            K1 = spec.draft_tokens.shape[1] + 1
+            arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
+            fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
+            extra = tuple(jnp.asarray(a) for a in spec)
+        out = self._run(fn, StepInputs(**jax.device_put(arrays)), tensors, slots, extra)
+        if spec is None:  # one token per row: the K = 0 case of a verify result
+            return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
+                              np.asarray(out.chosen_logprob)[:, None],
+                              np.asarray(out.top_logprobs)[:, None], np.asarray(out.top_ids)[:, None])
+        return StepResult(np.asarray(out.output_tokens), np.asarray(out.num_output),
+                          np.asarray(out.accepted_counts), np.asarray(out.chosen_logprob),
+                          np.asarray(out.top_logprobs), np.asarray(out.top_ids))
+
+    def execute_decode_steps(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
+                             num_logprobs: int, num_steps: int) -> StepResult:
+        """Multi-step decode: every scheduled sequence feeds its last token followed by placeholders (its
+        draft tokens) for the tokens it samples itself; runs up to `num_steps` steps in one program.
+        Row b emits `num_output[b]` tokens (1 + its placeholders)."""
+        S, P = self.rows_bucket(sched, True), self.bucket(sched)[2]
+        batch = DecodeBatch(np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32),
+                            np.zeros((S, P), np.int32))
+        for b, s in enumerate(sched.scheduled):
+            batch.first_tokens[b] = s.token_ids[0]
+            batch.positions[b] = s.num_computed_tokens
+            batch.num_steps[b] = s.num_new_tokens
+            batch.block_tables[b, :len(s.block_table)] = s.block_table
+        return self._run_decode_steps(batch, tensors, slots, num_logprobs, num_steps)
+
+    def _run_decode_steps(self, batch: DecodeBatch, tensors, slots, num_logprobs: int, num_steps: int) -> StepResult:
+        fn = _multi_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs, num_steps)
+        out = self._run(fn, jax.device_put(batch), tensors, slots, ())
+        S = batch.num_steps.shape[0]
+        return StepResult(np.asarray(out.tokens).T, np.maximum(batch.num_steps, 1), np.zeros(S, np.int32),
+                          np.asarray(out.chosen_logprob).T, np.asarray(out.top_logprobs).transpose(1, 0, 2),
+                          np.asarray(out.top_ids).transpose(1, 0, 2))
+
+    def _run(self, fn, inputs, tensors: SamplingTensors, slots: Optional[np.ndarray], extra: tuple):
+        """Calls a step program (donating the cache and penalty state); returns its host results."""
+        penalties = None
+        if slots is not None:
+            penalties, self.penalties = self.penalties, None  # donated
+        out, self.cache, new_penalties = fn(self.params, self.cache, inputs, tensors, penalties,
+                                            None if slots is None else jnp.asarray(slots), *extra)
+        if slots is not None:
+            self.penalties = new_penalties
+        t0 = time.perf_counter()
+        out = jax.device_get(out)
+        self.device_wait_seconds += time.perf_counter() - t0
+        return out
+
+    def warmup(self, num_logprobs: Sequence[int], penalties: Sequence[bool], max_seq_len: int,
+               eos_token_id=None) -> int:
+        """Runs every (tokens, pages) bucket a job with sequences up to max_seq_len tokens can use, for
+        each logprobs width and penalty variant, on empty inputs (no sequence: nothing is written), and
+        with multi-step decode every (sequences, pages) bucket of its program; returns the number of
+        programs run. Each one is compiled at its first run."""
+        max_pages = -(-max_seq_len // self.engine_cfg.page_size)
+        widths = self.page_buckets[:next(i for i, w in enumerate(self.page_buckets) if w >= max_pages) + 1]
+        if any(penalties) and self.penalties is None:
+            self.write_penalty_row(0, [], [])
+        count = 0
+        for T in self.token_buckets:
+            S = self.seqs_bucket(T)
+            tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id)
+            for P in widths:
+                arrays = SchedulerOutput([], 0, self.engine_cfg.page_size).to_step_arrays(
+                    pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
+                inputs = StepInputs(**jax.device_put(arrays))
+                fn = lambda k: _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, k)  # noqa: E731
+                count += self._warm(lambda k, slots: self._run(fn(k), inputs, tensors, slots, ()),
+                                    S, num_logprobs, penalties)
+        K = self.engine_cfg.num_decode_steps
+        if K > 1:
+            for S in sorted({self.seqs_bucket(T) for T in self.token_buckets}):
+                tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id)
+                for P in widths:
+                    batch = DecodeBatch(np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32),
+                                        np.zeros((S, P), np.int32))
+                    count += self._warm(lambda k, slots: self._run_decode_steps(batch, tensors, slots, k, K),
+                                        S, num_logprobs, penalties)
+        return count
+
+    def _warm(self, run, S: int, num_logprobs: Sequence[int], penalties: Sequence[bool]) -> int:
+        for k in num_logprobs:
+            for with_penalties in penalties:
+                run(k, np.full(S, self.num_slots, np.int32) if with_penalties else None)
+        return len(num_logprobs) * len(penalties)
+
+    def cache_lost(self) -> bool:
+        """True when the KV pool was donated to a step program whose result was never stored (the step
+        was interrupted between the two): its buffers are deleted and it must be rebuilt."""
+        return self.cache is not None and any(a.is_deleted() for a in jax.tree.leaves(self.cache))
+
+    def reset_cache(self) -> None:
+        """A fresh (zeroed) KV pool in place of a lost one."""
+        self.cache = self._new_cache()
+
+    def reset_penalties(self) -> None:
+        """Drops the penalty state (rows are rewritten when their requests next run)."""
+        self.penalties = None
+
+    def release(self):
+        self.params = None
+        self.cache = None
+        self.penalties = None
+
+
+def _first_logits_rows(sched: SchedulerOutput, num_rows: int) -> np.ndarray:
+    """[num_rows] logits row of each sampling sequence's last real token (before any draft tokens);
+    padding rows use row 0."""
+    rows = np.zeros(num_rows, np.int32)
+    offset, b = 0, 0
+    for s in sched.scheduled:
+        if s.samples:
+            rows[b] = offset + s.num_new_tokens - s.num_logits_rows
+            b += 1
+        offset += s.num_new_tokens
+    return rows
+
+
+def _group_logits_rows(flat: np.ndarray, layout: list, num_rows: int, k1: int) -> np.ndarray:
+    """Ragged logits rows (1 + drafts per sampling sequence, in layout order) -> [num_rows * k1] where
+    row b's block holds its rows then repeats of its last row (ignored by verify); padding rows use 0."""
+    grouped = np.zeros((num_rows, k1), np.int32)
+    start = 0
+    for b, (_, n) in enumerate(layout):
+        grouped[b, :n] = flat[start:start + n]
+        grouped[b, n:] = flat[start + n - 1]
+        start += n
+    return grouped.reshape(-1)
