@@ -24,6 +24,12 @@ the guesses, grouped per sequence into [S, k+1, V], and `speculative.verify` run
 program: each sequence emits its accepted guesses plus one target token. The host feeds those
 tokens to the request's StopChecker one at a time and keeps only those up to a stop; the scheduler
 then rolls back the KV of everything not kept. Greedy output is identical with and without it.
+
+Structured output (`SamplingParams.structured_outputs`, inference/structured_output.py): a constrained
+request's grammar is compiled at `add_request` into an llguidance matcher; every step with a constrained
+row computes the rows' allowed-token bitmask on the host and the sampler masks the logits with it on
+device (steps without one run the unchanged program). The mask depends on every token before it, so
+constrained requests never draft, and multi-step decode waits while one runs (plain single steps).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from inference.runner import ModelRunner, SpecBatch, pow2_bucket
 from inference.spec_runner import SelfDraftRunner, SpeculativeConfig
 from inference.speculative import AdaptiveK, NgramProposer, SpecDecodeStats
 from inference.stop import StopChecker
+from inference.structured_output import StructuredOutputManager
 from model.config import LlamaConfig
 from model.llama import kv_bytes_per_token_elem, safe_pool_pages
 
@@ -110,6 +117,7 @@ class _RequestState:
     speculate: bool = False
     adaptive: Optional[AdaptiveK] = None  # per-request k policy (None: always the engine's k)
     spec: Optional[SpecDecodeStats] = None  # per-request speculation metrics
+    matcher: Optional[object] = None  # structured output: the llguidance matcher (fed every kept token)
 
     def checkpoint(self) -> dict:
         """What a step's output processing changes, to restore if the step is rolled back."""
@@ -118,6 +126,8 @@ class _RequestState:
                 "cumulative_logprob": self.cumulative_logprob}
 
     def restore(self, saved: dict) -> None:
+        if self.matcher is not None:  # it consumed every token the stop checker took since the checkpoint
+            self.matcher.rollback(len(self.stop.token_ids) - len(saved["stop"]["token_ids"]))
         vars(self.stop).update(saved["stop"])
         if self.raw_logprobs is not None:
             del self.raw_logprobs[saved["num_raw_logprobs"]:]
@@ -148,6 +158,7 @@ class Engine:
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
         self._free_slots = list(range(engine_cfg.max_num_seqs))[::-1]  # penalty slots (ModelRunner.penalties)
+        self.structured: Optional[StructuredOutputManager] = None  # built at the first constrained request
         self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0, "step_seconds": 0.0}
 
         # Speculative decoding: the proposer, engine-wide metrics, and the metrics of recent requests.
@@ -241,8 +252,9 @@ class Engine:
                 raise ValueError(f"bad_words={params.bad_words!r} need a tokenizer; the engine has none")
             params.update_from_tokenizer(self.tokenizer)
         params.validate_token_ids(self.cfg.vocab_size)
-        # Bad-word bans follow the output token by token, so such requests neither draft nor multi-step.
-        speculate = spec is not None and speculate is not False and not params.bad_words
+        # Bad-word bans and grammars follow the output token by token, so such requests neither draft nor
+        # multi-step.
+        speculate = spec is not None and speculate is not False and not params.bad_words and params.grammar is None
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs single samples; LLM.generate fans n out")
         rid = str(next(self._ids)) if request_id is None else str(request_id)
@@ -257,6 +269,11 @@ class Engine:
             raise ValueError(f"request {rid!r}: prompt length {len(ids)} tokens leaves no room to generate within "
                              f"the context window max_model_len={max_len}")
         max_tokens = min(params.max_tokens, max_len - len(ids))
+        matcher = None
+        if params.grammar is not None:
+            if self.structured is None:
+                self.structured = StructuredOutputManager(self.tokenizer, self.cfg.vocab_size, self.eos_token_id)
+            matcher = self.structured.new_matcher(params.grammar, rid)
         decode = (lambda toks, skip=params.skip_special_tokens: self.tokenizer.decode(toks, skip_special_tokens=skip)) \
             if self.tokenizer is not None else (lambda toks: "")
         state = _RequestState(
@@ -268,7 +285,7 @@ class Engine:
             uses_penalties=(params.repetition_penalty != 1.0 or bool(params.presence_penalty)
                             or bool(params.frequency_penalty)), speculate=speculate,
             adaptive=AdaptiveK(spec.num_speculative_tokens) if speculate and spec.adaptive else None,
-            spec=SpecDecodeStats() if spec is not None else None)
+            spec=SpecDecodeStats() if spec is not None else None, matcher=matcher)
         self.scheduler.add_request(rid, ids, max_tokens=max_tokens)
         self._requests[rid] = state
         return rid
@@ -379,10 +396,11 @@ class Engine:
                                        for s in sched.scheduled)
         S = self.runner.rows_bucket(sched, multi_step)
         steps = [len(r.stop.token_ids) for r in rows]
+        bitmask = self.structured.bitmask([r.matcher for r in rows], S) if self.structured is not None else None
         tensors = SamplingTensors.from_params(
             [r.params for r in rows], steps=steps,
             fallback_seeds=[r.fallback_seed for r in rows], eos_token_id=self.eos_token_id, pad_to=S,
-            output_token_ids=[r.stop.token_ids for r in rows])
+            output_token_ids=[r.stop.token_ids for r in rows], token_bitmask=bitmask)
         # One logprobs width for all: a per-request k would be another program to compile.
         num_logprobs = MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0
         slots = self._penalty_slots(sched, rows, S)
@@ -413,6 +431,8 @@ class Engine:
                     state.raw_logprobs.append((token, chosen, out.top_ids[row, i, :k], out.top_logprobs[row, i, :k]))
                 state.cumulative_logprob += float(chosen)
                 reason = state.stop.append(token)
+                if state.matcher is not None and self.structured.advance(state.matcher, token) and reason is None:
+                    reason = state.stop.finish_stop()  # the grammar is complete: nothing but EOS could follow
                 if reason is not None:
                     finished[rid] = reason
                     break
@@ -450,8 +470,8 @@ class Engine:
     def _attach_lookahead(self) -> bool:
         """Multi-step decode: when every running sequence decodes and nothing can be admitted, gives each
         one placeholder draft tokens for the tokens it will sample inside the program (so the scheduler
-        allocates their pages). Requests inside their min_tokens window or with bad_words keep it one step at
-        a time (their bans change between steps)."""
+        allocates their pages). Requests inside their min_tokens window, with bad_words or with structured
+        output keep it one step at a time (their bans and masks change between steps)."""
         k = self.engine_cfg.num_decode_steps
         sch = self.scheduler
         if k == 1 or not sch.running or (sch.waiting and len(sch.running) < sch.max_num_seqs):
@@ -459,7 +479,7 @@ class Engine:
         for seq in sch.running:
             state = self._requests.get(seq.request_id)
             if (state is None or not seq.is_decoding or len(seq.output_token_ids) < state.params.min_tokens
-                    or state.params.bad_words):
+                    or state.params.bad_words or state.matcher is not None):
                 return False
         lookahead = [(seq, min(k, self._room(seq)) - 1) for seq in sch.running]
         for seq, n in lookahead:

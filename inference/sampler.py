@@ -1,17 +1,18 @@
 """Device-side batched sampler: one jitted program for a batch that mixes greedy and sampled rows.
 
 Pipeline per row, in vLLM V1's order (`vllm/v1/sample/sampler.py`):
-    raw logits --> allowed_token_ids mask --> bad_words ban --> min_tokens ban --> + logit_bias
-    --> repetition, frequency, presence penalties --(greedy? argmax)-- else /temperature
-    --> min-p --> top-k --> top-p --> inverse-CDF draw.
+    raw logits --> structured-output mask --> allowed_token_ids mask --> bad_words ban
+    --> min_tokens ban --> + logit_bias --> repetition, frequency, presence penalties
+    --(greedy? argmax)-- else /temperature --> min-p --> top-k --> top-p --> inverse-CDF draw.
 The processors before the penalties change greedy rows too. min-p comes first (V1; V0 ran it last):
 it keeps p_i >= min_p * p_max of the full distribution, top-k then keeps the k largest of those, and
 top-p renormalises over the survivors of both, so with min-p and top-p set the nucleus is taken
 over the min-p survivors (V0 took it over the whole top-k set, then cut by min-p).
 
 Per-request processors cost nothing when unused: `logit_bias` and the bad-word bans travel as one
-sparse (ids, values) pair and `allowed_token_ids` as sparse ids, each only when some row of the
-batch uses it (otherwise the field is None and the traced program has no such step). Bad words
+sparse (ids, values) pair, `allowed_token_ids` as sparse ids and structured output's allowed tokens
+as a packed [B, V / 32] bitmask, each only when some row of the batch uses it (otherwise the field
+is None and the traced program has no such step). Bad words
 depend on the request's output so far; the host works out which token each word bans at this step.
 
 Cost on XLA:CPU (where a full vocab sort or a Gumbel draw over the vocab per row would dominate a
@@ -83,6 +84,9 @@ class SamplingTensors(NamedTuple):
     # None unless some row uses allowed_token_ids: rows with `restricted` sample only these ids.
     allowed_ids: Optional[jax.Array] = None  # [B, A] i32; BAN_PAD = none
     restricted: Optional[jax.Array] = None   # [B] bool
+    # None unless some row has structured output: packed allowed tokens, bit j of word w = token 32 w + j
+    # (llguidance's layout; unconstrained rows all ones). Built on the host by inference.structured_output.
+    token_bitmask: Optional[jax.Array] = None  # [B, ceil(V / 32)] i32
 
     @classmethod
     def from_params(
@@ -94,6 +98,7 @@ class SamplingTensors(NamedTuple):
         eos_token_id: Union[int, Sequence[int], None] = None,
         pad_to: Optional[int] = None,
         output_token_ids: Optional[Sequence[Sequence[int]]] = None,
+        token_bitmask: Optional[np.ndarray] = None,
     ) -> "SamplingTensors":
         """Builds the batch on the host with numpy and transfers it in one `device_put`.
 
@@ -106,6 +111,8 @@ class SamplingTensors(NamedTuple):
         pad_to: pad the batch to this many rows with inert greedy rows (keeps shapes bucketed).
         output_token_ids: per row the tokens the request has generated so far (default none), for
             bad_words (rows using them need `SamplingParams.update_from_tokenizer` first).
+        token_bitmask: [pad_to or len(params), ceil(V / 32)] int32 packed allowed tokens (structured output),
+            or None when no row is constrained.
         """
         n = len(params)
         rows = n if pad_to is None else pad_to
@@ -118,6 +125,10 @@ class SamplingTensors(NamedTuple):
             raise ValueError(f"fallback_seeds has {len(fallback_seeds)} entries for {n} rows")
         if output_token_ids is not None and len(output_token_ids) != n:
             raise ValueError(f"output_token_ids has {len(output_token_ids)} entries for {n} rows")
+        if token_bitmask is not None and (token_bitmask.ndim != 2 or token_bitmask.shape[0] != rows
+                                          or token_bitmask.dtype != np.int32):
+            raise ValueError(f"token_bitmask of shape {token_bitmask.shape} and dtype {token_bitmask.dtype} must "
+                             f"be int32 [{rows}, ceil(vocab / 32)]")
         if eos_token_id is None:
             eos_ids = []
         elif isinstance(eos_token_id, (int, np.integer)):
@@ -187,7 +198,7 @@ class SamplingTensors(NamedTuple):
 
         return jax.device_put(cls(temperature, top_k, top_p, min_p, rep, presence, frequency,
                                   seed_lo, seed_hi, stream, step, banned_ids, bias_ids, bias_values,
-                                  allowed_ids, restricted))
+                                  allowed_ids, restricted, token_bitmask))
 
 
 def _padded_ids(ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -483,10 +494,20 @@ def _ban(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:
     return logits.at[rows, banned_ids].set(-jnp.inf, mode="drop")
 
 
+def unpack_bitmask(bitmask: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, W] i32 packed bits -> [B, vocab_size] bool: token t allowed iff bit t % 32 of word t // 32 is set."""
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = (jax.lax.bitcast_convert_type(bitmask, jnp.uint32)[:, :, None] >> shifts) & 1  # [B, W, 32]
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].astype(bool)
+
+
 def apply_logits_processors(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
-    """vLLM V1's processors before the penalties on [B, V] f32 logits: the allowed_token_ids mask,
-    the bad-word and min_tokens bans, logit_bias (bans are -inf, which a bias cannot lift)."""
+    """vLLM V1's processors before the penalties on [B, V] f32 logits: the structured-output token mask
+    (applied first, as vLLM's grammar bitmask), the allowed_token_ids mask, the bad-word and min_tokens
+    bans, logit_bias (bans are -inf, which a bias cannot lift)."""
     rows = jnp.arange(logits.shape[0])[:, None]
+    if tensors.token_bitmask is not None:
+        logits = jnp.where(unpack_bitmask(tensors.token_bitmask, logits.shape[-1]), logits, -jnp.inf)
     if tensors.allowed_ids is not None:
         allowed = jnp.zeros(logits.shape, bool).at[rows, tensors.allowed_ids].set(True, mode="drop")
         logits = jnp.where(tensors.restricted[:, None] & ~allowed, -jnp.inf, logits)

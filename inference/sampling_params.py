@@ -9,7 +9,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 # Temperatures below this are treated as greedy (as in vLLM): dividing logits by a tiny temperature
 # only produces inf/NaN, and the limit of softmax(l / t) as t -> 0 is argmax anyway.
@@ -20,6 +20,12 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """repr of a value, cut to `limit` characters (schemas can be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _is_int(x) -> bool:
     # bool is an int subclass; `top_k=True` is almost certainly a bug, so reject it.
     return isinstance(x, int) and not isinstance(x, bool)
@@ -27,6 +33,48 @@ def _is_int(x) -> bool:
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's names): exactly one of
+
+    json: a JSON schema (a dict or its JSON text); the output is a JSON value valid against it.
+    json_object: True for any JSON object.
+    regex: the output fully matches this regular expression (Rust `regex` syntax, as llguidance takes).
+    choice: the output is exactly one of these strings.
+    grammar: a Lark (or GBNF) context-free grammar.
+
+    disable_any_whitespace: JSON without whitespace between tokens (small models given the choice may
+    produce whitespace for ever). Enforced as a token mask by `inference.structured_output`
+    (llguidance); checked here at construction, so a bad schema or regex fails before any work.
+    """
+
+    json: Optional[Union[str, dict]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: bool = False
+
+    _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        given = [k for k in self._KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs={self!r} must set exactly one of {', '.join(self._KINDS)}, "
+                             f"got {len(given)}" + (f" ({', '.join(given)})" if given else ""))
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError(f"disable_any_whitespace={self.disable_any_whitespace!r} must be True or False")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self._KINDS if getattr(self, k) not in (None, False))
+
+
+# SamplingParams' vLLM-style shortcuts and the StructuredOutputsParams field each one sets.
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
 
 
 @dataclass
@@ -41,6 +89,9 @@ class SamplingParams:
     bad_words: words never generated: each is tokenized with and without a leading space
     (`update_from_tokenizer`), and a word's last token is banned whenever the output so far ends
     with the rest of the word. Token ids are checked against the vocab by `validate_token_ids`.
+    structured_outputs (or one of vLLM's shortcuts guided_json / guided_regex / guided_choice /
+    guided_grammar; guided_json=True means any JSON object): constrains the output to a JSON schema,
+    regex, choice or grammar (see `StructuredOutputsParams`; needs llguidance, the `structured` extra).
     """
 
     n: int = 1
@@ -64,6 +115,11 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    guided_json: Optional[Union[str, dict, bool]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
     # Token ids of every bad-word variant, set by `update_from_tokenizer` (None until then).
     _bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
 
@@ -111,6 +167,43 @@ class SamplingParams:
                 raise ValueError(f"bad_words={self.bad_words!r} must be a list of non-blank strings or None")
             self.bad_words = list(self.bad_words)
         self._validate()
+        self._normalize_structured_outputs()
+
+    def _normalize_structured_outputs(self) -> None:
+        """Folds the guided_* shortcuts into `structured_outputs` and compiles its grammar text (checking
+        the schema / regex); errors name the field the user gave."""
+        guided = {name: getattr(self, name) for name in _GUIDED_FIELDS if getattr(self, name) is not None}
+        if len(guided) > 1:
+            raise ValueError(f"{next(iter(guided))}={_short(next(iter(guided.values())))}: only one of "
+                             f"{', '.join(guided)} may be set")
+        field_name = "structured_outputs"
+        if guided:
+            field_name, value = next(iter(guided.items()))
+            if field_name == "guided_json" and value is True:
+                derived = StructuredOutputsParams(json_object=True)
+            elif field_name == "guided_json" and not isinstance(value, (str, dict)):
+                raise ValueError(f"guided_json={_short(value)} must be a JSON schema (a dict or a str) or True")
+            else:
+                derived = StructuredOutputsParams(**{_GUIDED_FIELDS[field_name]: value})
+            # dataclasses.replace passes both the shortcut and the object derived from it: that is fine.
+            if self.structured_outputs is not None and self.structured_outputs != derived:
+                raise ValueError(f"{field_name}={_short(value)} cannot be combined with structured_outputs="
+                                 f"{_short(self.structured_outputs)}")
+            self.structured_outputs = derived
+        self._grammar: Optional[str] = None  # llguidance grammar text (not a dataclass field)
+        if self.structured_outputs is None:
+            return
+        if isinstance(self.structured_outputs, dict):  # e.g. from a JSON config
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs={_short(self.structured_outputs)}: {e}") from None
+        if not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs={_short(self.structured_outputs)} must be a "
+                             "StructuredOutputsParams or None")
+        from inference.structured_output import build_grammar  # lazy: llguidance is an optional extra
+
+        self._grammar = build_grammar(self.structured_outputs, field_name)
 
     def _validate(self) -> None:
         # Comparisons are written as `not (ok)` so that NaN is rejected too.
@@ -192,6 +285,11 @@ class SamplingParams:
         if self._bad_words_token_ids is None:
             raise ValueError(f"bad_words={self.bad_words!r} are not tokenized: call update_from_tokenizer first")
         return self._bad_words_token_ids
+
+    @property
+    def grammar(self) -> Optional[str]:
+        """llguidance grammar text of `structured_outputs` (None when the output is unconstrained)."""
+        return self._grammar
 
     @property
     def is_greedy(self) -> bool:

@@ -97,6 +97,12 @@ class StopChecker:
             self._finish(FINISH_LENGTH, None, self._text_of_first(len(self.token_ids)))
         return self.finish_reason
 
+    def finish_stop(self) -> str:
+        """Ends the request after the last appended token with reason "stop" (e.g. its structured output
+        is complete); returns the reason."""
+        self._finish(FINISH_STOP, None, self._text_of_first(len(self.token_ids)))
+        return FINISH_STOP
+
     @property
     def text(self) -> str:
         """Visible output text. Final once finished; before that, text that is safe to stream:
