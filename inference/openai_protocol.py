@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from inference.outputs import RequestOutput
-from inference.sampling_params import SamplingParams
+from inference.sampling_params import SamplingParams, StructuredOutputsParams
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -30,11 +30,15 @@ _IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_c
 # vLLM's extra sampling fields (sent by the openai client through `extra_body`).
 _EXTRA_SAMPLING_FIELDS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int,
                           "ignore_eos": bool, "stop_token_ids": list, "skip_special_tokens": bool,
-                          "include_stop_str_in_output": bool, "allowed_token_ids": list, "bad_words": list}
+                          "include_stop_str_in_output": bool, "allowed_token_ids": list, "bad_words": list,
+                          # structured output (vLLM's names; `structured_outputs` takes StructuredOutputsParams'
+                          # fields as an object)
+                          "guided_json": (dict, str), "guided_regex": str, "guided_choice": list,
+                          "guided_grammar": str, "structured_outputs": dict}
 _COMMON_FIELDS = {"model", "n", "temperature", "top_p", "max_tokens", "stop", "seed", "stream", "stream_options",
                   "presence_penalty", "frequency_penalty", "logit_bias", *_IGNORED_FIELDS, *_EXTRA_SAMPLING_FIELDS}
 _KNOWN_FIELDS = {
-    COMPLETIONS: _COMMON_FIELDS | {"prompt", "echo", "logprobs", "best_of", "suffix"},
+    COMPLETIONS: _COMMON_FIELDS | {"prompt", "echo", "logprobs", "best_of", "suffix", "response_format"},
     CHAT: _COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
                             "tools", "tool_choice"},
 }
@@ -129,8 +133,17 @@ def _sampling_params(body: dict, max_tokens: int, logprobs: Optional[int], field
     for name, t in _EXTRA_SAMPLING_FIELDS.items():
         if body.get(name) is not None:
             kwargs[name] = _field(body, name, t)
+    response_format = _response_format(body)
+    if response_format is not None:
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                   "structured_outputs") if name in kwargs]
+        if given:
+            raise OpenAIError(f"response_format cannot be combined with {given[0]}", param="response_format")
+        kwargs["structured_outputs"] = response_format
     try:
         return SamplingParams(**kwargs)
+    except ImportError as e:  # structured output asked of a server without llguidance
+        raise OpenAIError(str(e), param=str(e).split(" ", 1)[0]) from None
     except (ValueError, TypeError) as e:
         message = str(e)
         match = re.match(r"(\w+)=", message)
@@ -139,6 +152,44 @@ def _sampling_params(body: dict, max_tokens: int, logprobs: Optional[int], field
         if name and param != name:  # say it with the request's own field name
             message = param + message[len(name):]
         raise OpenAIError(message, param=param) from None
+
+
+def _response_format(body: dict) -> Optional[StructuredOutputsParams]:
+    """OpenAI's `response_format` as a constraint: {"type": "text"} (none), {"type": "json_object"}, or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (always enforced, strict or not)."""
+    fmt = _field(body, "response_format", dict)
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    kind = fmt.get("type")
+    if kind == "json_object":
+        spec = StructuredOutputsParams(json_object=True)
+    elif kind == "json_schema":
+        json_schema = fmt.get("json_schema")
+        if not isinstance(json_schema, dict):
+            raise OpenAIError(f"response_format.json_schema={json_schema!r} must be an object with 'name' and "
+                              "'schema'", param="response_format")
+        name = json_schema.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise OpenAIError(f"response_format.json_schema.name={name!r} must be a string of up to 64 letters, "
+                              "digits, '_' or '-'", param="response_format")
+        if not isinstance(json_schema.get("strict", False), (bool, type(None))):
+            raise OpenAIError(f"response_format.json_schema.strict={json_schema['strict']!r} must be a boolean",
+                              param="response_format")
+        schema = json_schema.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise OpenAIError(f"response_format.json_schema.schema={schema!r} must be a JSON schema object",
+                              param="response_format")
+        spec = StructuredOutputsParams(json=schema)
+    else:
+        raise OpenAIError(f"response_format.type={kind!r} must be 'text', 'json_object' or 'json_schema'",
+                          param="response_format")
+    from inference.structured_output import build_grammar
+
+    try:  # checked here so that the error names the request's own field
+        build_grammar(spec, "response_format.json_schema.schema" if kind == "json_schema" else "response_format")
+    except (ValueError, ImportError) as e:
+        raise OpenAIError(str(e), param="response_format") from None
+    return spec
 
 
 def _check_unsupported(body: dict, kind: str) -> None:
@@ -151,10 +202,6 @@ def _check_unsupported(body: dict, kind: str) -> None:
         if body.get("tools") or body.get("tool_choice") not in (None, "none"):
             param = "tools" if body.get("tools") else "tool_choice"
             raise OpenAIError("tool calling is not supported", param=param)
-        fmt = body.get("response_format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-            raise OpenAIError(f"response_format={fmt!r} is not supported (only {{'type': 'text'}})",
-                              param="response_format")
 
 
 def _check_model(body: dict, model_name: str, strict: bool) -> str:
