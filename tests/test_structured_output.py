@@ -176,6 +176,27 @@ def test_constrained_outputs_follow_their_grammar_and_leave_neighbours_unchanged
             assert not re.search(r"\s", outside_strings), completion.text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("engine_kw", [dict(speculative={"method": "ngram"}), dict(num_decode_steps=4)])
+def test_constrained_requests_beside_speculative_and_multi_step_decode(default_model, default_llm, engine_kw):
+    """Constrained requests run plain single steps inside engines that draft or multi-step for the others: they
+    still follow their grammar, and the greedy unconstrained request gives the plain engine's tokens."""
+    from inference.llm import LLM
+
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    repeat = (f"Repeat this text exactly: {text}\nRepeated: ", SamplingParams(temperature=0, max_tokens=24))
+    want = default_llm.generate(repeat[0], repeat[1])[0]
+    constrained = _constrained_requests()
+    with LLM(_loaded=default_model, max_num_seqs=8, max_num_batched_tokens=256, **engine_kw) as llm:
+        outputs = llm.generate([repeat[0]] + [p for _, p, _ in constrained], [repeat[1]] + [s for _, _, s in constrained])
+        if "speculative" in engine_kw:
+            assert llm.stats()["spec_accepted_tokens"] > 0  # the unconstrained request did speculate
+    assert outputs[0].outputs[0].token_ids == want.outputs[0].token_ids
+    for (kind, _, _), out in zip(constrained, outputs[1:]):
+        assert out.outputs[0].finish_reason == "stop", (kind, out.outputs[0])
+        _check_constrained(kind, out.outputs[0].text)
+
+
 # ------------------------------------------------------------------------------------------------ server, batch
 def test_server_response_format_and_guided_fields(default_llm):
     openai = pytest.importorskip("openai")
