@@ -7,7 +7,6 @@ import re
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -188,7 +187,8 @@ def test_constrained_requests_beside_speculative_and_multi_step_decode(default_m
     want = default_llm.generate(repeat[0], repeat[1])[0]
     constrained = _constrained_requests()
     with LLM(_loaded=default_model, max_num_seqs=8, max_num_batched_tokens=256, **engine_kw) as llm:
-        outputs = llm.generate([repeat[0]] + [p for _, p, _ in constrained], [repeat[1]] + [s for _, _, s in constrained])
+        outputs = llm.generate([repeat[0]] + [p for _, p, _ in constrained],
+                               [repeat[1]] + [s for _, _, s in constrained])
         if "speculative" in engine_kw:
             assert llm.stats()["spec_accepted_tokens"] > 0  # the unconstrained request did speculate
     assert outputs[0].outputs[0].token_ids == want.outputs[0].token_ids
