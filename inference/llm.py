@@ -150,7 +150,8 @@ class LLM:
             # so they keep the scan.
             unroll_layers = jax.default_backend() == "cpu" and quantization is None
         if tensor_parallel_size * data_parallel_size > 1:
-            from sharding.mesh import DataParallelEngine, make_mesh, replica_meshes
+            from inference.data_parallel import DataParallelEngine
+            from sharding.mesh import make_mesh, replica_meshes
             from sharding.rules import bytes_per_device, cache_sharding, shard_params
 
             self.mesh = make_mesh(tensor_parallel_size, data_parallel_size)
