@@ -24,8 +24,9 @@ import itertools
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
+from inference.engine import Engine
 from inference.outputs import CompletionOutput, RequestOutput
 
 
@@ -225,16 +226,7 @@ class DataParallelEngine:
         rep.num_owned = 0
         return failed
 
-    def run(self, on_output: Optional[Callable[[RequestOutput], None]] = None) -> dict[str, RequestOutput]:
-        """Steps until every request finished; returns the final output of each (as Engine.run)."""
-        final = {}
-        while self.has_unfinished_requests():
-            for out in self.step():
-                if on_output is not None:
-                    on_output(out)
-                if out.finished:
-                    final[out.request_id] = out
-        return final
+    run = Engine.run  # the same loop: it needs only step() and has_unfinished_requests()
 
     def scheduler_stats(self) -> dict:
         """Numeric stats summed over replicas, plus each replica's own under "replicas"."""

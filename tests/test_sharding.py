@@ -747,7 +747,7 @@ def worker_pallas_tp(results: dict):
         group = make_mesh(tp, 1)
         sizing_cfg = EngineConfig(page_size=PAGE_SIZE, kv_cache_memory_bytes=KV_BUDGET_BYTES, max_num_seqs=64,
                                   max_model_len=512)
-        engine = Engine(cfg, shard_params(params, cfg, group), None, sizing_cfg, None, cache_sharding(cfg, group))
+        engine = Engine(cfg, shard_params(params, cfg, group), None, sizing_cfg, cache_sharding(cfg, group))
         pages = engine.runner.num_pages
         results["sizing"][f"tp{tp}"] = {"num_pages": pages, "pool_bytes_per_device": bytes_per_device(engine.runner.cache),
                                         "page_bytes_per_device": bytes_per_device(engine.runner.cache) // pages}
@@ -760,7 +760,7 @@ def worker_pallas_tp(results: dict):
         with LLM(tensor_parallel_size=tp, attn_impl="pallas_interpret", _loaded=(cfg, params, TinyTokenizer()),
                  **ENGINE_KW) as llm:
             results["engine"][f"tp{tp}"] = summarize(llm.generate(engine_prompts(), sp))
-            if tp in (1, 8):  # scoring: one dense prefill through the flash-attention kernel (also shard_mapped)
+            if tp in (1, 8):  # scoring: a packed ragged step over a TP-sharded scratch pool (kernels shard_mapped)
                 results["engine"][f"tp{tp}"]["score"] = llm.score("tensor parallel flash")[0].token_logprobs[1:]
 
 
