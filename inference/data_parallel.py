@@ -149,7 +149,7 @@ class DataParallelEngine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         """Waits until at least one replica finished a step; returns the outputs of every step finished
-        since the last call (the replicas keep stepping meanwhile, each at its own pace)."""
+        since the last call. The others are not waited for: a step in flight carries on into the next call."""
         if not self._owner:
             return []
         with self._cond:
