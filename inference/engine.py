@@ -50,16 +50,15 @@ from inference.kv_pool import BlockAllocator, device_memory, pages_for_memory_bu
 from inference.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from inference.sampler import SamplingTensors, next_engine_seed
 from inference.sampling_params import MAX_LOGPROBS, SamplingParams
-from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSequence, SequenceStatus
+from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSequence, SequenceStatus, tokens_left
 from inference.runner import ModelRunner, SpecBatch, pow2_bucket
 from inference.spec_runner import SelfDraftRunner, SpeculativeConfig
 from inference.speculative import AdaptiveK, NgramProposer, SpecDecodeStats
 from inference.stop import StopChecker
 from inference.structured_output import StructuredOutputManager
-from model.config import LlamaConfig
+from model.config import KV_CACHE_DTYPES, LlamaConfig
 from model.llama import kv_bytes_per_token_elem, safe_pool_pages
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "int8": jnp.int8}
 _MAX_RETAINED_SPEC_STATS = 4096  # finished requests whose speculation metrics stay in request_spec_stats
 
 
@@ -143,12 +142,12 @@ class Engine:
     """
 
     def __init__(self, cfg: LlamaConfig, params, tokenizer, engine_cfg: EngineConfig = EngineConfig(),
-                 param_sharding=None, cache_sharding=None, weight_bytes: int = 0):
+                 cache_sharding=None, weight_bytes: int = 0):
         max_len_given = engine_cfg.max_model_len is not None
         engine_cfg = dataclasses.replace(engine_cfg, max_model_len=cfg.usable_context(engine_cfg.max_model_len))
         self.cfg, self.tokenizer, self.engine_cfg = cfg, tokenizer, engine_cfg
         compute_dtype = jax.tree.leaves(params)[0].dtype
-        kv_dtype = compute_dtype if engine_cfg.kv_cache_dtype == "auto" else _DTYPES[engine_cfg.kv_cache_dtype]
+        kv_dtype = compute_dtype if engine_cfg.kv_cache_dtype == "auto" else KV_CACHE_DTYPES[engine_cfg.kv_cache_dtype]
         num_pages = engine_cfg.num_pages or self._pages_from_budget(kv_dtype, cache_sharding)
         engine_cfg = self.engine_cfg = self._fit_max_model_len(engine_cfg, num_pages, max_len_given)
         self.allocator = BlockAllocator(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching)
@@ -176,7 +175,7 @@ class Engine:
                                                 engine_cfg.max_num_seqs, engine_cfg.attn_impl)
                 extra_pages = self.proposer.num_scratch_pages
             self.spec_stats = SpecDecodeStats()
-        self.runner = ModelRunner(cfg, params, engine_cfg, num_pages, kv_dtype, param_sharding, cache_sharding,
+        self.runner = ModelRunner(cfg, params, engine_cfg, num_pages, kv_dtype, cache_sharding,
                                   extra_pages=extra_pages)
 
     # ------------------------------------------------------------------ sizing
@@ -420,7 +419,7 @@ class Engine:
             # Emitted tokens go through the stop checks one by one: a stop (EOS, stop string,
             # max_tokens) in the middle of an accepted block discards the tokens after it, and the
             # scheduler is told only the kept ones (it rolls back the KV of the rest).
-            room = self._room(self.scheduler.get_request(rid))
+            room = tokens_left(self.scheduler.get_request(rid), self.engine_cfg.max_model_len)
             kept = []
             for i in range(min(int(out.num_output[row]), room)):
                 token = int(out.tokens[row, i])
@@ -460,13 +459,6 @@ class Engine:
         return results
 
     # ------------------------------------------------------------------ speculation
-    def _room(self, seq: SchedSequence) -> int:
-        """Tokens the sequence may still emit (max_tokens and context window), at least 1."""
-        room = self.engine_cfg.max_model_len - seq.num_tokens
-        if seq.max_tokens is not None:
-            room = min(room, seq.max_tokens - len(seq.output_token_ids))
-        return max(1, room)
-
     def _attach_lookahead(self) -> bool:
         """Multi-step decode: when every running sequence decodes and nothing can be admitted, gives each
         one placeholder draft tokens for the tokens it will sample inside the program (so the scheduler
@@ -481,7 +473,7 @@ class Engine:
             if (state is None or not seq.is_decoding or len(seq.output_token_ids) < state.params.min_tokens
                     or state.params.bad_words or state.matcher is not None):
                 return False
-        lookahead = [(seq, min(k, self._room(seq)) - 1) for seq in sch.running]
+        lookahead = [(seq, min(k, tokens_left(seq, self.engine_cfg.max_model_len)) - 1) for seq in sch.running]
         for seq, n in lookahead:
             sch.set_draft_tokens(seq.request_id, [0] * n)
         return any(n for _, n in lookahead)
@@ -498,7 +490,7 @@ class Engine:
                 continue
             k = state.adaptive.next_k() if state.adaptive is not None else k_max
             # Guesses past the last token the request may emit would be wasted compute.
-            k = min(k, self._room(seq) - 1)
+            k = min(k, tokens_left(seq, self.engine_cfg.max_model_len) - 1)
             if k > 0:
                 wanted.append((seq, k))
             else:

@@ -1,7 +1,9 @@
 """Paged KV cache bookkeeping on the host: page budget helpers, block allocator and prefix cache.
 
-The device cache is `{"k": [KVH, L * num_pages, page_size, hd], "v": same}` (docs/DESIGN.md). This module
-only decides *which* page ids a sequence uses; it never touches device memory.
+The device cache is `{"k": [KVH, L * num_pages, page_size, hd], "v": same}`, plus float32 `"k_scale"` /
+`"v_scale"` `[KVH, L * num_pages, page_size]` for an int8 pool; the scheduler's page p of layer l is physical
+page `l * num_pages + p` (docs/DESIGN.md). This module only decides *which* page ids a sequence uses; it
+never touches device memory.
 
 Prefix caching (vLLM's "automatic prefix caching"): every FULL page is identified by a chain hash of the
 whole token prefix up to and including that page, `sha256(parent_page_hash || page_tokens)`, rooted at a

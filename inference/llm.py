@@ -21,11 +21,12 @@ import numpy as np
 from inference.engine import Engine, EngineConfig
 from inference.outputs import CompletionOutput, RequestOutput, ScoreOutput, StreamDelta
 from inference.sampling_params import SamplingParams
+from inference.scoring import prompt_logprob_entries, score_tokens
 from model.checkpoint import load_model
+from model.config import FLOAT_DTYPES
 from model.llama import unstack_layers
 
 Prompt = Union[str, Sequence[int], dict]
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _is_number(x) -> bool:
@@ -65,10 +66,10 @@ def _auto_dtype(model: Optional[str], params, *, from_loaded: bool) -> str:
 
             hf = json.loads((path / "config.json").read_text())
             name = str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16")
-            return name if name in _DTYPES else "bfloat16"
+            return name if name in FLOAT_DTYPES else "bfloat16"
     floats = [a.dtype for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.floating)]
     name = jnp.dtype(floats[0]).name if floats else "bfloat16"
-    return name if name in _DTYPES else "bfloat16"
+    return name if name in FLOAT_DTYPES else "bfloat16"
 
 
 class LLM:
@@ -80,8 +81,8 @@ class LLM:
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  quantization_group_size: Optional[int] = None,
                  speculative=None, unroll_layers: Optional[bool] = None, num_decode_steps: int = 1, _loaded=None):
-        if dtype != "auto" and dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} must be 'auto' or one of {sorted(_DTYPES)}")
+        if dtype != "auto" and dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype={dtype!r} must be 'auto' or one of {sorted(FLOAT_DTYPES)}")
         # Quantization: "int8" (per channel) / "int4" (groups of quantization_group_size inputs, default the
         # largest of 128/64/32 dividing every projection's input dim) of the projections, or "gguf": the
         # GGUF's own Q8_0/Q4_0/Q4_1 blocks. From a GGUF, tensors already in the requested width are kept
@@ -109,7 +110,7 @@ class LLM:
         self.dtype = dtype
         # Cast on the host: with tensor parallelism each device then receives only its own shards (no whole
         # weight ever sits on one device).
-        params = jax.tree.map(lambda a: a if is_quantized(a) else np.asarray(a).astype(_DTYPES[dtype], copy=False),
+        params = jax.tree.map(lambda a: a if is_quantized(a) else np.asarray(a).astype(FLOAT_DTYPES[dtype], copy=False),
                               params, is_leaf=is_quantized)
         if quantization == "gguf" and not any(map(is_quantized, params["layers"].values())):
             raise ValueError("quantization='gguf' needs a GGUF model with Q8_0/Q4_0/Q4_1 projection weights")
@@ -150,7 +151,8 @@ class LLM:
             # so they keep the scan.
             unroll_layers = jax.default_backend() == "cpu" and quantization is None
         if tensor_parallel_size * data_parallel_size > 1:
-            from sharding.mesh import DataParallelEngine, make_mesh, replica_meshes
+            from inference.data_parallel import DataParallelEngine
+            from sharding.mesh import make_mesh, replica_meshes
             from sharding.rules import bytes_per_device, cache_sharding, shard_params
 
             self.mesh = make_mesh(tensor_parallel_size, data_parallel_size)
@@ -162,7 +164,7 @@ class LLM:
                 if unroll_layers:
                     group_params = unstack_layers(group_params)
                 kv_dtype = jnp.int8 if kv_cache_dtype == "int8" else None
-                engines.append(Engine(cfg, group_params, tokenizer, engine_cfg, None,
+                engines.append(Engine(cfg, group_params, tokenizer, engine_cfg,
                                       cache_sharding(cfg, group, kv_dtype),
                                       bytes_per_device(group_params)))
                 # Replicas are identical: give every KV pool the size the first one got (the memory budget
@@ -174,7 +176,7 @@ class LLM:
             if unroll_layers:
                 params = unstack_layers(params)
             weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
-            self.engine = Engine(cfg, params, tokenizer, engine_cfg, None, None, weight_bytes)
+            self.engine = Engine(cfg, params, tokenizer, engine_cfg, None, weight_bytes)
         self.load_seconds = time.perf_counter() - t0
         self._closed = False
 
@@ -284,9 +286,15 @@ class LLM:
         finally:
             if progress is not None:
                 progress.close()
+        # prompt_logprobs: one scoring pass per k over every prompt that asks for it
+        wanted: dict[int, list[int]] = {}
         for i, params in enumerate(params_list):
             if results[i] is not None and results[i].error is None and params.prompt_logprobs is not None:
-                results[i].prompt_logprobs = self._prompt_logprobs(results[i].prompt_token_ids, params.prompt_logprobs)
+                wanted.setdefault(params.prompt_logprobs, []).append(i)
+        for k, indices in wanted.items():
+            ids = [results[i].prompt_token_ids for i in indices]
+            for i, prompt_ids, scores in zip(indices, ids, self._score_tokens(ids, top_k=k)):
+                results[i].prompt_logprobs = prompt_logprob_entries(prompt_ids, scores)
         return results
 
     def chat(self, conversations, sampling_params: Optional[SamplingParams] = None, **kw) -> list[RequestOutput]:
@@ -329,35 +337,39 @@ class LLM:
 
     # ------------------------------------------------------------------ scoring
     def score(self, texts: Union[str, Sequence[str]], add_special_tokens: bool = True) -> list[ScoreOutput]:
-        """Per-token log-likelihoods log p(token_i | tokens_<i) for research use."""
+        """Per-token log-likelihoods log p(token_i | tokens_<i) for research use. All texts are scored
+        together in packed steps, whole pages they share computed once (inference.scoring.score_tokens)."""
         self._check_open()
         if isinstance(texts, str):
             texts = [texts]
-        outs = []
+        outs: list[Optional[ScoreOutput]] = [None] * len(texts)
+        encoded = {}  # text index -> token ids
+        max_len = self.engine.engine_cfg.max_model_len
         for i, text in enumerate(texts):
             try:  # a bad text fails alone, like a bad request in generate()
                 if not isinstance(text, str):
                     raise TypeError(f"texts[{i}]={text!r} must be a str, got {type(text).__name__}")
                 _, ids = self._encode(text)
-                lps = self._token_logprobs(ids)
+                if len(ids) > max_len:
+                    raise ValueError(f"text of {len(ids)} tokens exceeds max_model_len={max_len}")
+                encoded[i] = ids
             except (ValueError, TypeError) as e:
-                outs.append(ScoreOutput(text, [], [], error=str(e)))
-                continue
-            outs.append(ScoreOutput(text, ids, [None] + [float(x) for x in lps]))
+                outs[i] = ScoreOutput(text, [], [], error=str(e))
+        for i, scores in zip(encoded, self._score_tokens(list(encoded.values()))):
+            outs[i] = ScoreOutput(texts[i], encoded[i], [None] + scores.logprobs.tolist())
         return outs
 
-    def _token_logprobs(self, ids: list[int]) -> np.ndarray:
-        from inference.scoring import token_logprobs
-
-        if len(ids) > self.engine.engine_cfg.max_model_len:
-            raise ValueError(f"text of {len(ids)} tokens exceeds max_model_len={self.engine.engine_cfg.max_model_len}")
-        return token_logprobs(self.engine.runner.params, self.config, ids, attn_impl=self.engine.engine_cfg.attn_impl)
+    def _score_tokens(self, token_lists: list[list[int]], top_k: int = 0):
+        engine = self.engine
+        sharding = None
+        if self.mesh is not None:  # the scratch pool is split over the TP devices like the engine's
+            sharding = {key: engine.runner.cache[key].sharding for key in ("k", "v")}
+        return score_tokens(engine.runner.params, self.config, token_lists, top_k=top_k,
+                            attn_impl=engine.engine_cfg.attn_impl, page_size=engine.engine_cfg.page_size,
+                            cache_sharding=sharding)
 
     def _prompt_logprobs(self, ids: list[int], k: int):
-        from inference.scoring import prompt_top_logprobs
-
-        return prompt_top_logprobs(self.engine.runner.params, self.config, ids, k,
-                                   attn_impl=self.engine.engine_cfg.attn_impl)
+        return prompt_logprob_entries(ids, self._score_tokens([ids], top_k=k)[0])
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self, logprobs: Optional[bool] = None, penalties: Optional[bool] = None,

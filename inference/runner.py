@@ -199,7 +199,7 @@ class ModelRunner:
     once `warmup` ran the set."""
 
     def __init__(self, cfg: LlamaConfig, params, engine_cfg: EngineConfig, num_pages: int,
-                 kv_dtype, param_sharding=None, cache_sharding=None, extra_pages: int = 0):
+                 kv_dtype, cache_sharding=None, extra_pages: int = 0):
         self.cfg = cfg
         self.engine_cfg = engine_cfg
         self.num_pages = num_pages  # pages the scheduler allocates; `extra_pages` more follow (draft scratch)

@@ -117,7 +117,12 @@ class Sequence:
                 f"computed={self.num_computed_tokens}, pages={len(self.block_table)})")
 
 
-Request = Sequence  # the brief's other name for the same state
+def tokens_left(seq: Sequence, max_model_len: int) -> int:
+    """Tokens the sequence may still emit under its max_tokens and the context window, at least 1."""
+    room = max_model_len - seq.num_tokens
+    if seq.max_tokens is not None:
+        room = min(room, seq.max_tokens - len(seq.output_token_ids))
+    return max(1, room)
 
 
 @dataclasses.dataclass
@@ -132,7 +137,6 @@ class ScheduledSequence:
     num_computed_tokens: int      # KV length before this step (== positions[0])
     num_draft_tokens: int         # trailing speculative tokens in token_ids
     samples: bool                 # reaches the end of the known tokens: the runner samples from it
-    is_prefill: bool              # more than one non-draft token (prompt, chunk or recompute)
 
     @property
     def num_new_tokens(self) -> int:
@@ -431,7 +435,6 @@ class Scheduler:
             num_computed_tokens=start,
             num_draft_tokens=k,
             samples=start + n - k == seq.num_tokens,
-            is_prefill=n - k > 1,
         )
 
     def _out_of_pool(self, seq: Sequence, num_tokens: int, failed: list, out_of_pool: list) -> None:
@@ -560,7 +563,7 @@ class Scheduler:
             seq.num_computed_tokens += s.num_new_tokens
             if s.samples:
                 tokens = new_tokens[seq.request_id]
-                seq._append(tokens[:self._room(seq, len(tokens))])
+                seq._append(tokens[:tokens_left(seq, self.max_model_len)])
             # Rejected drafts (or tokens cut by max_tokens) leave KV past the last token: drop it.
             self._truncate_kv(seq, seq.num_tokens - 1)
             self._register_full_pages(seq)
@@ -573,13 +576,6 @@ class Scheduler:
             if seq is not None:
                 done.append(seq)
         return done
-
-    def _room(self, seq: Sequence, n: int) -> int:
-        """How many of n new tokens to keep: max_tokens and max_model_len caps, but at least one."""
-        room = self.max_model_len - seq.num_tokens
-        if seq.max_tokens is not None:
-            room = min(room, seq.max_tokens - len(seq.output_token_ids))
-        return max(1, min(n, room))
 
     def _length_reason(self, seq: Sequence) -> Optional[str]:
         if seq.max_tokens is not None and len(seq.output_token_ids) >= seq.max_tokens:

@@ -11,9 +11,15 @@ import dataclasses
 import math
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "smollm2")
+
+# dtype names accepted for weights and compute (LLM(dtype=...)), and for the KV pool (kv_cache_dtype=...:
+# those plus int8, a quantized pool with per-token scales).
+FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+KV_CACHE_DTYPES = {**FLOAT_DTYPES, "int8": np.int8}
 
 
 @dataclasses.dataclass(frozen=True)

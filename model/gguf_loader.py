@@ -150,7 +150,7 @@ def load_gguf(path, dtype=None, quantization: Optional[str] = None):
             quantized[ours] = stack_quantized(qws)
 
     layers: dict[str, list] = {}
-    has_bias = f"blk.0.attn_q.bias" in tensors
+    has_bias = "blk.0.attn_q.bias" in tensors
     for i in range(L):
         for gname, (ours, is_matmul) in _LAYER_TENSORS.items():
             if ours in quantized:

@@ -172,14 +172,6 @@ def kv_bytes_per_token_elem(head_dim: int, dtype) -> float:
     return 1.0 + 4.0 / head_dim if dtype == jnp.int8 else float(dtype.itemsize)
 
 
-def cache_bytes_per_page(cfg: LlamaConfig, page_size: int, dtype) -> int:
-    """Bytes of one page across all layers, K and V (and their scales). dtype: a dtype or its byte size."""
-    if isinstance(dtype, (int, np.integer)):  # a byte size: a float pool of that width
-        return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * int(dtype)
-    per_elem = kv_bytes_per_token_elem(cfg.head_dim, dtype)
-    return int(round(2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * per_elem))
-
-
 def cache_carry(cache: Cache) -> tuple:
     """The cache as the tuple that rides through the layer scan: (k, v) or (k, v, k_scale, v_scale)."""
     return tuple(cache[key] for key in CACHE_KEYS if key in cache)

@@ -1,5 +1,6 @@
-"""Multiple-choice loglikelihood: the lm-eval backend's packed shared-context scorer vs one dense forward per
-(context, choice) text (what `LLM.score` / `prompt_logprobs` do).
+"""Multiple-choice loglikelihood: the packed scorer (inference.scoring.score_tokens) given every
+(context, choice) pair at once -- through the lm-eval backend's `score_continuations` and through `LLM.score`
+of the whole texts -- vs one text per call (what `LLM.score` did before it batched).
 
 Synthetic questions with a long shared context and short answers, as in MMLU/HellaSwag-style tasks. Both
 paths run once to compile, then are timed; the results are checked equal before any time is reported.
@@ -46,17 +47,25 @@ def main(argv=None):
     def packed():
         return [lp for lp, _ in score_continuations(params, cfg, pairs, attn_impl=impl)]
 
-    def dense():
+    def one_at_a_time():
         return [token_logprobs(params, cfg, ctx + cont, attn_impl=impl)[-len(cont):] for ctx, cont in pairs]
+
+    texts = [llm.tokenizer.decode(ctx + cont) for ctx, cont in pairs]
+
+    def llm_score():  # whole texts: every token scored, the tail compared
+        scores = llm.score(texts)
+        assert all(s.token_ids == ctx + cont for s, (ctx, cont) in zip(scores, pairs)), "texts re-tokenize"
+        return [np.array(s.token_logprobs[-len(cont):]) for s, (_, cont) in zip(scores, pairs)]
 
     rows = []
     for name, fn in (("packed, shared context (lm-eval backend)", packed),
-                     ("one dense forward per choice (LLM.score)", dense)):
+                     ("LLM.score(all texts): packed, shared pages", llm_score),
+                     ("one text per call", one_at_a_time)):
         fn()  # compile
         t0 = time.perf_counter()
         out = fn()
         rows.append((name, time.perf_counter() - t0, out))
-    worst = max(float(np.abs(a - b).max()) for a, b in zip(rows[0][2], rows[1][2]))
+    worst = max(float(np.abs(a - b).max()) for row in rows[1:] for a, b in zip(rows[0][2], row[2]))
     if worst > 1e-3:
         raise SystemExit(f"the two paths disagree: max |diff| = {worst}")
     print(f"{args.questions} questions x {args.choices} choices, context {len(pairs[0][0])} tokens, "

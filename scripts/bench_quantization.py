@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -34,14 +33,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model.config import LlamaConfig  # noqa: E402
+from model.config import KV_CACHE_DTYPES, LlamaConfig  # noqa: E402
 from model.llama import StepInputs, init_cache, kv_bytes_per_token_elem, make_step_fn  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 GREEDY_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
                   "The three primary colors are", "Water boils at", "The best way to learn a language is",
                   "Photosynthesis is the process by which", "In 1969, astronauts")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +182,7 @@ def bytes_table(models: Models, context_len: int, batches: Sequence[int]) -> lis
         else:  # stored bytes (values + scales + zeros) per logical weight, from the real params
             layers = models.params(weights)["layers"]
             wbpp = sum(layers[k].nbytes for k in _PROJECTIONS) / proj_params
-        kv_elem = kv_bytes_per_token_elem(hd, _DTYPES[kv])
+        kv_elem = kv_bytes_per_token_elem(hd, KV_CACHE_DTYPES[kv])
         for batch in batches:
             cost = step_cost(cfg, batch=batch, context_len=context_len, new_tokens_per_seq=1,
                              weight_bytes_per_param=wbpp, float_bytes_per_param=float_bytes,
@@ -217,7 +215,7 @@ def speed_table(models: Models, context_len: int, batches: Sequence[int], runs: 
         params = models.params(variant.weights, variant.group_size)
         for batch in batches:
             inputs, num_pages = benchmark_step_inputs(models.cfg, batch, context_len, "decode")
-            state = {"cache": init_cache(models.cfg, num_pages, 16, _DTYPES[variant.kv]), "times": []}
+            state = {"cache": init_cache(models.cfg, num_pages, 16, KV_CACHE_DTYPES[variant.kv]), "times": []}
             points.append((variant, batch, params, inputs, state))
 
     step = make_step_fn(models.cfg)  # the engine's jitted step (cache donated); compiles once per point
@@ -257,8 +255,8 @@ def quality_table(models: Models, max_new_tokens: int) -> tuple[list[dict], dict
     for variant in QUALITY_VARIANTS:
         params = models.params(variant.weights, variant.group_size)
         t0 = time.perf_counter()
-        ppl = perplexity(paged_nll(params, cfg, ids, _DTYPES[variant.kv]))
-        tokens = greedy_tokens(params, cfg, prompts, max_new_tokens, _DTYPES[variant.kv])
+        ppl = perplexity(paged_nll(params, cfg, ids, KV_CACHE_DTYPES[variant.kv]))
+        tokens = greedy_tokens(params, cfg, prompts, max_new_tokens, KV_CACHE_DTYPES[variant.kv])
         if variant == BASELINE:
             base_tokens, base_ppl = tokens, ppl
         same, prefix = agreement(tokens, base_tokens)

@@ -1,21 +1,19 @@
-"""Device layout: the ("data", "model") mesh, its replica groups, and the data-parallel engine.
+"""Device layout: the ("data", "model") mesh and its replica groups.
 
 Tensor parallelism (TP) is the mesh's "model" axis: one copy of the weights and of the KV pool is split
 across the TP devices of a replica group (sharding/rules.py says how) and each step is one jitted program
 over those devices; XLA's GSPMD partitioner inserts the collectives.
 
 Data parallelism (DP) is the "data" axis, and each row of the mesh is one *replica group*. We run one
-independent engine per group (own weights copy, own KV pool, own scheduler) and split the requests of an
-offline job between them, like vLLM's data-parallel engines. Why not one lockstep program with the batch
-sharded over "data": the ragged step concatenates all sequences' tokens into one array and all sequences
+independent engine per group (own weights copy, own KV pool, own scheduler, own stepping thread:
+inference/data_parallel.py) and split the requests between them, like vLLM's data-parallel engines.
+Why not one lockstep program with the batch sharded over "data": the ragged step concatenates all sequences' tokens into one array and all sequences
 share one page pool, so splitting it needs a scheduler per replica anyway; separate engines also never
 wait for each other (no lockstep padding, no cross-replica collectives at all).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import itertools
 from typing import Optional, Sequence
 
 import jax
@@ -72,91 +70,3 @@ def replica_meshes(mesh: Mesh) -> list[Mesh]:
                          f"and tensor_parallel_size spanning processes if the model needs it")
     return [Mesh(mesh.devices[i:i + 1], MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
             for i in range(mesh.devices.shape[0])]
-
-
-class DataParallelEngine:
-    """Runs one `inference.engine.Engine` per replica group and splits the requests between them.
-
-    It has the Engine methods `LLM` uses (add_request, abort, step, has_unfinished_requests, run,
-    scheduler_stats, close, plus engine_cfg / runner / tokenizer of replica 0 for scoring), so `LLM`
-    can hold it in place of an Engine. A request stays on the replica it was given to (its KV pages
-    live there). `step()` steps every replica with work concurrently, one thread each: dispatch and the
-    wait for results release the GIL, so replicas on different devices compute at the same time.
-    """
-
-    def __init__(self, engines: Sequence):
-        if not engines:
-            raise ValueError("DataParallelEngine needs at least one engine")
-        self.engines = list(engines)
-        self._owner: dict[str, int] = {}  # request id -> replica index
-        self._ids = itertools.count()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.engines),
-                                                           thread_name_prefix="dp-replica")
-
-    # The attributes LLM reads from its engine; replica 0 stands for all (they share config and weights).
-    @property
-    def engine_cfg(self):
-        return self.engines[0].engine_cfg
-
-    @property
-    def runner(self):
-        return self.engines[0].runner
-
-    @property
-    def tokenizer(self):
-        return self.engines[0].tokenizer
-
-    @property
-    def cfg(self):
-        return self.engines[0].cfg
-
-    def _load(self, i: int) -> int:
-        # Outstanding work of replica i: requests it owns that have not finished.
-        return self.engines[i].scheduler.num_unfinished
-
-    def add_request(self, request_id, prompt_token_ids, params, prompt=None, **kwargs) -> str:
-        """Queues the request on the least loaded replica (ties: lowest index); same contract as
-        Engine.add_request (extra keyword arguments are passed on)."""
-        rid = f"dp{next(self._ids)}" if request_id is None else str(request_id)
-        if rid in self._owner:
-            raise ValueError(f"request id {rid!r} is already queued")
-        i = min(range(len(self.engines)), key=lambda j: (self._load(j), j))
-        rid = self.engines[i].add_request(rid, prompt_token_ids, params, prompt=prompt, **kwargs)
-        self._owner[rid] = i
-        return rid
-
-    def abort(self, request_id: str) -> bool:
-        i = self._owner.pop(str(request_id), None)
-        return False if i is None else self.engines[i].abort(request_id)
-
-    def has_unfinished_requests(self) -> bool:
-        return any(e.has_unfinished_requests() for e in self.engines)
-
-    def step(self) -> list:
-        """One step of every replica that has work, concurrently; their outputs concatenated."""
-        busy = [e for e in self.engines if e.has_unfinished_requests()]
-        if len(busy) <= 1:
-            results = [out for e in busy for out in e.step()]
-        else:
-            results = [out for fut in [self._pool.submit(e.step) for e in busy] for out in fut.result()]
-        for out in results:
-            if out.finished:
-                self._owner.pop(out.request_id, None)
-        return results
-
-    def run(self, on_output=None) -> dict:
-        from inference.engine import Engine
-
-        return Engine.run(self, on_output)  # the same loop: only needs step() and has_unfinished_requests()
-
-    def scheduler_stats(self) -> dict:
-        """Numeric stats summed over replicas, plus each replica's own under "replicas"."""
-        per = [e.scheduler_stats() for e in self.engines]
-        total = {k: sum(s[k] for s in per) for k, v in per[0].items() if isinstance(v, (int, float))
-                 and not isinstance(v, bool)}
-        return {**total, "replicas": per}
-
-    def close(self):
-        for e in self.engines:
-            e.close()
-        self._pool.shutdown(wait=True)

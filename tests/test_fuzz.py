@@ -3,7 +3,6 @@ whatever the values, the result is a named error or a normal output, and the res
 
 import json
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -107,15 +107,15 @@ def _lose_cache(engine):
         a.delete()
 
 
-# (object, method, raise after it ran) for each point of a step. `_room` is called once per sampling
-# row while the step's tokens are taken in, so a fault there stops output processing half way.
+# (object, attribute, raise after it ran) for each point of a step. The engine calls `tokens_left` once per
+# sampling row while the step's tokens are taken in, so a fault there stops output processing half way.
 FAULT_POINTS = {
     "propose": (lambda e: e, "_attach_lookahead", False),
     "inside_schedule": (lambda e: e.scheduler, "_allocate_pages", False),
     "before_device": (lambda e: e.runner, "_run", False),
     "after_device": (lambda e: e.runner, "_run", True),
     "cache_lost": (lambda e: e.runner, "_run", True),
-    "output_processing": (lambda e: e, "_room", False),
+    "output_processing": (lambda e: sys.modules["inference.engine"], "tokens_left", False),
     "before_commit": (lambda e: e.scheduler, "update_from_output", False),
     "after_commit": (lambda e: e.scheduler, "update_from_output", True),
 }

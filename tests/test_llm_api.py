@@ -116,6 +116,24 @@ def test_score_equals_generation_logprobs(default_llm):
     np.testing.assert_allclose(got, want, atol=2e-4)
 
 
+def test_score_many_texts_together_equals_each_alone(default_llm):
+    """8 texts in one packed batch, 5 of them sharing a long (several-page) prefix: the same numbers as
+    scoring each text by itself."""
+    prefix = ("Researchers often score many candidate continuations of one long shared document, so the "
+              "prefix below is the same for several texts and is longer than a few KV pages of sixteen tokens. "
+              "A second sentence makes it longer still, so that the shared part spans several whole pages.")
+    texts = [prefix + end for end in (" The end.", " Then it rained all day long.", " Paris", " 42", " and so on,")]
+    texts += ["A short unrelated sentence.", "Hello", "The quick brown fox jumps over the lazy dog."]
+    assert len(default_llm.tokenizer.encode(prefix)) > 3 * 16
+    together = default_llm.score(texts)
+    for text, got in zip(texts, together):
+        alone = default_llm.score(text)[0]
+        assert got.error is None and got.token_ids == alone.token_ids
+        assert got.token_logprobs[0] is None and len(got.token_logprobs) == len(got.token_ids)
+        # float32 rounding of differently shaped steps: ~1e-5 on logprobs of magnitude ~10
+        np.testing.assert_allclose(got.token_logprobs[1:], alone.token_logprobs[1:], rtol=1e-5, atol=1e-5)
+
+
 def test_prompt_logprobs(default_llm):
     out = default_llm.generate("Paris is the capital of",
                                SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2))[0]

@@ -198,8 +198,8 @@ def test_int8_perplexity_within_2_percent_of_float(default_model, ppl_ids):
 
 
 def test_llm_int8_weights_and_int8_kv_end_to_end(default_model):
-    """LLM(quantization="int8", kv_cache_dtype="int8"): the engine runs on an int8 pool (needs the engine's
-    _DTYPES to map "int8" -> jnp.int8), answers correctly, and LLM.score still works (dense path)."""
+    """LLM(quantization="int8", kv_cache_dtype="int8"): the engine runs on an int8 pool (model.config's
+    KV_CACHE_DTYPES maps "int8" to it), answers correctly, and LLM.score still works (a float scratch pool)."""
     with LLM(_loaded=default_model, quantization="int8", kv_cache_dtype="int8", max_num_seqs=4,
              max_num_batched_tokens=64) as llm:
         cache = llm.engine.runner.cache

@@ -407,7 +407,6 @@ def test_pad_to_does_not_change_tokens():
 
 
 def test_seeds_and_keys():
-    logits = np.zeros((5, V), np.float32)  # uniform: different keys almost surely differ
     params = [SamplingParams(seed=s) for s in (1, 2, 1 + 2**32, -1)] + [SamplingParams()]
     t = SamplingTensors.from_params(params, steps=[0, 0, 0, 4, 2], fallback_seeds=[0, 0, 0, 0, 1])
     keys = row_keys(t)

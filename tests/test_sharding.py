@@ -189,7 +189,7 @@ class _FakeEngine:
 
 
 def test_data_parallel_engine_routes_and_collects():
-    from sharding.mesh import DataParallelEngine
+    from inference.data_parallel import DataParallelEngine
 
     engines = [_FakeEngine(), _FakeEngine()]
     dp = DataParallelEngine(engines)
@@ -204,6 +204,157 @@ def test_data_parallel_engine_routes_and_collects():
     assert dp.scheduler_stats()["steps"] == 2 and len(dp.scheduler_stats()["replicas"]) == 2
     dp.close()
     assert all(e.closed for e in engines)
+
+
+def test_sharding_imports_nothing_from_inference():
+    """Data flows down the layers: sharding/ may use model/ and pallas_kernels/, never inference/."""
+    import ast
+
+    upward = []
+    for path in sorted((REPO / "sharding").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            upward += [f"{path.name}: {n}" for n in names if n == "inference" or n.startswith("inference.")]
+    assert upward == []
+
+
+DP_MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def dp_setup():
+    """Tiny-model params, prompts and their greedy tokens from one plain Engine (which also compiles the
+    step programs every engine of this config shares)."""
+    import jax
+    from inference.engine import Engine, EngineConfig
+    from inference.sampling_params import SamplingParams
+    from model.llama import init_params
+
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    prompts = engine_prompts()
+    sp = SamplingParams(temperature=0, max_tokens=DP_MAX_TOKENS, ignore_eos=True)
+    engine = Engine(cfg, params, None, EngineConfig(**ENGINE_KW))
+    ids = [engine.add_request(None, p, sp) for p in prompts]
+    final = engine.run()
+    engine.close()
+    return cfg, params, prompts, sp, [final[i].token_ids for i in ids]
+
+
+def _dp_engines(dp_setup, step_delays):
+    """Real engines on this process' device, one per delay; a delay > 0 makes every step of that engine
+    sleep first (a slow replica). Returns the engines and, per engine, the wall times its steps began."""
+    import time
+
+    from inference.engine import Engine, EngineConfig
+
+    cfg, params = dp_setup[:2]
+    engines, starts = [], []
+    for delay in step_delays:
+        engine = Engine(cfg, params, None, EngineConfig(**ENGINE_KW))
+        began: list = []
+
+        def step(engine=engine, began=began, delay=delay, plain=engine.step):
+            began.append(time.monotonic())
+            time.sleep(delay)
+            return plain()
+
+        engine.step = step
+        engines.append(engine)
+        starts.append(began)
+    return engines, starts
+
+
+def _no_replica_threads_left():
+    import threading
+
+    return not [t for t in threading.enumerate() if t.name.startswith("dp-replica") and t.is_alive()]
+
+
+def test_data_parallel_replicas_step_independently(dp_setup):
+    """Replica 0 takes 0.3 s a step, replica 1 is fast. Lockstep would finish both requests in the same
+    step; independent replicas finish the fast one while the slow one has only a few of its tokens."""
+    from inference.data_parallel import DataParallelEngine
+
+    _, _, prompts, sp, want = dp_setup
+    engines, _ = _dp_engines(dp_setup, [0.3, 0.0])
+    dp = DataParallelEngine(engines)
+    slow_id, fast_id = dp.add_request("slow", prompts[0], sp), dp.add_request("fast", prompts[1], sp)
+    tokens_so_far = {slow_id: 0}
+    slow_tokens_when_fast_finished = None
+    final = {}
+    while dp.has_unfinished_requests():
+        for out in dp.step():  # streamed outputs: every step's progress of each request
+            if out.request_id == slow_id:
+                tokens_so_far[slow_id] = len(out.token_ids)
+            if out.finished:
+                final[out.request_id] = out
+                if out.request_id == fast_id:
+                    slow_tokens_when_fast_finished = tokens_so_far[slow_id]
+    dp.close()
+    assert final[fast_id].token_ids == want[1] and final[slow_id].token_ids == want[0]
+    assert slow_tokens_when_fast_finished is not None and slow_tokens_when_fast_finished <= DP_MAX_TOKENS // 2
+    assert _no_replica_threads_left()
+
+
+def test_data_parallel_replica_error_fails_only_its_requests(dp_setup):
+    from inference.data_parallel import DataParallelEngine
+
+    _, _, prompts, sp, want = dp_setup
+    engines, _ = _dp_engines(dp_setup, [0.0, 0.0])
+    healthy_step, calls = engines[0].step, [0]
+
+    def broken_step():
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("device lost")
+        return healthy_step()
+
+    engines[0].step = broken_step
+    dp = DataParallelEngine(engines)
+    ids = [dp.add_request(f"r{i}", p, sp, stream=False) for i, p in enumerate(prompts)]  # r0, r2 on replica 0
+    final = dp.run()
+    assert sorted(final) == sorted(ids)
+    for i in (0, 2):
+        assert final[ids[i]].finish_reason == "error"
+        assert final[ids[i]].error == "data-parallel replica 0 of 2 failed: RuntimeError: device lost"
+    for i in (1, 3):
+        assert final[ids[i]].error is None and final[ids[i]].token_ids == want[i]
+    # The failed replica takes no more requests; the other serves them.
+    late = dp.add_request("late", prompts[0], sp, stream=False)
+    assert dp.run()[late].token_ids == want[0]
+    dp.close()
+    assert _no_replica_threads_left()
+
+
+def test_data_parallel_interrupt_pauses_every_replica(dp_setup):
+    """Ctrl-C in step(): when it propagates no replica is stepping, and none starts a step until the next
+    call; then the same requests carry on to the same tokens. close() ends the threads."""
+    import _thread
+    import threading
+    import time
+
+    from inference.data_parallel import DataParallelEngine
+
+    _, _, prompts, sp, want = dp_setup
+    engines, starts = _dp_engines(dp_setup, [0.05, 0.02])
+    dp = DataParallelEngine(engines)
+    ids = [dp.add_request(None, p, sp, stream=False) for p in prompts]
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    final = {}
+    with pytest.raises(KeyboardInterrupt):
+        while dp.has_unfinished_requests():
+            final.update({o.request_id: o for o in dp.step() if o.finished})
+    interrupted = time.monotonic()
+    time.sleep(0.3)
+    assert all(t < interrupted for began in starts for t in began)  # nothing started after the interrupt
+    assert dp.has_unfinished_requests()
+    final.update(dp.run())
+    assert [final[i].token_ids for i in ids] == want
+    dp.close()
+    assert _no_replica_threads_left()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,12 +595,10 @@ def summarize(outputs) -> dict:
 
 def worker_engine(results: dict):
     import jax
-    from inference.engine import Engine, EngineConfig
+    from inference.data_parallel import DataParallelEngine
     from inference.llm import LLM
     from inference.sampling_params import SamplingParams
     from model.llama import init_params
-    from sharding.mesh import DataParallelEngine, make_mesh, replica_meshes
-    from sharding.rules import bytes_per_device, cache_sharding, shard_params
 
     cfg = tiny_config()
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -461,28 +610,17 @@ def worker_engine(results: dict):
         with LLM(tensor_parallel_size=tp, _loaded=(cfg, params, TinyTokenizer()), **ENGINE_KW) as llm:
             results[name] = summarize(llm.generate(prompts, sp))
 
-    # DP 2 x TP 2: one engine per replica group, the requests split between them. Through LLM once
-    # inference/llm.py builds a DataParallelEngine for data_parallel_size > 1; until then, built here the
-    # same way.
+    # DP 2 x TP 2: one engine per replica group (LLM builds them), the requests split between them.
     llm = LLM(tensor_parallel_size=2, data_parallel_size=2, _loaded=(cfg, params, TinyTokenizer()), **ENGINE_KW)
-    if isinstance(llm.engine, DataParallelEngine):
-        dp_engine, via = llm.engine, "LLM"
-    else:
-        llm.close()
-        llm, via = None, "sharding.mesh"
-        engines = []
-        for group in replica_meshes(make_mesh(2, 2)):
-            group_params = shard_params(params, cfg, group)
-            engines.append(Engine(cfg, group_params, None, EngineConfig(**ENGINE_KW), None,
-                                  cache_sharding(cfg, group), bytes_per_device(group_params)))
-        dp_engine = DataParallelEngine(engines)
+    dp_engine = llm.engine
+    assert isinstance(dp_engine, DataParallelEngine), type(dp_engine)
     for i, ids in enumerate(prompts):
         dp_engine.add_request(f"r{i}", ids, sp)
     per_replica = [e.scheduler.num_unfinished for e in dp_engine.engines]
     final = dp_engine.run()
-    (llm or dp_engine).close()
+    llm.close()
     results["engine_tp2xdp2"] = {**summarize([final[f"r{i}"] for i in range(len(prompts))]),
-                                 "requests_per_replica": per_replica, "built_by": via}
+                                 "requests_per_replica": per_replica}
 
     errors = {}
     for name, (tp, dp) in {"tp3": (3, 1), "tp8xdp2": (8, 2)}.items():
@@ -609,7 +747,7 @@ def worker_pallas_tp(results: dict):
         group = make_mesh(tp, 1)
         sizing_cfg = EngineConfig(page_size=PAGE_SIZE, kv_cache_memory_bytes=KV_BUDGET_BYTES, max_num_seqs=64,
                                   max_model_len=512)
-        engine = Engine(cfg, shard_params(params, cfg, group), None, sizing_cfg, None, cache_sharding(cfg, group))
+        engine = Engine(cfg, shard_params(params, cfg, group), None, sizing_cfg, cache_sharding(cfg, group))
         pages = engine.runner.num_pages
         results["sizing"][f"tp{tp}"] = {"num_pages": pages, "pool_bytes_per_device": bytes_per_device(engine.runner.cache),
                                         "page_bytes_per_device": bytes_per_device(engine.runner.cache) // pages}
@@ -622,7 +760,7 @@ def worker_pallas_tp(results: dict):
         with LLM(tensor_parallel_size=tp, attn_impl="pallas_interpret", _loaded=(cfg, params, TinyTokenizer()),
                  **ENGINE_KW) as llm:
             results["engine"][f"tp{tp}"] = summarize(llm.generate(engine_prompts(), sp))
-            if tp in (1, 8):  # scoring: one dense prefill through the flash-attention kernel (also shard_mapped)
+            if tp in (1, 8):  # scoring: a packed ragged step over a TP-sharded scratch pool (kernels shard_mapped)
                 results["engine"][f"tp{tp}"]["score"] = llm.score("tensor parallel flash")[0].token_logprobs[1:]
 
 
