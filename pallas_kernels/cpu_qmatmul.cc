@@ -37,6 +37,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kLanes = 16;
+constexpr int64_t kMinBytesPerThread = 384 << 10;  // ~10 us of one core's streaming
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 
 inline VecF LoadF(const float* p) {
@@ -275,9 +276,11 @@ ffi::Error Run(ffi::ThreadPool pool, Problem problem, int64_t tile_vecs, int64_t
   if (problem.m == 0 || problem.n == 0) return ffi::Error::Success();
   const int64_t tile_cols = tile_vecs * kLanes;
   const int64_t num_tiles = (problem.n + tile_cols - 1) / tile_cols;
+  // Handing work to a pool thread costs microseconds; a small weight streams from one core in about that.
+  const int64_t weight_bytes = problem.k * problem.n * problem.bits / 8;
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (max_threads > 0) threads = std::min(threads, max_threads);
-  threads = std::min(threads, num_tiles);
+  threads = std::min({threads, num_tiles, std::max<int64_t>(1, weight_bytes / kMinBytesPerThread)});
   // About 8 panels per thread: enough to even out a core that another process slows down.
   const int64_t tiles_per_panel = std::max<int64_t>(1, num_tiles / (8 * threads));
   auto job = std::make_shared<Job>();

@@ -40,10 +40,11 @@ def kernel_built():
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("m,k,n", [(1, 96, 83), (3, 192, 200), (16, 96, 17), (5, 96, 1100)])
+@pytest.mark.parametrize("m,k,n", [(1, 96, 83), (3, 192, 200), (16, 96, 17), (5, 96, 1100), (2, 1536, 1100)])
 def test_kernel_matches_reference(fmt, m, k, n):
     # N = 83, 17: a partial vector and scalar tail; 1100: many column panels; K = 96, 192: not multiples of the
-    # 64-row K block; M = 3, 5, 16: the 4-, 2- and 1-row register tiles.
+    # 64-row K block; M = 3, 5, 16: the 4-, 2- and 1-row register tiles; 1536 x 1100: big enough (>= 768 KiB
+    # stored) that two threads share it.
     if fmt == "int4_g6":
         k = 6 * (k // 6)
     x, qw = _case(fmt, m, k, n)
