@@ -19,8 +19,10 @@ low and high halves with the same scale tile and needs no in-register interleave
 the *activations* instead (cheap: x is [M, K], the weight is [K, N]).
 
 Implementations (``impl``, see ``pallas_kernels/backend.py``): ``"pallas"`` (Triton GPU kernel),
-``"pallas_interpret"`` (same kernel, interpreted on CPU for tests), ``"xla"`` (jnp dequantize + dot, the
-CPU path), ``"reference"`` (dequantize to float32 then a HIGHEST-precision matmul; ground truth).
+``"pallas_interpret"`` (same kernel, interpreted on CPU for tests), ``"xla"`` (jnp dequantize + dot),
+``"cpu_ffi"`` (the C++ CPU kernel of ``pallas_kernels/cpu_quantized_matmul.py``, through ``jax.ffi``),
+``"reference"`` (dequantize to float32 then a HIGHEST-precision matmul; ground truth). ``"auto"`` on CPU
+takes ``"cpu_ffi"`` for decode-sized M (<= its ``MAX_ROWS``) when the kernel could be built, else ``"xla"``.
 """
 
 from __future__ import annotations
@@ -365,10 +367,20 @@ def _xla_matmul(x: jax.Array, qw) -> jax.Array:
     return jnp.dot(x, _dequantize(qw, jnp.float32).astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+CPU_FFI = "cpu_ffi"  # an impl of this op only (not in backend.IMPLS): the jax.ffi CPU kernel
+
+
 def _resolve_impl(impl: str) -> str:
     from pallas_kernels.backend import resolve_impl
 
-    return resolve_impl(impl)
+    return impl if impl == CPU_FFI else resolve_impl(impl)
+
+
+def _cpu_ffi_for(m: int) -> bool:
+    """Whether impl="auto" runs this M-row matmul on the CPU kernel (builds it on first use)."""
+    from pallas_kernels import cpu_quantized_matmul as cpu
+
+    return jax.default_backend() == "cpu" and m <= cpu.MAX_ROWS and cpu.available()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,7 +392,7 @@ def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
                      block_sizes: Optional[QuantizedMatmulBlockSizes] = None) -> jax.Array:
     """x [..., K] @ qw (a 2-D QuantizedWeight [K, N]) -> [..., N] in x.dtype (f32 accumulation).
 
-    impl: "auto" | "pallas" | "pallas_interpret" | "xla" | "reference" (see pallas_kernels/backend.py).
+    impl: "auto" | "pallas" | "pallas_interpret" | "xla" | "cpu_ffi" | "reference" (see the module docstring).
     block_sizes: Pallas tiles; None picks QuantizedMatmulBlockSizes.get_default for this shape.
     """
     requested, impl = impl, _resolve_impl(impl)
@@ -396,6 +408,8 @@ def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
 
+    if requested == "auto" and impl == "xla" and _cpu_ffi_for(m):
+        impl = CPU_FFI
     if impl in ("pallas", "pallas_interpret") and block_sizes is None:
         try:
             block_sizes = QuantizedMatmulBlockSizes.get_default(m=m, k=k, n=n, bits=qw.bits,
@@ -409,6 +423,10 @@ def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
         out = quantized_matmul_reference(x2, qw)
     elif impl == "xla":
         out = _xla_matmul(x2, qw)
+    elif impl == CPU_FFI:
+        from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul
+
+        out = cpu_quantized_matmul(x2, qw)
     elif impl in ("pallas", "pallas_interpret"):
         from pallas_kernels.backend import targets_gpu
 

@@ -1,0 +1,221 @@
+"""Weight-only quantized matmul on the CPU for decode-sized M: a C++ kernel called through ``jax.ffi``.
+
+Why a kernel of our own: XLA:CPU runs ``x @ (scales * q)`` for int8 / int4 weights at ~2 GB/s of weight
+bytes (it dequantizes the whole weight, then calls a float dot), while a batch-1 decode step is a sweep
+over every weight byte once. ``cpu_qmatmul.cc`` streams the stored bytes (int8 per channel, int8 grouped
+= GGUF Q8_0, int4 half-split = GGUF Q4_0/Q4_1; layouts in ``pallas_kernels/quantized_matmul.py``),
+converts 16 weights at a time to float in registers and shares the column tiles between the calling
+thread and XLA's intra-op thread pool. Math: float32 products and accumulation, the per-channel scale
+after the K sum, grouped scales once per group (the same numerics as the ``"xla"`` path up to the
+summation order). ``quantized_matmul(impl="auto")`` picks it on CPU for M <= ``MAX_ROWS``.
+
+Build: lazily, on first use, with the system C++ compiler (``$CXX``, else ``c++`` / ``g++`` / ``clang++``)
+into ``cache_dir()`` (``~/.cache/ridgeline/ffi`` by default), one ``.so`` per hash of (source,
+jaxlib version, compiler, CPU flags). Chosen over an install-time build because ``-march=native`` must
+describe the machine that *runs* the kernel (a wheel or a shared venv is often built elsewhere), the
+package stays a pure-Python wheel (no per-platform builds), and editable installs work unchanged; the
+price is a ~3 s compile once per machine and jaxlib version. Concurrent first uses each compile to a
+temporary file and rename it into place. Without a compiler or the FFI headers, or when the build or
+load fails, or with ``RIDGELINE_CPU_FFI=0``, ``available()`` is False, one warning says why, and
+``quantized_matmul`` keeps its XLA path.
+
+Shapes: x [M, K] float, weight [K, N] in the formats above; output float32 [M, N].
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.quantized_matmul import check_quantized_weight, quantized_matmul_reference
+
+SOURCE = Path(__file__).with_name("cpu_qmatmul.cc")
+ENV_DISABLE = "RIDGELINE_CPU_FFI"  # "0" turns the kernel off (XLA path)
+MAX_ROWS = 16  # decode-sized M; larger M (prefill) is compute-bound and XLA's dot wins there
+_TARGETS = {8: "ridgeline_qmatmul_int8", 4: "ridgeline_qmatmul_int4"}
+_SYMBOLS = {8: "RidgelineQMatmulInt8", 4: "RidgelineQMatmulInt4"}
+_CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuMatmulConfig:
+    """Kernel launch parameters (hashable: a static jit argument).
+
+    tile_vecs: output columns per work item, in 16-float vectors (1..4); 4 = one 64-byte int8 cache
+      line per weight row. Smaller tiles balance the two cores better on narrow N.
+    max_threads: cap on the threads sharing the column tiles (0: all of XLA's intra-op pool). The kernel
+      also gives each thread at least 384 KiB of stored weight: a smaller share streams from one core in
+      about the time it takes to hand it to another.
+    """
+
+    tile_vecs: int = 4
+    max_threads: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.tile_vecs, int) or not 1 <= self.tile_vecs <= 4:
+            raise ValueError(f"tile_vecs={self.tile_vecs!r} must be an int in 1..4")
+        if not isinstance(self.max_threads, int) or self.max_threads < 0:
+            raise ValueError(f"max_threads={self.max_threads!r} must be a non-negative int")
+
+    @classmethod
+    def get_default(cls, *, n: int) -> "CpuMatmulConfig":
+        """Full-cache-line tiles unless N has fewer than 8 of them per thread (then 32-column tiles)."""
+        return cls(tile_vecs=4 if n >= 64 * 16 else 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Build and registration
+# ----------------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool and "why": str once available() decided
+_registered: set = set()  # FFI targets registered with XLA in this process (registration is for good)
+
+
+def _compiler() -> Optional[str]:
+    for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: the ridgeline cache root (as model/weights.py resolves it) / "ffi"."""
+    root = os.environ.get("RIDGELINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ridgeline")
+    return Path(root) / "ffi"
+
+
+def _build(compiler: str) -> Path:
+    """Compiles cpu_qmatmul.cc (once per key) and returns the shared library's path."""
+    import jaxlib
+
+    include = Path(jax.ffi.include_dir())
+    if not (include / "xla" / "ffi" / "api" / "ffi.h").is_file():
+        raise RuntimeError(f"the XLA FFI headers are missing under {include}")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, version, *_CXXFLAGS,
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_qmatmul-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, *_CXXFLAGS, "-isystem", str(include), str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def available() -> bool:
+    """Builds and registers the kernel on first call; False (after one warning) if that is impossible."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        why, disabled = None, os.environ.get(ENV_DISABLE, "1").strip() == "0"
+        if disabled:  # asked for: no warning
+            why = f"${ENV_DISABLE}=0"
+        elif (compiler := _compiler()) is None:
+            why = "no C++ compiler found ($CXX, c++, g++, clang++)"
+        else:
+            try:
+                lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+                for bits, target in _TARGETS.items():
+                    if target not in _registered:
+                        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[bits])),
+                                                    platform="cpu")
+                        _registered.add(target)
+            except Exception as e:  # noqa: BLE001 -- any build/load failure means "use the XLA path"
+                why = f"{type(e).__name__}: {e}"
+        if why is not None and not disabled:
+            warnings.warn(f"ridgeline: the CPU quantized-matmul kernel is unavailable ({why}); quantized matmuls "
+                          f"use the slower XLA path", RuntimeWarning, stacklevel=2)
+        _state.update(ok=why is None, why=why)
+        return _state["ok"]
+
+
+def _reset_for_tests() -> None:
+    """Forgets available()'s verdict so the next call decides again (compiled programs keep theirs: clear
+    jax's caches too)."""
+    with _lock:
+        _state.clear()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The call and its reference
+# ----------------------------------------------------------------------------------------------------
+
+def _ffi_matmul(x: jax.Array, qw, config: CpuMatmulConfig) -> jax.Array:
+    """x [M, K] float32 -> float32 [M, N]."""
+    m, k = x.shape
+    n, g = qw.out_features, qw.group_size
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    attrs = dict(group_size=np.int64(g or 0), tile_vecs=np.int64(config.tile_vecs),
+                 max_threads=np.int64(config.max_threads))
+    scales = qw.scales.astype(jnp.float32)                      # [N] or [K/G, N]
+    if qw.bits == 8:
+        return jax.ffi.ffi_call(_TARGETS[8], out)(x, qw.values, scales, **attrs)
+    xsum = x.reshape(m, k // g, g).sum(axis=-1)                 # [M, K/G]: multiplies the int4 zero points
+    return jax.ffi.ffi_call(_TARGETS[4], out)(x, qw.values, scales, qw.zeros.astype(jnp.float32), xsum, **attrs)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def cpu_quantized_matmul(x: jax.Array, qw, *, config: Optional[CpuMatmulConfig] = None) -> jax.Array:
+    """x [..., K] @ qw (a 2-D QuantizedWeight [K, N]) -> float32 [..., N] with the C++ kernel.
+
+    Raises RuntimeError when the kernel is unavailable (see available()); quantized_matmul falls back.
+    """
+    check_quantized_weight(qw, allow_stacked=False)
+    k, n = qw.in_features, qw.out_features
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x.shape={tuple(x.shape)} must end in in_features K={k}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x.dtype={x.dtype} must be floating")
+    if not available():
+        raise RuntimeError(f"the CPU quantized-matmul kernel is unavailable: {_state['why']}")
+    config = config or CpuMatmulConfig.get_default(n=n)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).astype(jnp.float32)                   # [M, K]
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, n), jnp.float32)
+    return _ffi_matmul(x2, qw, config).reshape(*lead, n)
+
+
+def cpu_quantized_matmul_reference(x: jax.Array, qw) -> jax.Array:
+    """Ground truth: float32 x @ dequantize(qw) at HIGHEST precision -> float32 [..., N]."""
+    return quantized_matmul_reference(x, qw)
