@@ -19,11 +19,12 @@ tokens up to a stop, exactly as the one-step loop would have.
 
 Speculative decoding (`EngineConfig.speculative`, see inference/spec_runner.py): before scheduling,
 every running decode sequence of a speculating request gets up to k guesses (n-gram lookup on the
-host, or the layer-truncated self-draft on device). The step's forward then also returns logits for
-the guesses, grouped per sequence into [S, k+1, V], and `speculative.verify` runs in the same jitted
-program: each sequence emits its accepted guesses plus one target token. The host feeds those
-tokens to the request's StopChecker one at a time and keeps only those up to a stop; the scheduler
-then rolls back the KV of everything not kept. Greedy output is identical with and without it.
+host, or a draft model on the device, whose own KV pool follows every step: `ModelRunner.draft`).
+The step's forward then also returns logits for the guesses, grouped per sequence into [S, k+1, V],
+and `speculative.verify` runs in the same jitted program: each sequence emits its accepted guesses
+plus one target token. The host feeds those tokens to the request's StopChecker one at a time and
+keeps only those up to a stop; the scheduler then rolls back the KV of everything not kept. Greedy
+output is identical with and without it.
 """
 
 from __future__ import annotations
@@ -235,7 +236,8 @@ class Engine:
         if self._draft is not None:
             draft_cfg, _, draft_layers = self._draft
             draft_pool = dataclasses.replace(draft_cfg, num_layers=draft_layers)
-            pages = safe_pool_pages(draft_pool, pages + scratch, ec.page_size, kv_dtype, draft_cfg.num_kv_heads) - scratch
+            heads = draft_cfg.num_kv_heads
+            pages = safe_pool_pages(draft_pool, pages + scratch, ec.page_size, kv_dtype, heads) - scratch
         return max(1, pages)
 
     # ------------------------------------------------------------------ requests

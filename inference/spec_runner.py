@@ -139,7 +139,7 @@ def load_draft(spec: SpeculativeConfig, target_cfg: LlamaConfig, target_params) 
     """The draft model's (config, device params) for `spec`: loaded, cast to the target's compute dtype,
     quantized if asked, in the target's layer layout (stacked or unstacked) unless quantized (quantized
     weights stay stacked, as in LLM). ValueError when its vocabulary size differs from the target's."""
-    from model.quantize import default_int4_group_size, quantize_params
+    from model.quantize import QuantizedWeight, default_int4_group_size, quantize_params
 
     if spec.model is None:
         cfg, params, name = target_cfg, target_params, "the target's own weights"
@@ -155,8 +155,8 @@ def load_draft(spec: SpeculativeConfig, target_cfg: LlamaConfig, target_params) 
                          f"vocab_size={target_cfg.vocab_size}: a draft must share the target's vocabulary")
     if spec.model is not None or spec.quantization is not None:
         dtype = _compute_dtype(target_params)
-        is_q = lambda a: not hasattr(a, "dtype") or not jnp.issubdtype(a.dtype, jnp.floating)  # noqa: E731
-        params = jax.tree.map(lambda a: a if is_q(a) else jnp.asarray(a, dtype), params)
+        is_quantized = lambda a: isinstance(a, QuantizedWeight)  # noqa: E731
+        params = jax.tree.map(lambda a: a if is_quantized(a) else jnp.asarray(a, dtype), params, is_leaf=is_quantized)
     if spec.quantization is not None:
         params = _stacked(params)
         group = default_int4_group_size(params) if spec.quantization == "int4" else 64

@@ -184,7 +184,8 @@ def main():
 
     device = jax.devices()[0]
     title = args.preset + " (random weights)" if args.preset else f"{cfg.name} (default model)"
-    print(f"\n## Speculative decoding -- {title}, {args.batch_sizes or args.prompts} prompts per set, greedy, max_tokens "
+    per_set = args.batch_sizes or args.prompts
+    print(f"\n## Speculative decoding -- {title}, {per_set} prompts per set, greedy, max_tokens "
           f"{args.max_tokens}, batch <= {args.max_num_seqs}, best of {args.repeats}, "
           f"{device.platform} ({device.device_kind})\n")
     print("| prompts | speculation | tokens | engine steps | tokens / target forward | acceptance | "
