@@ -88,6 +88,7 @@ def test_full_copy_draft_follows_pages_through_preemption_and_abort(params, refe
 VOCAB8 = dataclasses.replace(CFG, vocab_size=8, name="vocab8")
 
 
+@pytest.mark.slow  # 2,000 requests through the engine: 1.5-5 minutes on a shared 2-core CPU
 def test_sampled_output_keeps_target_distribution():
     """Many seeded requests of one prompt, three sampled tokens each (the first from prefill, the next two
     from speculative steps with the target's int4 weights as a sampled draft: q close to p but not equal, so
