@@ -19,11 +19,12 @@ tokens up to a stop, exactly as the one-step loop would have.
 
 Speculative decoding (`EngineConfig.speculative`, see inference/spec_runner.py): before scheduling,
 every running decode sequence of a speculating request gets up to k guesses (n-gram lookup on the
-host, or the layer-truncated self-draft on device). The step's forward then also returns logits for
-the guesses, grouped per sequence into [S, k+1, V], and `speculative.verify` runs in the same jitted
-program: each sequence emits its accepted guesses plus one target token. The host feeds those
-tokens to the request's StopChecker one at a time and keeps only those up to a stop; the scheduler
-then rolls back the KV of everything not kept. Greedy output is identical with and without it.
+host, or a draft model on the device, whose own KV pool follows every step: `ModelRunner.draft`).
+The step's forward then also returns logits for the guesses, grouped per sequence into [S, k+1, V],
+and `speculative.verify` runs in the same jitted program: each sequence emits its accepted guesses
+plus one target token. The host feeds those tokens to the request's StopChecker one at a time and
+keeps only those up to a stop; the scheduler then rolls back the KV of everything not kept. Greedy
+output is identical with and without it.
 
 Structured output (`SamplingParams.structured_outputs`, inference/structured_output.py): a constrained
 request's grammar is compiled at `add_request` into an llguidance matcher; every step with a constrained
@@ -52,7 +53,7 @@ from inference.sampler import SamplingTensors, next_engine_seed
 from inference.sampling_params import MAX_LOGPROBS, SamplingParams
 from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSequence, SequenceStatus, tokens_left
 from inference.runner import ModelRunner, SpecBatch, pow2_bucket
-from inference.spec_runner import SelfDraftRunner, SpeculativeConfig
+from inference.spec_runner import DraftRow, DraftRunner, SpeculativeConfig, load_draft
 from inference.speculative import AdaptiveK, NgramProposer, SpecDecodeStats
 from inference.stop import StopChecker
 from inference.structured_output import StructuredOutputManager
@@ -148,6 +149,13 @@ class Engine:
         self.cfg, self.tokenizer, self.engine_cfg = cfg, tokenizer, engine_cfg
         compute_dtype = jax.tree.leaves(params)[0].dtype
         kv_dtype = compute_dtype if engine_cfg.kv_cache_dtype == "auto" else KV_CACHE_DTYPES[engine_cfg.kv_cache_dtype]
+        spec = engine_cfg.speculative
+        self._draft = None  # (config, params, layers) of a draft model
+        if spec is not None and spec.method == "draft":
+            if cache_sharding is not None:
+                raise ValueError("speculative method='draft' is not supported with tensor parallelism")
+            draft_cfg, draft_params = load_draft(spec, cfg, params)
+            self._draft = (draft_cfg, draft_params, spec.draft_layers(draft_cfg))
         num_pages = engine_cfg.num_pages or self._pages_from_budget(kv_dtype, cache_sharding)
         engine_cfg = self.engine_cfg = self._fit_max_model_len(engine_cfg, num_pages, max_len_given)
         self.allocator = BlockAllocator(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching)
@@ -161,22 +169,22 @@ class Engine:
         self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0, "step_seconds": 0.0}
 
         # Speculative decoding: the proposer, engine-wide metrics, and the metrics of recent requests.
-        spec = engine_cfg.speculative
-        self.proposer = None  # NgramProposer (host) or SelfDraftRunner (device)
+        self.proposer = None  # NgramProposer (host) or DraftRunner (device, also the runner's `draft`)
         self.spec_stats: Optional[SpecDecodeStats] = None
         self.request_spec_stats: collections.OrderedDict[str, SpecDecodeStats] = collections.OrderedDict()
-        extra_pages = 0
+        self._draft_probs = None  # (q [B, k, V] on device, {request id: row}) of the last proposal
         if spec is not None:
             k = spec.num_speculative_tokens
             if spec.method == "ngram":
                 self.proposer = NgramProposer(k, spec.ngram_min, spec.ngram_max)
             else:
-                self.proposer = SelfDraftRunner(cfg, spec.draft_layers(cfg), k, engine_cfg.page_size, num_pages,
-                                                engine_cfg.max_num_seqs, engine_cfg.attn_impl)
-                extra_pages = self.proposer.num_scratch_pages
+                draft_cfg, draft_params, draft_layers = self._draft
+                self.proposer = DraftRunner(draft_cfg, draft_params, draft_layers, k, engine_cfg.page_size, num_pages,
+                                            engine_cfg.max_num_seqs, kv_dtype, engine_cfg.attn_impl)
             self.spec_stats = SpecDecodeStats()
+        self._draft = None
         self.runner = ModelRunner(cfg, params, engine_cfg, num_pages, kv_dtype, cache_sharding,
-                                  extra_pages=extra_pages)
+                                  draft=self.proposer if isinstance(self.proposer, DraftRunner) else None)
 
     # ------------------------------------------------------------------ sizing
     @staticmethod
@@ -218,17 +226,29 @@ class Engine:
                 budget = int(limit * ec.gpu_memory_utilization) - in_use
         # An int8 pool also holds one float32 scale per token per KV head (4 / head_dim bytes per element).
         itemsize = jnp.dtype(kv_dtype).itemsize
+        spec, scratch = ec.speculative, 0
+        if self._draft is not None:
+            # A draft model's pool has a page beside every target page (plus its scratch pages): the budget
+            # buys pairs of pages.
+            draft_cfg, _, draft_layers = self._draft
+            draft_page = DraftRunner.bytes_per_page(draft_cfg, draft_layers, ec.page_size, kv_dtype)
+            target_page = DraftRunner.bytes_per_page(cfg, cfg.num_layers, ec.page_size, kv_dtype)
+            scratch = pow2_bucket(ec.max_num_seqs) * DraftRunner.scratch_pages_per_row(spec.num_speculative_tokens,
+                                                                                        ec.page_size)
+            budget = (budget - scratch * draft_page) * target_page / (target_page + draft_page)
         budget = int(budget * itemsize / kv_bytes_per_token_elem(cfg.head_dim, kv_dtype))
         budget = budget * cfg.num_kv_heads // heads_per_device  # bytes of whole pages this device's share buys
         pages = pages_for_memory_budget(cfg, ec.page_size, itemsize, budget)
         # No point holding more than every sequence at full length needs.
         needed = ec.max_num_seqs * -(-ec.max_model_len // ec.page_size)
         pages = max(1, min(pages, needed))
-        # A self-draft speculator appends scratch pages (SelfDraftRunner.num_scratch_pages) to the same array.
-        spec = ec.speculative
-        scratch = (pow2_bucket(ec.max_num_seqs) * -(-spec.num_speculative_tokens // ec.page_size)
-                   if spec is not None and spec.method != "ngram" else 0)
-        return max(1, safe_pool_pages(cfg, pages + scratch, ec.page_size, kv_dtype, heads_per_device) - scratch)
+        pages = safe_pool_pages(cfg, pages, ec.page_size, kv_dtype, heads_per_device)
+        if self._draft is not None:
+            draft_cfg, _, draft_layers = self._draft
+            draft_pool = dataclasses.replace(draft_cfg, num_layers=draft_layers)
+            heads = draft_cfg.num_kv_heads
+            pages = safe_pool_pages(draft_pool, pages + scratch, ec.page_size, kv_dtype, heads) - scratch
+        return max(1, pages)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: Optional[str], prompt_token_ids: Sequence[int],
@@ -480,6 +500,7 @@ class Engine:
 
     def _propose_drafts(self) -> None:
         """Attaches guesses to every running decode sequence of a speculating request."""
+        self._draft_probs = None
         if self.proposer is None:
             return
         k_max = self.engine_cfg.speculative.num_speculative_tokens
@@ -497,11 +518,14 @@ class Engine:
                 self.scheduler.set_draft_tokens(seq.request_id, [])
         if not wanted:
             return
-        if isinstance(self.proposer, SelfDraftRunner):
-            drafts, self.runner.cache = self.proposer.propose(
-                self.runner.params, self.runner.cache,
-                [(seq.all_token_ids[-1], seq.num_computed_tokens, seq.block_table) for seq, _ in wanted],
-                [k for _, k in wanted])
+        if isinstance(self.proposer, DraftRunner):
+            rows = []
+            for seq, k in wanted:
+                state = self._requests[seq.request_id]
+                rows.append(DraftRow(seq.all_token_ids[-1], seq.num_computed_tokens, seq.block_table, k, state.params,
+                                     len(state.stop.token_ids), state.fallback_seed))
+            drafts, probs = self.proposer.propose(rows)
+            self._draft_probs = (probs, {seq.request_id: j for j, (seq, _) in enumerate(wanted)})
         else:
             drafts = [self.proposer.propose(seq.all_token_ids, k) for seq, k in wanted]
         for (seq, _), d in zip(wanted, drafts):
@@ -519,13 +543,17 @@ class Engine:
         draft_tokens = np.zeros((S, K), np.int32)
         num_draft = np.zeros(S, np.int32)
         ban_len = np.zeros(S, np.int32)
+        probs, probs_row = self._draft_probs if self._draft_probs is not None else (None, {})
+        probs_rows = np.zeros(S, np.int32) if probs is not None else None
         for b, (s, state, step) in enumerate(zip(drafted, rows, steps)):
             n = s.num_draft_tokens
             if n:
                 draft_tokens[b, :n] = s.token_ids[-n:]
+                if probs is not None:  # the q these guesses were drawn from (rows without guesses ignore it)
+                    probs_rows[b] = probs_row[s.request_id]
             num_draft[b] = n
             ban_len[b] = max(state.params.min_tokens - step, 0)
-        return SpecBatch(draft_tokens, num_draft, ban_len)
+        return SpecBatch(draft_tokens, num_draft, ban_len, probs, probs_rows)
 
     def _record_spec(self, state: _RequestState, num_draft: int, num_accepted: int, num_kept: int) -> None:
         if state.adaptive is not None:

@@ -102,7 +102,7 @@ class LLM:
         cfg, params, tokenizer = _loaded if _loaded is not None else load_model(model)
         if tokenizer is None:
             raise ValueError(f"model {model!r} has no tokenizer (tokenizer.json missing)")
-        from model.quantize import PROJECTION_KEYS, QuantizedWeight, quantize_params
+        from model.quantize import QuantizedWeight, default_int4_group_size, quantize_params
 
         is_quantized = lambda a: isinstance(a, QuantizedWeight)  # noqa: E731
         if dtype == "auto":
@@ -122,14 +122,7 @@ class LLM:
             with quantize_on:
                 params = quantize_params(params, "int8")
         elif quantization == "int4":
-            group_size = quantization_group_size
-            if group_size is None:  # 576 and 1536 (SmolLM2-135M) -> 64
-                in_dims = {w.shape[-2] for k, w in params["layers"].items()
-                           if k in PROJECTION_KEYS and not is_quantized(w)}
-                group_size = next((g for g in (128, 64, 32) if all(k % g == 0 for k in in_dims)), None)
-                if group_size is None:
-                    raise ValueError(f"no int4 group size in (128, 64, 32) divides every projection input dim "
-                                     f"{sorted(in_dims)}; pass quantization_group_size")
+            group_size = quantization_group_size or default_int4_group_size(params)
             with quantize_on:
                 params = quantize_params(params, "int4", group_size)
         self.config = cfg

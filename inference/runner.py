@@ -25,6 +25,7 @@ from pallas_kernels.backend import next_power_of_two
 
 if TYPE_CHECKING:
     from inference.engine import EngineConfig
+    from inference.spec_runner import DraftRunner
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:
@@ -82,11 +83,12 @@ def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
     """Jitted forward + speculative verify: logits_indices come grouped as [S * (k+1)] (row-major)."""
 
     def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
-             slots, draft_tokens, num_draft, ban_len):
+             slots, draft_tokens, num_draft, ban_len, draft_probs, probs_rows):
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
         S, K = draft_tokens.shape
         counts, mask = (None, None) if penalties is None else _gather_penalty_rows(penalties, slots)
-        out = verify(logits.reshape(S, K + 1, logits.shape[-1]), draft_tokens, None, num_draft, tensors,
+        q = None if draft_probs is None else draft_probs[probs_rows]  # the draft's rows in this step's order
+        out = verify(logits.reshape(S, K + 1, logits.shape[-1]), draft_tokens, q, num_draft, tensors,
                      token_counts=counts, prompt_mask=mask, ban_len=ban_len, num_logprobs=num_logprobs)
         if penalties is not None:
             emitted = (jnp.arange(K + 1)[None, :] < out.num_output[:, None]).astype(jnp.int32)
@@ -191,6 +193,8 @@ class SpecBatch(NamedTuple):
     draft_tokens: np.ndarray  # [S, K] int32 guesses fed after the last token (0 padding)
     num_draft: np.ndarray     # [S] int32 guesses of the row (0 = plain sampling row)
     ban_len: np.ndarray       # [S] int32 leading positions the min_tokens ban covers
+    draft_probs: Optional[jax.Array] = None  # [B, K, V] q of a sampling draft model (None: one-hot guesses)
+    probs_rows: Optional[np.ndarray] = None  # [S] int32 row of draft_probs for each sampling row
 
 
 class ModelRunner:
@@ -199,12 +203,14 @@ class ModelRunner:
     once `warmup` ran the set."""
 
     def __init__(self, cfg: LlamaConfig, params, engine_cfg: EngineConfig, num_pages: int,
-                 kv_dtype, cache_sharding=None, extra_pages: int = 0):
+                 kv_dtype, cache_sharding=None, draft: Optional[DraftRunner] = None):
         self.cfg = cfg
         self.engine_cfg = engine_cfg
-        self.num_pages = num_pages  # pages the scheduler allocates; `extra_pages` more follow (draft scratch)
+        self.num_pages = num_pages  # pages the scheduler allocates
         self.params = params
-        self._new_cache = functools.partial(init_cache, cfg, num_pages + extra_pages, engine_cfg.page_size, kv_dtype,
+        # A draft model's runner (spec_runner.DraftRunner): its own pool follows every step's tokens.
+        self.draft = draft
+        self._new_cache = functools.partial(init_cache, cfg, num_pages, engine_cfg.page_size, kv_dtype,
                                             sharding=cache_sharding)
         self.cache = self._new_cache()
         self.max_pages_per_seq = -(-engine_cfg.max_model_len // engine_cfg.page_size)
@@ -271,8 +277,11 @@ class ModelRunner:
             K1 = spec.draft_tokens.shape[1] + 1
             arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
             fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
-            extra = tuple(jnp.asarray(a) for a in spec)
-        out = self._run(fn, StepInputs(**jax.device_put(arrays)), tensors, slots, extra)
+            extra = tuple(None if a is None else jnp.asarray(a) for a in spec)
+        inputs = StepInputs(**jax.device_put(arrays))
+        out = self._run(fn, inputs, tensors, slots, extra)
+        if self.draft is not None:  # the draft's K/V for the same tokens; runs while the host processes `out`
+            self.draft.write_kv(inputs)
         if spec is None:  # one token per row: the K = 0 case of a verify result
             return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
                               np.asarray(out.chosen_logprob)[:, None],
@@ -359,11 +368,14 @@ class ModelRunner:
     def cache_lost(self) -> bool:
         """True when the KV pool was donated to a step program whose result was never stored (the step
         was interrupted between the two): its buffers are deleted and it must be rebuilt."""
-        return self.cache is not None and any(a.is_deleted() for a in jax.tree.leaves(self.cache))
+        lost = self.cache is not None and any(a.is_deleted() for a in jax.tree.leaves(self.cache))
+        return lost or (self.draft is not None and self.draft.cache_lost())
 
     def reset_cache(self) -> None:
-        """A fresh (zeroed) KV pool in place of a lost one."""
+        """A fresh (zeroed) KV pool in place of a lost one (and the draft's, whose pages follow it)."""
         self.cache = self._new_cache()
+        if self.draft is not None:
+            self.draft.reset_cache()
 
     def reset_penalties(self) -> None:
         """Drops the penalty state (rows are rewritten when their requests next run)."""
@@ -373,6 +385,8 @@ class ModelRunner:
         self.params = None
         self.cache = None
         self.penalties = None
+        if self.draft is not None:
+            self.draft.release()
 
 
 def _first_logits_rows(sched: SchedulerOutput, num_rows: int) -> np.ndarray:

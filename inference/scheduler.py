@@ -96,11 +96,6 @@ class Sequence:
             self.output_token_ids.append(int(t))
             self._tokens.append(int(t))
 
-    def _trim(self, num_tokens: int) -> None:
-        if num_tokens:
-            del self.output_token_ids[-num_tokens:]
-            del self._tokens[-num_tokens:]
-
     def page_hashes(self, allocator: BlockAllocator, num_pages: int) -> list[bytes]:
         """Chain hashes of the first `num_pages` full pages of the token history (cached across steps)."""
         if num_pages * allocator.page_size > self.num_tokens:
@@ -621,22 +616,6 @@ class Scheduler:
         for seq in self._requests.values():
             seq.block_table, seq.num_computed_tokens = [], 0
             seq._page_hashes, seq._num_registered_pages = [], 0  # chained from the old allocator's root
-
-    def rollback(self, request_id: str, num_tokens: int) -> None:
-        """Remove the last `num_tokens` generated tokens (e.g. drafts appended as outputs and then rejected,
-        or a stop string) with their KV, freeing pages that become unused. Not needed after
-        update_from_output with accepted tokens only: that already discards rejected drafts' KV."""
-        seq = self._requests[request_id]
-        if any(s is seq for s, _ in self._in_flight):
-            raise RuntimeError(f"rollback of {request_id!r} while its step is in flight; call update_from_output")
-        if not 0 <= num_tokens <= len(seq.output_token_ids):
-            raise ValueError(f"rollback of {num_tokens} tokens but request {request_id!r} has "
-                             f"{len(seq.output_token_ids)} generated tokens")
-        seq._trim(num_tokens)
-        del seq._page_hashes[seq.num_tokens // self.page_size:]
-        seq.draft_token_ids = []
-        if seq.status is SequenceStatus.RUNNING:
-            self._truncate_kv(seq, seq.num_tokens - 1)
 
     def stats(self) -> dict:
         a = self.allocator.stats

@@ -1,7 +1,9 @@
 """Speculative decoding core: proposers, exact rejection-sampling verification, adaptive k, metrics.
 
 One speculative step of a request (the engine drives it):
-    1. a proposer guesses up to k next tokens (`NgramProposer` on the host, or a draft model);
+    1. a proposer guesses up to k next tokens (`NgramProposer` on the host, or a draft model on the
+       device, each guess drawn from q = `draft_probs_to_proposal` of the draft's logits;
+       inference/spec_runner.py);
     2. the target model scores the last accepted token plus the k guesses in ONE forward, giving
        logits [k+1, V] (position i is the distribution of the token after guess i-1);
     3. `verify` accepts a prefix of the guesses and appends one target-sampled token, so every step
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,21 +91,6 @@ class NgramProposer:
         end = ends[np.flatnonzero(length == best)[-1]]  # most recent among the longest
         return h[end + 1: end + 1 + k].astype(np.int32)
 
-    def propose_batch(self, histories: Sequence[Sequence[int]],
-                      ks: Optional[Sequence[int]] = None) -> tuple[np.ndarray, np.ndarray]:
-        """Pads proposals for a batch: (draft_tokens int32 [B, K_max], num_draft int32 [B]).
-
-        ks: per-row k (e.g. from `AdaptiveK`); default self.k. K_max = max(ks) (at least 1 so the
-        array is never empty); padding is 0 (ignored by `verify` beyond num_draft).
-        """
-        ks = [self.k] * len(histories) if ks is None else list(ks)
-        props = [self.propose(h, k) for h, k in zip(histories, ks)]
-        k_max = max([1] + ks)
-        tokens = np.zeros((len(props), k_max), np.int32)
-        for i, p in enumerate(props):
-            tokens[i, : len(p)] = p
-        return tokens, np.array([len(p) for p in props], np.int32)
-
 
 def draft_keys(tensors: SamplingTensors, offset) -> jax.Array:
     """[B] keys for sampling draft guess `offset` (scalar or [B]) of each row; independent of verify's."""
@@ -136,49 +123,6 @@ def draft_probs_to_proposal(draft_logits: jax.Array, tensors: SamplingTensors, o
     q = jnp.where(is_greedy[:, None], jax.nn.one_hot(argmax, vocab, dtype=jnp.float32),
                   jax.nn.softmax(masked, axis=-1))
     return token, q
-
-
-class DraftProposal(NamedTuple):
-    tokens: jax.Array           # [B, K] i32 guesses
-    probs: Optional[jax.Array]  # [B, K, V] f32 q of each guess's position (None when all greedy)
-    state: Any                  # the draft model's state after the K steps
-
-
-# (state, tokens [B] i32) -> (logits [B, V], new_state): one decode step of the draft model that
-# appends `tokens` to every row's context. The state (KV cache, positions, block tables...) is
-# owned by the engine's draft runner and opaque here.
-DraftStepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
-
-
-class DraftModelProposer:
-    """Proposes K guesses per row by running a draft model K times autoregressively.
-
-    Interface only as far as the host loop goes: the engine supplies `step_fn` and keeps the draft
-    model's state in sync with the target (after verify, the draft must be rolled back to the
-    accepted tokens and fed the emitted correction/bonus token; that is the runner's job).
-    """
-
-    def __init__(self, step_fn: DraftStepFn, k: int, greedy: bool = False):
-        self.step_fn, self.k, self.greedy = step_fn, k, greedy
-
-    def propose(self, state: Any, last_tokens: jax.Array, tensors: SamplingTensors,
-                k: Optional[int] = None) -> DraftProposal:
-        """Guesses k (default self.k) tokens for every row, starting after `last_tokens` [B].
-
-        Rows that want fewer guesses simply pass a smaller num_draft to `verify`; the extra
-        guesses are ignored (the draft's K/V for them must be discarded by the runner).
-        """
-        k = self.k if k is None else k
-        tokens, probs, tok = [], [], jnp.asarray(last_tokens, jnp.int32)
-        for i in range(k):
-            logits, state = self.step_fn(state, tok)
-            tok, q = draft_probs_to_proposal(logits, tensors, i, greedy=self.greedy)
-            tokens.append(tok)
-            probs.append(q)
-        if k == 0:
-            return DraftProposal(jnp.zeros((tok.shape[0], 0), jnp.int32), None, state)
-        # Greedy drafts are one-hot: let verify build q itself instead of shipping [B, K, V].
-        return DraftProposal(jnp.stack(tokens, 1), None if self.greedy else jnp.stack(probs, 1), state)
 
 
 # ============================================================================ verification (device)

@@ -329,19 +329,35 @@ def kernel_sharding(cfg: LlamaConfig, *arrays):
 
 
 def hidden_states(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaConfig, *,
-                  attn_impl: str = "auto", dense_prefill_len: Optional[int] = None):
-    """Final-norm hidden states [T, d] and the updated cache."""
-    num_pages = cache["k"].shape[1] // cfg.num_layers
+                  attn_impl: str = "auto", dense_prefill_len: Optional[int] = None,
+                  num_layers: Optional[int] = None):
+    """Final-norm hidden states [T, d] and the updated cache.
+
+    num_layers: run only the first num_layers layers (default all), then the final norm: a layer-truncated
+    draft model. The cache must then be a pool of num_layers layers (init_cache of a config with that many).
+    """
+    depth = cfg.num_layers if num_layers is None else num_layers
+    if not 1 <= depth <= cfg.num_layers:
+        raise ValueError(f"num_layers={depth} must be in 1..{cfg.num_layers} (the model's layers)")
+    num_pages = cache["k"].shape[1] // depth
     x = jnp.take(params["embed"], inputs.tokens, axis=0)
     body = functools.partial(_layer, cfg, inputs, attn_impl, dense_prefill_len, num_pages)
     carry = (x, *cache_carry(cache))
-    if isinstance(params["layers"], (list, tuple)):
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
         # Unstacked layers (see unstack_layers): a Python loop, each layer's weights used where they lie.
-        for i, layer_params in enumerate(params["layers"]):
+        for i, layer_params in enumerate(layers[:depth]):
             carry, _ = body(carry, (i, layer_params))
+    elif depth == cfg.num_layers:
+        layer_ids = jnp.arange(depth, dtype=jnp.int32)
+        carry, _ = jax.lax.scan(body, carry, (layer_ids, layers))
     else:
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        carry, _ = jax.lax.scan(body, carry, (layer_ids, params["layers"]))
+        # Index the stacked weights per layer: slicing layers[:depth] up front would copy them on every call.
+        def prefix_body(carry, i):
+            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
+            return body(carry, (i, p))
+
+        carry, _ = jax.lax.scan(prefix_body, carry, jnp.arange(depth, dtype=jnp.int32))
     x, *pool = carry
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache_from_carry(pool)
 
@@ -369,9 +385,10 @@ def logits_from_hidden(params: Params, h: jax.Array, cfg: LlamaConfig) -> jax.Ar
 
 
 def forward(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaConfig, *,
-            attn_impl: str = "auto", dense_prefill_len: Optional[int] = None):
-    """Returns (float32 logits [N, vocab] at inputs.logits_indices, updated cache)."""
-    h, cache = hidden_states(params, cache, inputs, cfg, attn_impl=attn_impl, dense_prefill_len=dense_prefill_len)
+            attn_impl: str = "auto", dense_prefill_len: Optional[int] = None, num_layers: Optional[int] = None):
+    """Returns (float32 logits [N, vocab] at inputs.logits_indices, updated cache). num_layers: see hidden_states."""
+    h, cache = hidden_states(params, cache, inputs, cfg, attn_impl=attn_impl, dense_prefill_len=dense_prefill_len,
+                             num_layers=num_layers)
     return logits_from_hidden(params, h[inputs.logits_indices], cfg), cache
 
 

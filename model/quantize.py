@@ -201,6 +201,17 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
     return out
 
 
+def default_int4_group_size(params: dict) -> int:
+    """The largest of 128 / 64 / 32 dividing every float projection's input dim (576 and 1536 -> 64)."""
+    in_dims = {w.shape[-2] for k, w in params["layers"].items()
+               if k in PROJECTION_KEYS and not isinstance(w, QuantizedWeight)}
+    group_size = next((g for g in (128, 64, 32) if all(k % g == 0 for k in in_dims)), None)
+    if group_size is None:
+        raise ValueError(f"no int4 group size in (128, 64, 32) divides every projection input dim "
+                         f"{sorted(in_dims)}; pass quantization_group_size")
+    return group_size
+
+
 def stack_quantized(qws: Sequence[QuantizedWeight]) -> QuantizedWeight:
     """Stacks per-layer weights (same format and shape) into one [L, ...] QuantizedWeight for lax.scan."""
     if not qws:

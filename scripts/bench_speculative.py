@@ -5,12 +5,20 @@ tokens; the table says whether it did):
   (a) input-grounded prompts (repeat / summarise a text given in the prompt, edit code), where
       n-gram prompt lookup should shine, and
   (b) general prompts (stories, explanations), where it has little to copy;
-for no speculation, n-gram speculation, and the layer-truncated self-draft.
+for no speculation, n-gram speculation, the layer-truncated self-draft, and draft models: the target's
+own weights quantized to int8 / int4 (a cheaper model with the same vocabulary; sampled and greedy
+requests verify exactly). With --batch-sizes the prompt sets are replaced by mixed workloads of that
+many concurrent requests (e.g. 1 and 16: latency and batched throughput).
 
 Usage:
   python scripts/bench_speculative.py                      # the default model (SmolLM2-135M-Instruct)
   python scripts/bench_speculative.py --preset smollm2-135m  # random weights at the same shapes
-  options: --max-tokens 64 --k 4 --draft-layers 8,30 --prompts 4 --json out.json
+  python scripts/bench_speculative.py --methods none,int8 --batch-sizes 1,16 --max-tokens 32
+  options: --max-tokens 64 --k 4 --draft-layers 8,30 --prompts 4 --methods none,ngram,self,int8,int4
+           --json out.json
+On CPU a quantized draft is not faster than the float target (XLA:CPU dequantizes slowly); its
+acceptance is what carries over to an accelerator (scripts/gpu_check.py times a Llama-3.2-1B-shaped
+draft against a Llama-3-8B-shaped target).
 Each configuration runs its workload once untimed first, so compilation is not in the timings; the
 timed runs are interleaved across configurations and the best of --repeats is reported. CPU seconds
 (process time, all threads) are printed beside wall time: on a shared CPU machine they are the
@@ -62,12 +70,23 @@ GENERAL = [
 ]
 
 
+METHODS = ("none", "ngram", "self", "int8", "int4")
+
+
 def configs(args):
-    return [
-        ("none", None),
-        (f"ngram k={args.k}", {"method": "ngram", "num_speculative_tokens": args.k}),
-    ] + [(f"self-draft {n}L k={args.k}", {"method": "draft", "num_speculative_tokens": args.k, "draft_num_layers": n})
-         for n in args.draft_layers]
+    out = []
+    for method in args.methods:
+        if method == "none":
+            out.append(("none", None))
+        elif method == "ngram":
+            out.append((f"ngram k={args.k}", {"method": "ngram", "num_speculative_tokens": args.k}))
+        elif method == "self":
+            out += [(f"self-draft {n}L k={args.k}", {"method": "draft", "num_speculative_tokens": args.k,
+                                                      "draft_num_layers": n}) for n in args.draft_layers]
+        else:  # the target's own weights quantized, all layers
+            out.append((f"draft {method} k={args.k}", {"method": "draft", "quantization": method,
+                                                        "num_speculative_tokens": args.k}))
+    return out
 
 
 def spec_counters(llm):
@@ -85,9 +104,17 @@ def main():
     ap.add_argument("--draft-layers", default=None,
                     help="comma-separated self-draft depths (default: a quarter of the layers)")
     ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--methods", default="none,ngram,self,int8",
+                    help=f"comma-separated, from {METHODS} (the first is the baseline)")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="comma-separated concurrent request counts of a mixed workload (replaces the two sets)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (the best is kept)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    args.methods = args.methods.split(",")
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods {bad} not in {METHODS}")
 
     cfg, params, tok = load_model(None)  # the tokenizer is needed for --preset too
     if args.preset is not None:
@@ -99,7 +126,13 @@ def main():
     args.draft_layers = ([int(n) for n in args.draft_layers.split(",")] if args.draft_layers
                          else [max(1, cfg.num_layers // 4)])
     loaded = (cfg, params, tok)
-    sets = {"grounded": GROUNDED[:args.prompts], "general": GENERAL[:args.prompts]}
+    if args.batch_sizes:
+        mixed = [p for pair in zip(GROUNDED, GENERAL) for p in pair]
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        sets = {f"mixed x{b}": [mixed[i % len(mixed)] for i in range(b)] for b in sizes}
+        args.max_num_seqs = max(sizes + [args.max_num_seqs])
+    else:
+        sets = {"grounded": GROUNDED[:args.prompts], "general": GENERAL[:args.prompts]}
     prompts = {name: [{"messages": [{"role": "user", "content": p}]} for p in ps] for name, ps in sets.items()}
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
 
@@ -151,7 +184,8 @@ def main():
 
     device = jax.devices()[0]
     title = args.preset + " (random weights)" if args.preset else f"{cfg.name} (default model)"
-    print(f"\n## Speculative decoding -- {title}, {args.prompts} prompts per set, greedy, max_tokens "
+    per_set = args.batch_sizes or args.prompts
+    print(f"\n## Speculative decoding -- {title}, {per_set} prompts per set, greedy, max_tokens "
           f"{args.max_tokens}, batch <= {args.max_num_seqs}, best of {args.repeats}, "
           f"{device.platform} ({device.device_kind})\n")
     print("| prompts | speculation | tokens | engine steps | tokens / target forward | acceptance | "

@@ -431,6 +431,9 @@ def section_e2e(rec: Recorder, plan: Plan, ctx: dict):
     if plan.spec_tokens:
         rec.run("speculative n-gram, repetitive prompt (on vs off)", lambda: speculative_check(plan, cfg, state),
                 est_s=3 * est)
+    if plan.spec_tokens and plan.draft_preset:
+        rec.run(f"speculative draft model {plan.draft_preset} for {cfg.name}: draft vs verify cost",
+                lambda: draft_model_check(plan, cfg, state), est_s=3 * est)
     state.clear()
 
 
@@ -508,6 +511,72 @@ def speculative_check(plan: Plan, cfg, state: dict) -> dict:
             figures["tokens_per_forward"] = stats.get("spec_tokens_per_forward")
         engine.close()
     figures["speedup"] = figures["tok_s_on"] / figures["tok_s_off"]
+    figures["passed"] = tokens["on"] == tokens["off"]  # greedy output must not change with speculation
+    return figures
+
+
+def draft_model_check(plan: Plan, cfg, state: dict) -> dict:
+    """Batch-1 greedy decode with a draft model (random weights, so its guesses are rejected: acceptance means
+    nothing here) against plain decode: what one step costs, split into the draft's k proposal steps and the
+    target's verify of k+1 tokens, and the speed-up those costs give at a per-guess acceptance alpha:
+    E(alpha) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step, times plain step / speculative step. draft_ms
+    includes the draft's K/V write for the previous step's tokens (it runs on the device before the proposal)."""
+    import dataclasses
+    import functools
+    import time
+
+    import jax
+
+    from inference import roofline
+    from inference.sampling_params import SamplingParams
+    from model.config import PRESETS
+    from model.llama import init_params
+
+    draft_cfg = PRESETS[plan.draft_preset]
+    if plan.draft_layers:
+        draft_cfg = dataclasses.replace(draft_cfg, num_layers=plan.draft_layers)
+    draft_params = jax.jit(functools.partial(init_params, draft_cfg, dtype=_jnp_dtype(plan.dtype)))(jax.random.key(1))
+    draft_params = roofline.for_engine(draft_params)
+    k = 4
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, cfg.vocab_size, plan.spec_prompt_len).tolist()
+    sp = SamplingParams(temperature=0.0, max_tokens=plan.spec_tokens, ignore_eos=True)
+    pages = 2 * (-(-(len(prompt) + plan.spec_tokens + 8) // plan.page_size)) + 4
+    spec = {"method": "draft", "model": (draft_cfg, draft_params), "num_speculative_tokens": k, "adaptive": False}
+    figures, tokens = {}, {}
+    for name, speculative in (("off", None), ("on", spec)):
+        engine = _engine(cfg, state["params"], plan, 1, pages, len(prompt), speculative)
+        engine.add_request("warmup", prompt, sp)
+        engine.run()  # compiles the prefill, decode, draft and verify programs
+        draft_seconds = []
+        if speculative is not None:  # the proposal returns host tokens: its time includes the draft's device work
+            propose = engine.proposer.propose
+
+            def timed_propose(rows):
+                t0 = time.perf_counter()
+                out = propose(rows)
+                draft_seconds.append(time.perf_counter() - t0)
+                return out
+
+            engine.proposer.propose = timed_propose
+        engine.add_request("timed", prompt, sp)
+        steps = []
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            outs = engine.step()
+            steps.append(time.perf_counter() - t0)
+            for out in outs:
+                if out.finished:
+                    tokens[name] = out.outputs[0].token_ids
+        engine.close()
+        figures[f"step_ms_{name}"] = float(np.median(steps[1:])) * 1e3  # decode steps (the first one prefills)
+        if draft_seconds:
+            figures["draft_ms"] = float(np.median(draft_seconds[1:] or draft_seconds)) * 1e3
+    plain, step, draft = figures["step_ms_off"], figures["step_ms_on"], figures["draft_ms"]
+    figures.update(k=k, draft_step_ms=draft / k, verify_ms=step - draft, draft_step_over_plain_step=draft / k / plain,
+                   verify_over_plain_step=(step - draft) / plain)
+    for alpha in (0.6, 0.7, 0.8):
+        figures[f"speedup_at_alpha_{alpha}"] = (1 - alpha ** (k + 1)) / (1 - alpha) * plain / step
     figures["passed"] = tokens["on"] == tokens["off"]  # greedy output must not change with speculation
     return figures
 

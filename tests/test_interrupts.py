@@ -299,10 +299,12 @@ def test_request_outgrowing_the_pool_returns_its_tokens(params):
     assert_idle(engine)
 
 
-@pytest.mark.slow  # compiles the self-draft programs
-def test_interrupt_after_self_draft_proposal_rebuilds_the_lost_pool(params, monkeypatch):
-    """The self-draft proposer runs on the device with the pool donated: interrupted after it ran but before
-    its new pool was stored, the pool is gone; the engine rebuilds it and recomputes every request."""
+@pytest.mark.slow  # compiles the draft programs
+def test_interrupt_after_draft_proposal_rebuilds_the_lost_pool(params, monkeypatch):
+    """The draft proposal runs on the device with the draft's pool donated: interrupted after it ran but before
+    its new pool was stored, that pool is gone; the engine rebuilds both pools and recomputes every request."""
+    from inference import spec_runner
+
     spec = dict(method="draft", num_speculative_tokens=3, draft_num_layers=1)
     prompts, sps = workload()
     fresh = make_engine(params, speculative=spec)
@@ -311,7 +313,22 @@ def test_interrupt_after_self_draft_proposal_rebuilds_the_lost_pool(params, monk
     want = {i: summary(final[i]) for i in ids}
     engine = make_engine(params, speculative=spec)
     ids = [engine.add_request(None, p, sp, stream=False) for p, sp in zip(prompts, sps)]
-    inject(monkeypatch, engine.proposer, "propose", 3, KeyboardInterrupt(), after=True)
+    programs = spec_runner._propose_fn
+
+    class Interrupted:  # the 3rd proposal program runs (consuming the donated pool), then the interrupt comes
+        calls = 0
+
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *args):
+            out = self.fn(*args)
+            Interrupted.calls += 1
+            if Interrupted.calls == 3:
+                raise KeyboardInterrupt()
+            return out
+
+    monkeypatch.setattr(spec_runner, "_propose_fn", lambda *key: Interrupted(programs(*key)))
     got = {}
     with pytest.raises(KeyboardInterrupt):
         run_collecting(engine, got)

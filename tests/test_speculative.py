@@ -14,7 +14,7 @@ import pytest
 
 from inference.sampler import BAN_PAD, STREAM_USER, SamplingTensors, sample
 from inference.sampling_params import SamplingParams
-from inference.speculative import (PAD_TOKEN, AdaptiveK, DraftModelProposer, NgramProposer,
+from inference.speculative import (PAD_TOKEN, AdaptiveK, NgramProposer,
                                    SpecDecodeStats, acceptance_rate, draft_probs_to_proposal,
                                    mean_tokens_per_forward, verify)
 
@@ -78,7 +78,7 @@ def test_ngram_matches_brute_force_reference():
         assert got == _ngram_reference(h, k, min_n, max_n), (h, k, min_n, max_n)
 
 
-def test_ngram_batch_and_speed_on_long_history():
+def test_ngram_speed_on_long_history():
     rng = np.random.default_rng(1)
     long = rng.integers(0, 50, size=4000)
     prop = NgramProposer(4)
@@ -86,10 +86,7 @@ def test_ngram_batch_and_speed_on_long_history():
     for _ in range(20):
         prop.propose(long)
     assert (time.perf_counter() - t0) / 20 < 0.02  # generous: ~0.1 ms expected
-    tokens, num = prop.propose_batch([[1, 2, 1], [3, 4], long], ks=[2, 4, 3])
-    assert tokens.shape == (3, 4) and num.tolist()[:2] == [2, 0]
-    assert tokens[0, :2].tolist() == [2, 1]
-    assert tokens[2, : num[2]].tolist() == prop.propose(long, k=3).tolist()
+    assert prop.propose([1, 2, 1], k=2).tolist() == [2, 1] and prop.propose([3, 4]).size == 0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -437,17 +434,21 @@ def test_deterministic_proposals_preserve_target_distribution_with_penalties():
     _check_two_token_distribution(target, first, second, dist_kw, penalties=True)
 
 
-def test_draft_model_proposer_preserves_target_distribution():
-    """Guesses sampled on device by DraftModelProposer (keys derived like the sampler's)."""
+def test_sampled_draft_guesses_preserve_target_distribution():
+    """Guesses drawn on device by draft_probs_to_proposal, autoregressively (keys derived like the sampler's,
+    as spec_runner.DraftRunner draws them)."""
     target, draft = _toy_tables(30)
     draft_table = jnp.asarray(draft)
     dist_kw = dict(temperature=0.9, top_k=6)
-    proposer = DraftModelProposer(lambda state, tok: (draft_table[tok], state), K_TOY)
 
     def propose(prev, step):
         tensors = _tensors(N, step=step, seed_offset=70_000, **dist_kw)
-        prop = proposer.propose(None, jnp.asarray(prev, jnp.int32), tensors)
-        return np.asarray(prop.tokens), np.asarray(prop.probs)
+        tok, tokens, probs = jnp.asarray(prev, jnp.int32), [], []
+        for i in range(K_TOY):
+            tok, q = draft_probs_to_proposal(draft_table[tok], tensors, i)
+            tokens.append(tok)
+            probs.append(q)
+        return np.stack(tokens, 1), np.stack(probs, 1)
 
     first, second = _spec_two_tokens(target, propose, dist_kw, np.full(N, K_TOY), rng_seed=70_000)
     _check_two_token_distribution(target, first, second, dist_kw)
@@ -471,14 +472,7 @@ def test_draft_probs_to_proposal():
     np.testing.assert_array_equal(q[::2], np.eye(V)[argmax[::2]])
     g_tok, g_q = draft_probs_to_proposal(logits, tensors, 0, greedy=True)
     np.testing.assert_array_equal(g_tok, argmax)
-
-    table = jnp.asarray(rng.normal(size=(V, V)), jnp.float32)
-    prop = DraftModelProposer(lambda s, t: (table[t], s + 1), k=4, greedy=True).propose(0, jnp.arange(B) % V, tensors)
-    assert prop.tokens.shape == (B, 4) and prop.probs is None and prop.state == 4
-    chain = np.arange(B) % V
-    for i in range(4):
-        chain = np.asarray(table).argmax(-1)[chain]
-        np.testing.assert_array_equal(prop.tokens[:, i], chain)
+    np.testing.assert_array_equal(g_q, np.eye(V)[argmax])
 
 
 # ----------------------------------------------------------------------------- adaptive k
