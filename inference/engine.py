@@ -17,6 +17,17 @@ and nothing waits for admission, one device program runs k decode steps (each fe
 step's sampled tokens, on device); the host then checks stops token by token and keeps only the
 tokens up to a stop, exactly as the one-step loop would have.
 
+Overlapped dispatch (`EngineConfig.async_scheduling`): a plain step is launched, then the previous
+step's tokens are read and processed (stop checks, detokenization, outputs) while the device runs it.
+The scheduler takes each launched step at once with a placeholder token per sampling row, -(row + 1),
+which the next step feeds and the runner replaces on the device with the token that row sampled;
+`resolve_placeholders` swaps in the real tokens one step behind. A request that stopped on the pending
+token loses what the step on top computed for it (its pages are freed, its penalty slot rewritten at
+the next admission); seeded keys and min_tokens bans count the pending token, so tokens equal the
+synchronous loop's. Steps sampling for a request whose inputs follow its last token on the host
+(`_needs_host_tokens`: bad_words) are read before the next launch; speculative and multi-step engines
+are synchronous. An interrupted step also discards the pending step, which is then redone.
+
 Speculative decoding (`EngineConfig.speculative`, see inference/spec_runner.py): before scheduling,
 every running decode sequence of a speculating request gets up to k guesses (n-gram lookup on the
 host, or the layer-truncated self-draft on device). The step's forward then also returns logits for
