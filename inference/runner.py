@@ -3,7 +3,9 @@
 `ModelRunner.execute` pads a scheduled ragged batch to one of a fixed set of shapes (token buckets,
 with the sequence count tied to them, times a block-table width ladder ending at max_model_len) and
 runs one jitted program: the model forward plus sampling (or speculative verification) on device,
-with the KV pool and penalty state donated. `warmup` compiles the whole set up front.
+with the KV pool and penalty state donated. `warmup` compiles the whole set up front. A plain step can
+be launched (`dispatch`) and read later (`fetch`): the engine's overlapped dispatch launches the next
+step first, whose placeholder tokens read this one's samples on the device.
 """
 
 from __future__ import annotations
