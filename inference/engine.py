@@ -17,6 +17,17 @@ and nothing waits for admission, one device program runs k decode steps (each fe
 step's sampled tokens, on device); the host then checks stops token by token and keeps only the
 tokens up to a stop, exactly as the one-step loop would have.
 
+Overlapped dispatch (`EngineConfig.async_scheduling`): a plain step is launched, then the previous
+step's tokens are read and processed (stop checks, detokenization, outputs) while the device runs it.
+The scheduler takes each launched step at once with a placeholder token per sampling row, -(row + 1),
+which the next step feeds and the runner replaces on the device with the token that row sampled;
+`resolve_placeholders` swaps in the real tokens one step behind. A request that stopped on the pending
+token loses what the step on top computed for it (its pages are freed, its penalty slot rewritten at
+the next admission); seeded keys and min_tokens bans count the pending token, so tokens equal the
+synchronous loop's. Steps sampling for a request whose inputs follow its last token on the host
+(`_needs_host_tokens`: bad_words, structured output) are read before the next launch; speculative and multi-step engines
+are synchronous. An interrupted step also discards the pending step, which is then redone.
+
 Speculative decoding (`EngineConfig.speculative`, see inference/spec_runner.py): before scheduling,
 every running decode sequence of a speculating request gets up to k guesses (n-gram lookup on the
 host, or a draft model on the device, whose own KV pool follows every step: `ModelRunner.draft`).
@@ -81,6 +92,9 @@ class EngineConfig:
     # device program (sampled tokens feed the next step on device; the host checks stops afterwards and
     # drops what a request generated past its stop). 1 = one step per program.
     num_decode_steps: int = 1
+    # Overlapped dispatch: launch each step before reading the previous one's tokens (they feed it on the
+    # device; the host processes results one step behind). Output is identical to the synchronous loop.
+    async_scheduling: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
@@ -94,6 +108,9 @@ class EngineConfig:
             raise ValueError(f"num_decode_steps={self.num_decode_steps} must be >= 1")
         if self.speculative is not None and self.num_decode_steps > 1:
             raise ValueError(f"num_decode_steps={self.num_decode_steps} cannot be combined with speculative decoding")
+        if self.async_scheduling and (self.speculative is not None or self.num_decode_steps > 1):
+            raise ValueError(f"async_scheduling=True cannot be combined with speculative decoding or "
+                             f"num_decode_steps={self.num_decode_steps} > 1 (they need each step's tokens on the host)")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"max_num_seqs={self.max_num_seqs}")
@@ -134,6 +151,16 @@ class _RequestState:
         self.cumulative_logprob = saved["cumulative_logprob"]
 
 
+@dataclass
+class _PendingStep:
+    """An overlapped step: launched, its sampled tokens not read yet. Row b of its results (in
+    `layout` order) is fed to the next step by the placeholder token -(b + 1)."""
+
+    out: object  # the device results (runner.dispatch)
+    layout: list  # (request_id, num_rows) per sampling row
+    request_ids: frozenset
+
+
 class Engine:
     """Continuous-batching engine. Use through `inference.LLM`, or directly:
 
@@ -167,6 +194,8 @@ class Engine:
         self._free_slots = list(range(engine_cfg.max_num_seqs))[::-1]  # penalty slots (ModelRunner.penalties)
         self.structured: Optional[StructuredOutputManager] = None  # built at the first constrained request
         self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0, "step_seconds": 0.0}
+        self._pending: Optional[_PendingStep] = None  # async_scheduling: the step whose tokens are unread
+        self._processing_pending = False  # step()'s checkpoints are of the pending step (else of this one)
 
         # Speculative decoding: the proposer, engine-wide metrics, and the metrics of recent requests.
         self.proposer = None  # NgramProposer (host) or DraftRunner (device, also the runner's `draft`)
@@ -316,7 +345,7 @@ class Engine:
         return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._pending is not None
 
     # ------------------------------------------------------------------ step
     def _free_slot(self, state: _RequestState) -> None:
@@ -362,6 +391,12 @@ class Engine:
         the scheduler took the step's results they stand, and so does that host state."""
         committed = not self.scheduler.step_in_flight
         self.scheduler.cancel_step()
+        # An overlapped step whose tokens were not resolved is redone too (same tokens: same step counts).
+        self._pending = None
+        if self._processing_pending:
+            committed = not self.scheduler.discard_placeholders()
+        else:
+            self.scheduler.discard_placeholders()
         for rid, saved in checkpoints.items() if not committed else ():
             state = self._requests.get(rid)
             if state is not None:
@@ -383,10 +418,13 @@ class Engine:
 
     def _step(self, checkpoints: dict[str, dict]) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        self._processing_pending = False
         self._propose_drafts()
         lookahead = self._attach_lookahead()
         sched = self.scheduler.schedule()
         results: list[RequestOutput] = []
+        if sched.out_of_pool:  # what they keep includes the pending step's token
+            results += self._finish_pending(checkpoints)
         for seq in sched.failed:
             state = self._requests.pop(seq.request_id, None)
             if state is not None:
@@ -401,7 +439,7 @@ class Engine:
                 self._retire(state)
         if sched.is_empty:
             self.scheduler.update_from_output({})
-            return results
+            return results + self._finish_pending(checkpoints)
         now = time.perf_counter()
         for s in sched.scheduled:
             m = self._requests[s.request_id].metrics
@@ -414,7 +452,12 @@ class Engine:
         multi_step = lookahead and all(s.samples and s.num_new_tokens - s.num_draft_tokens == 1
                                        for s in sched.scheduled)
         S = self.runner.rows_bucket(sched, multi_step)
-        steps = [len(r.stop.token_ids) for r in rows]
+        # (A row fed a pending token has held its penalty slot since that step: no row is rebuilt
+        # from host tokens that lack it.)
+        slots = self._penalty_slots(sched, rows, S)
+        pending_ids = self._pending.request_ids if self._pending is not None else frozenset()
+        # Seeded keys and min_tokens bans follow the request's step count, pending token included.
+        steps = [len(r.stop.token_ids) + (r.request_id in pending_ids) for r in rows]
         bitmask = self.structured.bitmask([r.matcher for r in rows], S) if self.structured is not None else None
         tensors = SamplingTensors.from_params(
             [r.params for r in rows], steps=steps,
@@ -422,24 +465,77 @@ class Engine:
             output_token_ids=[r.stop.token_ids for r in rows], token_bitmask=bitmask)
         # One logprobs width for all: a per-request k would be another program to compile.
         num_logprobs = MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0
-        slots = self._penalty_slots(sched, rows, S)
+        spec_batch = None if multi_step else self._spec_batch(sched, rows, steps, S)
         if multi_step:
             out = self.runner.execute_decode_steps(sched, tensors, slots, num_logprobs,
                                                    self.engine_cfg.num_decode_steps)
+        elif spec_batch is not None:
+            out = self.runner.execute(sched, tensors, slots, num_logprobs, spec_batch)
         else:
-            out = self.runner.execute(sched, tensors, slots, num_logprobs, self._spec_batch(sched, rows, steps, S))
+            launched = self.runner.dispatch(sched, tensors, slots, num_logprobs)
+            results += self._finish_pending(checkpoints)  # while the device runs this step
+            if self.engine_cfg.async_scheduling and not any(map(self._needs_host_tokens, rows)):
+                self._defer(launched, layout)
+                self._count_step(sched, t0)
+                return results
+            out = self.runner.fetch(launched)
 
+        sampled, finished = self._take_results(layout, out, checkpoints)
+        done = self.scheduler.update_from_output(sampled, finished)  # from here on the step stands
+        self._emit(done, sampled, results)
+        self._count_step(sched, t0)
+        return results
+
+    # ------------------------------------------------------------------ overlapped steps
+    @staticmethod
+    def _needs_host_tokens(state: _RequestState) -> bool:
+        """Whether the request's next step needs its last token on the host (its inputs depend on it), so
+        a step that samples for it is read before the next one is scheduled."""
+        return bool(state.params.bad_words) or state.matcher is not None  # structured: the next mask
+
+    def _defer(self, launched, layout: list) -> None:
+        """Leaves a launched step pending: the scheduler takes a placeholder token per sampling row (the
+        next step feeds it from the device), and its real tokens are processed in the next step()."""
+        live = [(b, rid) for b, (rid, _) in enumerate(layout) if rid in self._requests]
+        self._pending = _PendingStep(launched, layout, frozenset(rid for _, rid in live))
+        self.scheduler.update_from_output({rid: -(b + 1) for b, rid in live}, placeholders=True)
+
+    def _finish_pending(self, checkpoints: dict[str, dict]) -> list[RequestOutput]:
+        """Reads and processes the pending step's tokens (stop checks, outputs); its stopped requests
+        lose what the step launched on top of it computed for them."""
+        pending = self._pending
+        if pending is None:
+            return []
+        self._processing_pending = True
+        sampled, finished = self._take_results(pending.layout, self.runner.fetch(pending.out), checkpoints)
+        done = self.scheduler.resolve_placeholders({rid: t[0] for rid, t in sampled.items()}, finished)
+        self._pending = None  # the step stands
+        results: list[RequestOutput] = []
+        self._emit(done, sampled, results)
+        checkpoints.clear()
+        self._processing_pending = False
+        return results
+
+    # ------------------------------------------------------------------ step results
+    def _take_results(self, layout: list, out, checkpoints: dict[str, dict]) -> tuple[dict, dict]:
+        """Feeds each row's emitted tokens to its request's stop checks; returns the kept tokens and the
+        stop reasons by request id. Rows of requests that ended meanwhile (aborted, or stopped while
+        this step was overlapped) are skipped."""
         sampled, finished = {}, {}
         now = time.perf_counter()
         for row, (rid, num_rows) in enumerate(layout):
-            state = self._requests[rid]
+            state = self._requests.get(rid)
+            if state is None:
+                continue
             checkpoints[rid] = state.checkpoint()
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             # Emitted tokens go through the stop checks one by one: a stop (EOS, stop string,
             # max_tokens) in the middle of an accepted block discards the tokens after it, and the
             # scheduler is told only the kept ones (it rolls back the KV of the rest).
-            room = tokens_left(self.scheduler.get_request(rid), self.engine_cfg.max_model_len)
+            # (A request the scheduler ended out of pool while its last step was pending keeps that token.)
+            room = (tokens_left(self.scheduler.get_request(rid), self.engine_cfg.max_model_len)
+                    if self.scheduler.has_request(rid) else 1)
             kept = []
             for i in range(min(int(out.num_output[row]), room)):
                 token = int(out.tokens[row, i])
@@ -458,7 +554,11 @@ class Engine:
             sampled[rid] = kept
             if state.spec is not None:
                 self._record_spec(state, num_rows - 1, int(out.num_accepted[row]), len(kept))
-        done = self.scheduler.update_from_output(sampled, finished)  # from here on the step stands
+        return sampled, finished
+
+    def _emit(self, done: list[SchedSequence], sampled: dict, results: list[RequestOutput]) -> None:
+        """Final outputs of the finished requests, progress of the streamed ones."""
+        now = time.perf_counter()
         for seq in done:
             state = self._requests[seq.request_id]
             if not state.stop.finished:  # the scheduler ended it (max_tokens / context window)
@@ -472,11 +572,12 @@ class Engine:
             state = self._requests.get(rid)
             if state is not None and state.stream:
                 results.append(self._output(state, finished=False))
+        self.stats["tokens_generated"] += sum(len(t) for t in sampled.values())
+
+    def _count_step(self, sched: SchedulerOutput, t0: float) -> None:
         self.stats["steps"] += 1
         self.stats["tokens_computed"] += sched.num_batched_tokens
-        self.stats["tokens_generated"] += sum(len(t) for t in sampled.values())
         self.stats["step_seconds"] += time.perf_counter() - t0
-        return results
 
     # ------------------------------------------------------------------ speculation
     def _attach_lookahead(self) -> bool:

@@ -80,7 +80,8 @@ class LLM:
                  enable_chunked_prefill: bool = True, attn_impl: str = "auto", quantization: Optional[str] = None,
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  quantization_group_size: Optional[int] = None,
-                 speculative=None, unroll_layers: Optional[bool] = None, num_decode_steps: int = 1, _loaded=None):
+                 speculative=None, unroll_layers: Optional[bool] = None, num_decode_steps: int = 1,
+                 async_scheduling: bool = False, _loaded=None):
         if dtype != "auto" and dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype={dtype!r} must be 'auto' or one of {sorted(FLOAT_DTYPES)}")
         # Quantization: "int8" (per channel) / "int4" (groups of quantization_group_size inputs, default the
@@ -135,7 +136,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             attn_impl=attn_impl, kv_cache_dtype=kv_cache_dtype,
             speculative=speculative,  # None, a SpeculativeConfig or a dict of its fields
-            num_decode_steps=num_decode_steps)  # multi-step decode (EngineConfig.num_decode_steps)
+            num_decode_steps=num_decode_steps,  # multi-step decode (EngineConfig.num_decode_steps)
+            async_scheduling=async_scheduling)  # overlapped dispatch (EngineConfig.async_scheduling)
         self.mesh = None
         if unroll_layers is None:
             # XLA:CPU copies each layer's weights out of stacked arrays under lax.scan (3x the bytes of a

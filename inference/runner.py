@@ -3,7 +3,9 @@
 `ModelRunner.execute` pads a scheduled ragged batch to one of a fixed set of shapes (token buckets,
 with the sequence count tied to them, times a block-table width ladder ending at max_model_len) and
 runs one jitted program: the model forward plus sampling (or speculative verification) on device,
-with the KV pool and penalty state donated. `warmup` compiles the whole set up front.
+with the KV pool and penalty state donated. `warmup` compiles the whole set up front. A plain step can
+be launched (`dispatch`) and read later (`fetch`): the engine's overlapped dispatch launches the next
+step first, whose placeholder tokens read this one's samples on the device.
 """
 
 from __future__ import annotations
@@ -67,15 +69,25 @@ def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
     with the same config share compiled programs (params are arguments, never closed over)."""
 
     def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
-             slots):
+             slots, fed_back):
+        inputs = inputs._replace(tokens=_feed_back(inputs.tokens, fed_back))
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
         if penalties is None:
-            return sample(logits, tensors, num_logprobs=num_logprobs), cache, None
-        out = sample(logits, tensors, *_gather_penalty_rows(penalties, slots), num_logprobs=num_logprobs)
-        counts = penalties.counts.at[slots, out.tokens].add(1, mode="drop")
-        return out, cache, PenaltyState(counts, penalties.prompt_mask)
+            out = sample(logits, tensors, num_logprobs=num_logprobs)
+        else:
+            out = sample(logits, tensors, *_gather_penalty_rows(penalties, slots), num_logprobs=num_logprobs)
+            penalties = PenaltyState(penalties.counts.at[slots, out.tokens].add(1, mode="drop"), penalties.prompt_mask)
+        # The sampled tokens, padded to a fixed width, for the next step's placeholders.
+        fed_back = jnp.zeros_like(fed_back).at[:out.tokens.shape[0]].set(out.tokens)
+        return out, cache, penalties, fed_back
 
     return jax.jit(step, donate_argnums=(1, 4))
+
+
+def _feed_back(tokens: jax.Array, fed_back: jax.Array) -> jax.Array:
+    """Overlapped steps: a negative input token is a placeholder for the token the previous step
+    sampled in row -token - 1, still on the device (fed_back [R] i32, that step's tokens)."""
+    return jnp.where(tokens < 0, fed_back[jnp.maximum(-tokens - 1, 0)], tokens)
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,6 +230,9 @@ class ModelRunner:
         self.num_slots = engine_cfg.max_num_seqs  # penalty slots (one per running request at most)
         self.penalties: Optional[PenaltyState] = None  # allocated when the first request needs it
         self.device_wait_seconds = 0.0  # host time spent blocked on step results (the rest is host work)
+        # The last plain step's sampled tokens [max_seqs_bucket], on device: what placeholder input tokens
+        # of an overlapped step read (host zeros + device_put: no XLA program).
+        self._fed_back = jax.device_put(np.zeros(self.max_seqs_bucket, np.int32))
         widths, w = [], self.max_pages_per_seq
         while True:
             widths.append(w)
@@ -267,28 +282,49 @@ class ModelRunner:
         Without `spec`, trailing draft tokens are multi-step lookahead placeholders (see
         `execute_decode_steps`) that could not run as such: each row samples after its last real token
         and the placeholders' KV is discarded by the scheduler."""
-        T, S, P = self.bucket(sched)
         if spec is None:
-            arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
-            arrays["logits_indices"] = _first_logits_rows(sched, S)
-            fn, extra = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs), ()
-        else:
-            arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
-            K1 = spec.draft_tokens.shape[1] + 1
-            arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
-            fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
-            extra = tuple(None if a is None else jnp.asarray(a) for a in spec)
+            return self.fetch(self.dispatch(sched, tensors, slots, num_logprobs))
+        T, S, P = self.bucket(sched)
+        arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
+        K1 = spec.draft_tokens.shape[1] + 1
+        arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
+        fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
         inputs = StepInputs(**jax.device_put(arrays))
-        out = self._run(fn, inputs, tensors, slots, extra)
-        if self.draft is not None:  # the draft's K/V for the same tokens; runs while the host processes `out`
-            self.draft.write_kv(inputs)
-        if spec is None:  # one token per row: the K = 0 case of a verify result
-            return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
-                              np.asarray(out.chosen_logprob)[:, None],
-                              np.asarray(out.top_logprobs)[:, None], np.asarray(out.top_ids)[:, None])
+        out, _ = self._run(fn, inputs, tensors, slots, tuple(None if a is None else jnp.asarray(a) for a in spec))
+        self._write_draft_kv(inputs)
+        out = self._fetch(out)
         return StepResult(np.asarray(out.output_tokens), np.asarray(out.num_output),
                           np.asarray(out.accepted_counts), np.asarray(out.chosen_logprob),
                           np.asarray(out.top_logprobs), np.asarray(out.top_ids))
+
+    def dispatch(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
+                 num_logprobs: int):
+        """Launches a plain sampling step and returns its device results without waiting for them
+        (`fetch` reads them). Input tokens may be placeholders for tokens the previously launched plain
+        step sampled: -(row + 1) stands for that step's sampling row `row` (see `_feed_back`)."""
+        T, S, P = self.bucket(sched)
+        arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
+        arrays["logits_indices"] = _first_logits_rows(sched, S)
+        fn = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
+        inputs = StepInputs(**jax.device_put(arrays))
+        out, (self._fed_back,) = self._run(fn, inputs, tensors, slots, (self._fed_back,))
+        self._write_draft_kv(inputs)
+        return out
+
+    def _write_draft_kv(self, inputs: StepInputs) -> None:
+        """The draft model's K/V for the step's tokens (its pool follows the target's); runs on the device
+        while the host processes the step's results."""
+        if self.draft is not None:
+            self.draft.write_kv(inputs)
+
+    def fetch(self, out) -> StepResult:
+        """Host results of a `dispatch`ed step (blocks until the device has them): one token per row,
+        the K = 0 case of a verify result."""
+        out = self._fetch(out)
+        S = out.tokens.shape[0]
+        return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
+                          np.asarray(out.chosen_logprob)[:, None],
+                          np.asarray(out.top_logprobs)[:, None], np.asarray(out.top_ids)[:, None])
 
     def execute_decode_steps(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
                              num_logprobs: int, num_steps: int) -> StepResult:
@@ -307,21 +343,26 @@ class ModelRunner:
 
     def _run_decode_steps(self, batch: DecodeBatch, tensors, slots, num_logprobs: int, num_steps: int) -> StepResult:
         fn = _multi_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs, num_steps)
-        out = self._run(fn, jax.device_put(batch), tensors, slots, ())
+        out = self._fetch(self._run(fn, jax.device_put(batch), tensors, slots, ())[0])
         S = batch.num_steps.shape[0]
         return StepResult(np.asarray(out.tokens).T, np.maximum(batch.num_steps, 1), np.zeros(S, np.int32),
                           np.asarray(out.chosen_logprob).T, np.asarray(out.top_logprobs).transpose(1, 0, 2),
                           np.asarray(out.top_ids).transpose(1, 0, 2))
 
     def _run(self, fn, inputs, tensors: SamplingTensors, slots: Optional[np.ndarray], extra: tuple):
-        """Calls a step program (donating the cache and penalty state); returns its host results."""
+        """Launches a step program (donating the cache and penalty state); returns its device results
+        and the program's further outputs, without waiting for them."""
         penalties = None
         if slots is not None:
             penalties, self.penalties = self.penalties, None  # donated
-        out, self.cache, new_penalties = fn(self.params, self.cache, inputs, tensors, penalties,
-                                            None if slots is None else jnp.asarray(slots), *extra)
+        out, self.cache, new_penalties, *more = fn(self.params, self.cache, inputs, tensors, penalties,
+                                                   None if slots is None else jnp.asarray(slots), *extra)
         if slots is not None:
             self.penalties = new_penalties
+        return out, more
+
+    def _fetch(self, out):
+        """Host copy of a launched step's results, counting the time blocked on the device."""
         t0 = time.perf_counter()
         out = jax.device_get(out)
         self.device_wait_seconds += time.perf_counter() - t0
@@ -346,7 +387,8 @@ class ModelRunner:
                     pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
                 inputs = StepInputs(**jax.device_put(arrays))
                 fn = lambda k: _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, k)  # noqa: E731
-                count += self._warm(lambda k, slots: self._run(fn(k), inputs, tensors, slots, ()),
+                count += self._warm(lambda k, slots: self._fetch(self._run(fn(k), inputs, tensors, slots,
+                                                                           (self._fed_back,))[0]),
                                     S, num_logprobs, penalties)
         K = self.engine_cfg.num_decode_steps
         if K > 1:

@@ -15,6 +15,14 @@ When pages run out, the most recently arrived running request is preempted by re
 pages and goes back to the front of the waiting queue with prompt + generated tokens, which are recomputed
 later (often from the prefix cache), so its final output does not change.
 
+Overlapped steps (the engine's async scheduling): the engine applies a launched step at once with a
+placeholder token per sampling sequence (`update_from_output(..., placeholders=True)`), schedules the
+next step on top of it (a placeholder is fed as such; the runner reads the real token on the device),
+and swaps in the real tokens with `resolve_placeholders` once they are read, one step behind. Until
+then a sequence at its length limit is not scheduled, and stops are applied at resolution (the KV
+the next step computed for a stopped sequence is freed with it). `discard_placeholders` undoes an
+unresolved step.
+
 A step whose results never arrive (the device call or the caller's output processing raised, or Ctrl-C)
 is undone with `cancel_step`: its pages are freed and every request is as before `schedule()`. A request
 that needs more pages than the whole pool (only possible when pages are held outside the scheduler, since
@@ -95,6 +103,12 @@ class Sequence:
         for t in tokens:
             self.output_token_ids.append(int(t))
             self._tokens.append(int(t))
+
+    def _trim(self, num_tokens: int) -> None:
+        """Drops the last num_tokens output tokens (an overlapped step's unresolved placeholder)."""
+        if num_tokens:
+            del self.output_token_ids[-num_tokens:]
+            del self._tokens[-num_tokens:]
 
     def page_hashes(self, allocator: BlockAllocator, num_pages: int) -> list[bytes]:
         """Chain hashes of the first `num_pages` full pages of the token history (cached across steps)."""
@@ -327,6 +341,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if self._length_reason(seq):
+                continue  # its last token is a placeholder: it finishes when that is resolved
             # Leave one token for each decode still to come, so drafts cannot starve other decodes.
             reserve = max(0, len(decodes) - idx - 1)
             n, k = self._num_new_tokens(seq, seq.num_computed_tokens, budget, reserve)
@@ -518,7 +534,8 @@ class Scheduler:
 
     # ----- results -----------------------------------------------------------------------------------------
     def update_from_output(self, sampled_token_ids: Mapping[str, Union[int, SequenceT[int]]],
-                           finished: Union[Iterable[str], Mapping[str, str]] = ()) -> list[Sequence]:
+                           finished: Union[Iterable[str], Mapping[str, str]] = (),
+                           placeholders: bool = False) -> list[Sequence]:
         """Apply one step's results; returns the sequences that finished in this call.
 
         sampled_token_ids: for every scheduled sequence with `samples`, the new token (int) or tokens. For a
@@ -527,6 +544,8 @@ class Scheduler:
         finished: request ids the caller ends now (EOS, stop string, ...) with finish_reason "stop", or a
             {request_id: reason} mapping. Requests also finish on their own max_tokens or max_model_len
             (reason "length"). Finished requests free their pages (full ones stay in the prefix cache).
+        placeholders: the tokens are negative stand-ins (one per sequence) for tokens not read yet; nothing
+            finishes now, `resolve_placeholders` applies the real tokens and the stops.
         """
         reasons = dict(finished) if isinstance(finished, Mapping) else {rid: "stop" for rid in finished}
         # Validate everything first so a bad call leaves the scheduler state untouched.
@@ -542,6 +561,8 @@ class Scheduler:
                     tokens = [int(t) for t in tokens]
                 else:
                     tokens = [int(tokens)] if np.ndim(tokens) == 0 else [int(t) for t in tokens]
+                if placeholders and (len(tokens) != 1 or tokens[0] >= 0):
+                    raise ValueError(f"request {seq.request_id!r}: placeholder {tokens} must be one negative id")
                 if not 1 <= len(tokens) <= 1 + s.num_draft_tokens:
                     raise ValueError(f"request {seq.request_id!r}: got {len(tokens)} tokens, expected 1.."
                                      f"{1 + s.num_draft_tokens} (accepted drafts + 1)")
@@ -562,6 +583,8 @@ class Scheduler:
             # Rejected drafts (or tokens cut by max_tokens) leave KV past the last token: drop it.
             self._truncate_kv(seq, seq.num_tokens - 1)
             self._register_full_pages(seq)
+            if placeholders:
+                continue
             reason = reasons.pop(seq.request_id, None) or self._length_reason(seq)
             if reason:
                 self._finish(seq, reason)
@@ -571,6 +594,40 @@ class Scheduler:
             if seq is not None:
                 done.append(seq)
         return done
+
+    def resolve_placeholders(self, sampled_token_ids: Mapping[str, int],
+                             finished: Mapping[str, str]) -> list[Sequence]:
+        """Swaps each placeholder (the last token of `sampled_token_ids`' requests) for the real token and
+        finishes the requests in `finished` and those at their length limit; returns the finished ones.
+        Requests that were aborted meanwhile are skipped. A step may be in flight (scheduled on top)."""
+        seqs = [(self._requests[rid], int(t)) for rid, t in sampled_token_ids.items() if rid in self._requests]
+        for seq, _ in seqs:  # validate first: a bad call changes nothing
+            if not seq.output_token_ids or seq.output_token_ids[-1] >= 0:
+                raise ValueError(f"request {seq.request_id!r} has no placeholder token to resolve")
+        done = []
+        for seq, token in seqs:
+            seq.output_token_ids[-1] = seq._tokens[-1] = token
+            reason = finished.get(seq.request_id) or self._length_reason(seq)
+            if reason:
+                self._finish(seq, reason)
+                done.append(seq)
+        return done
+
+    def discard_placeholders(self) -> int:
+        """Undoes an overlapped step whose tokens were never resolved (its results were lost): drops each
+        placeholder token and the KV computed for the token before it, which the step is then redone
+        from. Returns how many were dropped. Nothing may be in flight (see `cancel_step`)."""
+        if self._in_flight:
+            raise RuntimeError("discard_placeholders() with a step in flight; call cancel_step first")
+        dropped = 0
+        for seq in self._requests.values():
+            if seq.output_token_ids and seq.output_token_ids[-1] < 0:
+                seq._trim(1)
+                del seq._page_hashes[seq.num_tokens // self.page_size:]
+                if seq.status is SequenceStatus.RUNNING:
+                    self._truncate_kv(seq, seq.num_tokens - 1)
+                dropped += 1
+        return dropped
 
     def _length_reason(self, seq: Sequence) -> Optional[str]:
         if seq.max_tokens is not None and len(seq.output_token_ids) >= seq.max_tokens:

@@ -9,8 +9,11 @@ step: host ms (step wall time minus the time blocked on the device's results), d
 the host ms at several output positions (the loop's cost must not grow with the output length);
 plus XLA compilations after `warmup`.
 
-Part 2 (skip with --skip-default-model) runs the default model at 64 sequences and reports tokens/s with
-one decode step per device program and with multi-step decode (--decode-steps per program), in one run.
+Each probe job runs with the synchronous loop and with overlapped dispatch (async_scheduling: the host
+processes step N while the device runs step N + 1), side by side.
+
+Part 2 (skip with --skip-default-model) runs the default model at 64 sequences and reports tokens/s, in
+one run: the synchronous loop, overlapped dispatch, and multi-step decode (--decode-steps per program).
 
 Usage: python scripts/bench_host_overhead.py [--seqs 64 256] [--output-tokens 2048] [--json out.json]
 """
@@ -45,11 +48,12 @@ def sampling(i: int, max_tokens: int) -> SamplingParams:
                           repetition_penalty=1.1, frequency_penalty=0.1, logprobs=2, stop=STOPS)
 
 
-def probe_job(loaded, num_seqs: int, output_tokens: int) -> dict:
+def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool = False) -> dict:
     cfg, params, tok = loaded
     max_len = PROMPT_TOKENS + output_tokens
     with LLM(_loaded=(cfg, params, tok), max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs,
-             max_model_len=max_len, page_size=16, num_pages=num_seqs * -(-max_len // 16)) as llm:
+             max_model_len=max_len, page_size=16, num_pages=num_seqs * -(-max_len // 16),
+             async_scheduling=async_scheduling) as llm:
         engine = llm.engine
         t0 = time.perf_counter()
         with count_xla_compiles() as warm:
@@ -78,7 +82,8 @@ def probe_job(loaded, num_seqs: int, output_tokens: int) -> dict:
     # Host ms by output position (step k of the decode phase produced token k + 1 of every request).
     at = {n: float(np.median(cpu[max(0, n - 33):n - 1])) for n in (128, 512, 1024, 2048) if n <= len(cpu)}
     return {
-        "num_seqs": num_seqs, "output_tokens": output_tokens, "steps": len(host_ms),
+        "num_seqs": num_seqs, "output_tokens": output_tokens, "async_scheduling": async_scheduling,
+        "steps": len(host_ms), "tokens_per_s": num_seqs * output_tokens / total_s,
         "host_ms_per_step": float(np.median(host)), "host_ms_mean": float(host.mean()),
         "host_cpu_ms_per_step": float(np.median(cpu)),
         "device_wait_ms_per_step": float(np.median(wait_ms[decode_start:])),
@@ -93,7 +98,7 @@ def default_model_tokens_per_s(loaded, num_seqs: int, output_tokens: int, **engi
     sp = [SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True) for _ in range(num_seqs)]
     with LLM(_loaded=loaded, max_num_seqs=num_seqs, max_num_batched_tokens=max(num_seqs, 512),
              max_model_len=256, **engine_kw) as llm:
-        llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)] * num_seqs)  # compile
+        llm.generate(prompts, sp)  # compiles every program the timed run uses (block-table widths grow with it)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp)
         dt = time.perf_counter() - t0
@@ -103,11 +108,12 @@ def default_model_tokens_per_s(loaded, num_seqs: int, output_tokens: int, **engi
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seqs", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--seqs", type=int, nargs="*", default=[64, 256], help="probe jobs (none: skip them)")
     ap.add_argument("--output-tokens", type=int, default=2048, help="per request (shorter keeps runs bounded)")
     ap.add_argument("--skip-default-model", action="store_true")
     ap.add_argument("--default-model-tokens", type=int, default=32)
-    ap.add_argument("--decode-steps", type=int, default=4, help="num_decode_steps compared with 1")
+    ap.add_argument("--decode-steps", type=int, nargs="+", default=[4, 8], help="num_decode_steps compared with 1")
+    ap.add_argument("--probe-overlap", choices=["both", "off", "on"], default="both")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -118,21 +124,26 @@ def main():
                       name="host-probe")
     probe = (cfg, init_params(cfg, jax.random.key(0)), tok)
     report = {"backend": jax.default_backend(), "probe": [], "default_model": None}
-    for S in args.seqs:
-        r = probe_job(probe, S, args.output_tokens)
+    overlaps = {"both": (False, True), "off": (False,), "on": (True,)}[args.probe_overlap]
+    for S, overlap in ((S, o) for S in args.seqs for o in overlaps):
+        r = probe_job(probe, S, args.output_tokens, overlap)
         report["probe"].append(r)
-        print(f"[probe {S} seqs x {args.output_tokens} tokens] host {r['host_ms_per_step']:.2f} ms/step wall "
+        print(f"[probe {S} seqs x {args.output_tokens} tokens, async_scheduling={overlap}] "
+              f"{r['tokens_per_s']:.0f} tok/s, host {r['host_ms_per_step']:.2f} ms/step wall "
               f"(mean {r['host_ms_mean']:.2f}), {r['host_cpu_ms_per_step']:.2f} ms/step thread CPU, device wait "
               f"{r['device_wait_ms_per_step']:.2f} ms/step, host CPU ms near output token "
               f"{r['host_cpu_ms_at_output_token']}, {r['steps']} steps in {r['wall_s']:.1f} s; "
               f"compiles: warm-up {r['warmup_compiles']}, after warm-up {r['compiles_after_warmup']}", flush=True)
     if not args.skip_default_model:
         report["default_model"] = {}
-        for k in (1, args.decode_steps):  # one step per program, then multi-step decode
-            r = default_model_tokens_per_s(default, 64, args.default_model_tokens, num_decode_steps=k)
-            report["default_model"][f"num_decode_steps={k}"] = r
-            print(f"[default model 64 seqs x {r['output_tokens']} tokens, num_decode_steps={k}] "
-                  f"{r['tokens_per_s']:.1f} tok/s", flush=True)
+        variants = [{}, {"async_scheduling": True}] + [{"num_decode_steps": k} for k in args.decode_steps]
+        for kw in variants:
+            r = default_model_tokens_per_s(default, 64, args.default_model_tokens, **kw)
+            name = ", ".join(f"{k}={v}" for k, v in kw.items()) or "synchronous"
+            report["default_model"][name] = r
+            print(f"[default model 64 seqs x {r['output_tokens']} tokens, {name}] {r['tokens_per_s']:.1f} tok/s "
+                  f"({r['tokens_per_s'] / report['default_model']['synchronous']['tokens_per_s']:.2f}x synchronous)",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

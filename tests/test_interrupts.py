@@ -131,10 +131,12 @@ def reference(params):
 
 
 @pytest.mark.parametrize("point", list(FAULT_POINTS))
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, Fault])
-def test_fault_anywhere_in_a_step_rolls_it_back(params, reference, monkeypatch, point, exc):
+@pytest.mark.parametrize("exc,overlap", [(KeyboardInterrupt, False), (Fault, False), (KeyboardInterrupt, True)],
+                         ids=["interrupt", "fault", "interrupt_overlapped"])
+def test_fault_anywhere_in_a_step_rolls_it_back(params, reference, monkeypatch, point, exc, overlap):
+    """With overlap (async_scheduling) the pending step, whose tokens were not read yet, is part of it."""
     prompts, sps = workload()
-    engine = make_engine(params)
+    engine = make_engine(params, async_scheduling=overlap)
     ids = [engine.add_request(None, p, sp, stream=False) for p, sp in zip(prompts, sps)]
     target, name, after = FAULT_POINTS[point]
     nth = 9 if point == "output_processing" else 4  # a few steps in: decodes, prefills and a prefix hit mixed
@@ -187,11 +189,12 @@ def tiny_llm(params, **kw):
     return LLM(_loaded=(CFG, params, IdTokenizer()), dtype="float32", unroll_layers=False, **{**ENGINE_KW, **kw})
 
 
-def test_interrupted_generate_then_next_generate_matches_a_fresh_llm(params, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
+def test_interrupted_generate_then_next_generate_matches_a_fresh_llm(params, monkeypatch, overlap):
     prompts, sps = workload()
     fresh = tiny_llm(params)
     want = [o.outputs[0].token_ids for o in fresh.generate(prompts, sps)]
-    llm = tiny_llm(params)
+    llm = tiny_llm(params, async_scheduling=overlap)
     for nth, after in ((2, False), (5, True), (9, False)):
         inject(monkeypatch, llm.engine.runner, "_run", nth, KeyboardInterrupt(), after)
         with pytest.raises(KeyboardInterrupt):

@@ -214,7 +214,8 @@ def test_hf_safetensors_dir_roundtrip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_warmup_then_a_64_request_job_compiles_nothing(default_model):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "overlapped"])
+def test_warmup_then_a_64_request_job_compiles_nothing(default_model, async_scheduling):
     """XLA's own compile events (not engine bookkeeping): after LLM.warmup, a job of 64 requests with
     mixed prompt and output lengths, greedy and seeded sampling, runs without a single compilation.
     A 1-layer, 64-wide random model with the default tokenizer keeps the compiles cheap."""
@@ -230,7 +231,7 @@ def test_warmup_then_a_64_request_job_compiles_nothing(default_model):
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, name="probe")
     params = init_params(cfg, jax.random.key(0))
     with LLM(_loaded=(cfg, params, tok), max_num_seqs=8, max_num_batched_tokens=32, num_pages=160,
-             page_size=16) as llm:
+             page_size=16, async_scheduling=async_scheduling) as llm:
         with count_xla_compiles() as warm:
             programs = llm.warmup(logprobs=False, penalties=False)
         assert programs == 3 * 3  # token buckets 8/16/32 x block-table widths 1/4/16 pages
