@@ -213,6 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Result]:
         totals = run_llama_batched_bench(args.llama_batched_bench, model, batches, args.prompt_tokens,
                                          args.new_tokens, args.threads)
         results += [Result("llama.cpp", b, totals[b]) for b in batches]
+        print("llama.cpp: " + ", ".join(f"B={b}: {totals[b]:.2f} s" for b in batches), flush=True)
     if args.llama_bench:
         llama_bench = run_llama_bench(args.llama_bench, model, args.threads)
     for name, kwargs in configs:
