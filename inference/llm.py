@@ -72,10 +72,31 @@ def _auto_dtype(model: Optional[str], params, *, from_loaded: bool) -> str:
     return name if name in FLOAT_DTYPES else "bfloat16"
 
 
+# Scheduler limits when not given: (max_num_seqs, max_num_batched_tokens) per backend. On CPU a batch job
+# runs fastest with every sequence decoding in one step (the weights are read once per step for all of
+# them) and big prefill steps: llama-batched-bench's B=64 x (64 + 32) job took 12.3 s at (64, 1024)
+# against 17.1 s at (64, 512) and 27.7 s at (32, 512) (scripts/bench_vs_llamacpp.py, BENCHMARKS.md,
+# issue 17). Accelerators keep vLLM-like limits. This is the one place these defaults are decided.
+BATCH_LIMITS = {"cpu": (64, 1024)}
+DEFAULT_BATCH_LIMITS = (32, 512)
+
+
+def default_batch_limits(max_num_seqs: Optional[int], max_num_batched_tokens: Optional[int]) -> tuple[int, int]:
+    """The backend's (max_num_seqs, max_num_batched_tokens) for the ones not given; a given token budget
+    below the default sequence count lowers that count to it (a step holds at least one token a sequence)."""
+    seqs, tokens = BATCH_LIMITS.get(jax.default_backend(), DEFAULT_BATCH_LIMITS)
+    if max_num_seqs is None:
+        max_num_seqs = seqs if max_num_batched_tokens is None else min(seqs, max_num_batched_tokens)
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = max(tokens, max_num_seqs)
+    return max_num_seqs, max_num_batched_tokens
+
+
 class LLM:
     def __init__(self, model: Optional[str] = None, *, dtype: str = "auto", page_size: int = 16,
                  num_pages: Optional[int] = None, kv_cache_memory_bytes: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+                 gpu_memory_utilization: float = 0.9, max_num_seqs: Optional[int] = None,
+                 max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, attn_impl: str = "auto", quantization: Optional[str] = None,
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
@@ -129,6 +150,7 @@ class LLM:
         self.config = cfg
         self.tokenizer = tokenizer
         self.quantization = quantization
+        max_num_seqs, max_num_batched_tokens = default_batch_limits(max_num_seqs, max_num_batched_tokens)
         engine_cfg = EngineConfig(
             page_size=page_size, num_pages=num_pages, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
