@@ -36,6 +36,7 @@ from pallas_kernels.quantized_matmul import (
 # Projection weights of a layer (params["layers"], stacked [L, in, out]); see docs/DESIGN.md.
 PROJECTION_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 MODES = ("int8", "int4")
+HEAD_GROUP_SIZE = 32  # inputs per int8 scale of a quantized LM head (see quantize_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,11 +178,15 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
     inputs per group. Norms and biases are left alone.
 
     quantize_lm_head (default on, like llama.cpp's quantized files and vLLM): the LM head becomes an int8
-    per-output-channel (per vocab row) QuantizedWeight in either mode; int8 rather than int4 because the
-    logits are the most quantization-sensitive matmul. An untied "lm_head" [d, vocab] is replaced; a tied
-    model keeps its float "embed" for the token lookup and gains an "lm_head" copy quantized from embed.T,
-    which model.llama.logits_from_hidden uses instead of the embedding (at batch-1 decode the float head
-    is the largest read of a quantized model: 113 MB in float32 on SmolLM2-135M, vs ~28 MB as int8).
+    QuantizedWeight in either mode, with a scale per vocab row and group of HEAD_GROUP_SIZE inputs (GGUF
+    Q8_0's blocks; per vocab row only when the groups do not divide d). int8 rather than int4 because the
+    logits are the most quantization-sensitive matmul; 32-input groups because they are Q8_0's, so a Q8_0
+    embedding (the default SmolLM2-135M file's) is re-gridded exactly, where one scale per row moves its
+    logits by up to ~0.6 and flips some greedy near-ties (tests/test_quantized_model.py).
+    An untied "lm_head" [d, vocab] is replaced; a tied model keeps its float "embed" for the token lookup
+    and gains an "lm_head" copy quantized from embed.T, which model.llama.logits_from_hidden uses instead
+    of the embedding (at batch-1 decode the float head is the largest read of a quantized model: 113 MB in
+    float32 on SmolLM2-135M, vs 32 MB as grouped int8).
     Weights that are already QuantizedWeights are kept as they are.
     """
     if mode not in MODES:
@@ -205,7 +210,9 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
     if quantize_lm_head:
         head = out["lm_head"] if "lm_head" in out else jnp.asarray(out["embed"]).T  # [d, vocab]
         if not isinstance(head, QuantizedWeight):
-            out["lm_head"] = quantize_int8(head, scale_dtype=scale_dtype)
+            d = np.shape(head)[0]
+            group = HEAD_GROUP_SIZE if d % HEAD_GROUP_SIZE == 0 else None
+            out["lm_head"] = quantize_int8(head, group_size=group, scale_dtype=scale_dtype)
     return out
 
 

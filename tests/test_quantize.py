@@ -181,13 +181,16 @@ def test_quantize_params(mode, group_size):
         assert q["layers"][key] is params["layers"][key]
     assert q["embed"] is params["embed"] and q["final_norm"] is params["final_norm"]
     assert isinstance(params["layers"]["wq"], np.ndarray)  # input untouched
-    # The head (on by default) is int8 per output channel in either mode: an untied head is replaced, a tied
-    # model keeps its float embedding and gains a quantized copy of embed.T.
+    # The head (on by default) is int8 with groups of 32 inputs in either mode: an untied head is replaced, a
+    # tied model keeps its float embedding and gains a quantized copy of embed.T.
     tied_params = _params(lm_head=False)
     for p, head in ((params, params["lm_head"]), (tied_params, tied_params["embed"].T)):
         qh = quantize_params(p, mode, group_size)["lm_head"]
-        assert isinstance(qh, QuantizedWeight) and qh.bits == 8 and qh.group_size is None
+        assert isinstance(qh, QuantizedWeight) and qh.bits == 8 and qh.group_size == 32
         assert np.abs(np.asarray(dequantize(qh)) - head).max() <= np.asarray(qh.scales).max() / 2 + 1e-6
+    # d = 48 is no multiple of 32: one scale per vocab row.
+    odd = quantize_params(_params(d=48), "int8")["lm_head"]
+    assert odd.group_size is None and odd.scales.shape == (40,)
     assert quantize_params(tied_params, mode, group_size)["embed"] is tied_params["embed"]
     assert quantize_params(params, mode, group_size, quantize_lm_head=False)["lm_head"] is params["lm_head"]
     assert "lm_head" not in quantize_params(tied_params, mode, group_size, quantize_lm_head=False)
