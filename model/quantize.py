@@ -170,23 +170,23 @@ def dense(x: jax.Array, w, *, impl: str = "auto") -> jax.Array:
 # Whole-model helpers
 # ----------------------------------------------------------------------------------------------------
 
-def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_lm_head: bool = True,
+def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_lm_head: bool = False,
                     scale_dtype=jnp.float32) -> dict:
     """Returns params with the layer projections (PROJECTION_KEYS) replaced by QuantizedWeights.
 
     mode "int8": per-output-channel symmetric (group_size unused); "int4": asymmetric, group_size
     inputs per group. Norms and biases are left alone.
 
-    quantize_lm_head (default on, like llama.cpp's quantized files and vLLM): the LM head becomes an int8
-    QuantizedWeight in either mode, with a scale per vocab row and group of HEAD_GROUP_SIZE inputs (GGUF
-    Q8_0's blocks; per vocab row only when the groups do not divide d). int8 rather than int4 because the
-    logits are the most quantization-sensitive matmul; 32-input groups because they are Q8_0's, so a Q8_0
-    embedding (the default SmolLM2-135M file's) is re-gridded exactly, where one scale per row moves its
-    logits by up to ~0.6 and flips some greedy near-ties (tests/test_quantized_model.py).
-    An untied "lm_head" [d, vocab] is replaced; a tied model keeps its float "embed" for the token lookup
-    and gains an "lm_head" copy quantized from embed.T, which model.llama.logits_from_hidden uses instead
-    of the embedding (at batch-1 decode the float head is the largest read of a quantized model: 113 MB in
-    float32 on SmolLM2-135M, vs 32 MB as grouped int8).
+    quantize_lm_head: the LM head becomes an int8 QuantizedWeight in either mode, with a scale per vocab
+    row and group of HEAD_GROUP_SIZE inputs (per vocab row only when the groups do not divide d). int8, not
+    int4: the logits are the most quantization-sensitive matmul. 32-input groups are GGUF Q8_0's blocks, so
+    a Q8_0 embedding (the default SmolLM2-135M file's) is re-gridded exactly, where one scale per row moves
+    its logits by up to ~0.6 and flips some greedy near-ties (tests/test_quantized_model.py). An untied
+    "lm_head" [d, vocab] is replaced; a tied model keeps its float "embed" for the token lookup and gains
+    an "lm_head" copy quantized from embed.T, which model.llama.logits_from_hidden uses instead (113 MB read
+    per token in float32 on SmolLM2-135M, 32 MB as grouped int8). Off by default: on CPU the float tied
+    head is a row-major matvec that XLA streams near the read bandwidth, and the int8 head measured no
+    faster in a decode step (scripts/bench_cpu_matvec.py --model-step --int8-head) while adding 32 MB.
     Weights that are already QuantizedWeights are kept as they are.
     """
     if mode not in MODES:

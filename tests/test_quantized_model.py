@@ -204,8 +204,6 @@ def test_llm_int8_weights_and_int8_kv_end_to_end(default_model):
              max_num_batched_tokens=64) as llm:
         cache = llm.engine.runner.cache
         assert cache["k"].dtype == jnp.int8 and cache["k_scale"].dtype == jnp.float32
-        params = llm.engine.runner.params  # tied model: float embedding for the lookup, an int8 head copy
-        assert params["embed"].dtype == jnp.float32 and isinstance(params["lm_head"], QuantizedWeight)
         out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=6))[0]
         assert "Paris" in out.text
         score = llm.score("The capital of France is Paris.")[0]
@@ -234,7 +232,7 @@ def test_int8_lm_head_logits_close_to_the_float_head(default_model, ppl_ids):
     from model.quantize import quantize_int8
 
     cfg, params, _ = default_model
-    q = quantize_params(params, "int8")
+    q = quantize_params(params, "int8", quantize_lm_head=True)
     assert q["embed"] is params["embed"] and q["lm_head"].group_size == 32
     per_row = dict(q, lm_head=quantize_int8(params["embed"].T))
     h = _dense_hidden(params, cfg, ppl_ids[:48])                                   # [48, d]
@@ -262,9 +260,9 @@ def test_int8_lm_head_runs_on_the_cpu_kernel_at_batch_1(default_model):
     cfg, params, _ = default_model
     h = jnp.zeros((1, cfg.hidden_size), jnp.float32)
     lowered = lambda p: jax.jit(lambda p, h: logits_from_hidden(p, h, cfg)).lower(p, h).as_text()  # noqa: E731
-    assert "ridgeline_qmatmul_int8" in lowered(quantize_params(params, "int8"))
+    assert "ridgeline_qmatmul_int8" in lowered(quantize_params(params, "int8", quantize_lm_head=True))
     assert "ridgeline_qmatmul" not in lowered(params)
-    assert "ridgeline_qmatmul" not in lowered(quantize_params(params, "int8", quantize_lm_head=False))
+    assert "ridgeline_qmatmul" not in lowered(quantize_params(params, "int8"))  # the default: the float head
 
 
 @pytest.mark.slow

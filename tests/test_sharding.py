@@ -640,11 +640,12 @@ def worker_quantized(results: dict):
     from sharding.rules import cache_sharding, shard_params
 
     untied = tiny_config()
-    tied = dataclasses.replace(untied, tie_word_embeddings=True)  # quantize_params adds an int8 head copy
+    tied = dataclasses.replace(untied, tie_word_embeddings=True)  # with an int8 head copy of the embedding
     num_pages = PAGES_PER_SEQ * PAD_SEQS
     for name, mode, cfg in (("int8", "int8", untied), ("int4", "int4", untied), ("int8-tied", "int8", tied)):
         step = jax.jit(lambda p, c, i, cfg=cfg: forward(p, c, i, cfg), donate_argnums=(1,))
-        params = quantize_params(init_params(cfg, jax.random.PRNGKey(0)), mode, group_size=32)
+        params = quantize_params(init_params(cfg, jax.random.PRNGKey(0)), mode, group_size=32,
+                                 quantize_lm_head=cfg.tie_word_embeddings)
         ref, _ = two_ragged_steps(params, init_cache(cfg, num_pages, PAGE_SIZE), step)
         mesh = make_mesh(2, 1)
         cache = jax.device_put(init_cache(cfg, num_pages, PAGE_SIZE), cache_sharding(cfg, mesh))
