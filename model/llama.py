@@ -377,8 +377,11 @@ def unstack_layers(params: Params) -> Params:
 
 
 def logits_from_hidden(params: Params, h: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    """h [N, d] -> float32 logits [N, vocab]."""
-    if cfg.tie_word_embeddings:
+    """h [N, d] -> float32 logits [N, vocab].
+
+    A tied model multiplies by its embedding, unless model.quantize.quantize_params gave it a quantized
+    "lm_head" copy (then that, like an untied head, through the quantized matmul)."""
+    if cfg.tie_word_embeddings and "lm_head" not in params:
         return jnp.einsum("nd,vd->nv", h, params["embed"], preferred_element_type=jnp.float32)
     ks = kernel_sharding(cfg, params["embed"])
     return _project(h, params["lm_head"], PARAM_AXES["lm_head"], ks).astype(jnp.float32)

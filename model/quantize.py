@@ -36,6 +36,7 @@ from pallas_kernels.quantized_matmul import (
 # Projection weights of a layer (params["layers"], stacked [L, in, out]); see docs/DESIGN.md.
 PROJECTION_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 MODES = ("int8", "int4")
+HEAD_GROUP_SIZE = 32  # inputs per int8 scale of a quantized LM head (see quantize_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +175,18 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
     """Returns params with the layer projections (PROJECTION_KEYS) replaced by QuantizedWeights.
 
     mode "int8": per-output-channel symmetric (group_size unused); "int4": asymmetric, group_size
-    inputs per group. Norms, biases and embeddings are left alone; "lm_head" [d, vocab] is quantized
-    only with quantize_lm_head=True (and only if present: tied models use the embedding instead).
+    inputs per group. Norms and biases are left alone.
+
+    quantize_lm_head: the LM head becomes an int8 QuantizedWeight in either mode, with a scale per vocab
+    row and group of HEAD_GROUP_SIZE inputs (per vocab row only when the groups do not divide d). int8, not
+    int4: the logits are the most quantization-sensitive matmul. 32-input groups are GGUF Q8_0's blocks, so
+    a Q8_0 embedding (the default SmolLM2-135M file's) is re-gridded exactly, where one scale per row moves
+    its logits by up to ~0.6 and flips some greedy near-ties (tests/test_quantized_model.py). An untied
+    "lm_head" [d, vocab] is replaced; a tied model keeps its float "embed" for the token lookup and gains
+    an "lm_head" copy quantized from embed.T, which model.llama.logits_from_hidden uses instead (113 MB read
+    per token in float32 on SmolLM2-135M, 32 MB as grouped int8). Off by default: on CPU the float tied
+    head is a row-major matvec that XLA streams near the read bandwidth, and the int8 head measured no
+    faster in a decode step (scripts/bench_cpu_matvec.py --model-step --int8-head) while adding 32 MB.
     Weights that are already QuantizedWeights are kept as they are.
     """
     if mode not in MODES:
@@ -196,8 +207,12 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
         if key in layers:
             layers[key] = quantize(f"layers.{key}", layers[key])
     out = dict(params, layers=layers)
-    if quantize_lm_head and "lm_head" in out:
-        out["lm_head"] = quantize("lm_head", out["lm_head"])
+    if quantize_lm_head:
+        head = out["lm_head"] if "lm_head" in out else jnp.asarray(out["embed"]).T  # [d, vocab]
+        if not isinstance(head, QuantizedWeight):
+            d = np.shape(head)[0]
+            group = HEAD_GROUP_SIZE if d % HEAD_GROUP_SIZE == 0 else None
+            out["lm_head"] = quantize_int8(head, group_size=group, scale_dtype=scale_dtype)
     return out
 
 

@@ -2,7 +2,7 @@
 
     python scripts/bench_cpu_matvec.py [--rows 1] [--shapes 576x1536,1536x576,576x49152,1536x4608]
                                        [--formats int8,q8_0,q4_1] [--rounds 15] [--threads1]
-                                       [--model-step] [--json out.json]
+                                       [--model-step [--int8-head]] [--json out.json]
 
 For each [rows, K] @ [K, N] shape: the time of one jitted call (median over `rounds` rounds; in each round the
 implementations run one after another, so a busy shared machine slows them alike) and the effective bandwidth,
@@ -15,8 +15,10 @@ and 1536x576 (down); 576x49152 is its (tied) LM head's shape.
 
 --model-step: one decode step of the default model (batch --rows, 64 tokens of context), float32 weights
 (layers unrolled, the CPU default) vs int8 weights (layer scan, the CPU default for quantized models) on the
-XLA path vs on the kernel, and int8 unrolled on the kernel. Each variant is traced with the kernel on or off
-and AOT-compiled, then all are timed round-robin like the matmuls.
+XLA path vs on the kernel, and int8 unrolled on the kernel, all with the float (tied embedding) LM head;
+--int8-head adds the kernel variants with an int8 head (quantize_params(..., quantize_lm_head=True)).
+Each variant is traced with the kernel on or off and AOT-compiled, then all are timed round-robin like the
+matmuls.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def bench_shape(rows: int, k: int, n: int, formats, rounds: int, threads1: bool,
     return rows_out
 
 
-def bench_model_step(batch: int, rounds: int, context: int = 64, page_size: int = 16) -> list[dict]:
+def bench_model_step(batch: int, rounds: int, context: int = 64, page_size: int = 16,
+                     int8_head: bool = False) -> list[dict]:
     from model.checkpoint import load_model
     from model.llama import StepInputs, forward, init_cache, unstack_layers
     from model.quantize import quantize_params
@@ -106,6 +109,10 @@ def bench_model_step(batch: int, rounds: int, context: int = 64, page_size: int 
         logits_indices=jnp.arange(batch, dtype=jnp.int32))
     variants = {"float32, unrolled": (unstack_layers(params), False), "int8, scan, xla": (int8, False),
                 "int8, scan, ffi": (int8, True), "int8, unrolled, ffi": (unstack_layers(int8), True)}
+    if int8_head:
+        int8_h = jax.device_put(quantize_params(params, "int8", quantize_lm_head=True))
+        variants.update({"int8+head, scan, ffi": (int8_h, True),
+                         "int8+head, unr., ffi": (unstack_layers(int8_h), True)})
     steps = {}
     saved = os.environ.get(cpu.ENV_DISABLE)
     try:
@@ -153,6 +160,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads1", action="store_true", help="also time the kernel on one thread")
     parser.add_argument("--model-step", action="store_true", help="also time the default model's decode step")
+    parser.add_argument("--int8-head", action="store_true",
+                        help="with --model-step: also the kernel variants with an int8 LM head")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
@@ -171,7 +180,7 @@ def main(argv=None):
     if args.model_step:
         print(f"\ndefault model, one decode step, batch {args.rows}, 64 tokens of context")
         print(f"{'variant':>22} {'ms':>8} {'tok/s':>7} {'x f32':>6}")
-        for r in bench_model_step(args.rows, args.rounds):
+        for r in bench_model_step(args.rows, args.rounds, int8_head=args.int8_head):
             print(f"{r['variant']:>22} {r['ms']:8.2f} {r['tok_s']:7.1f} {r['speedup']:6.2f}")
             results.append(r)
     if args.json:

@@ -182,12 +182,22 @@ def test_quantize_params(mode, group_size):
     assert q["embed"] is params["embed"] and q["final_norm"] is params["final_norm"]
     assert q["lm_head"] is params["lm_head"]  # flag off by default
     assert isinstance(params["layers"]["wq"], np.ndarray)  # input untouched
-    assert isinstance(quantize_params(params, mode, group_size, quantize_lm_head=True)["lm_head"],
-                      QuantizedWeight)
-    # Tied model (no lm_head): the flag is a no-op; re-quantizing keeps QuantizedWeights as they are.
-    tied = quantize_params(_params(lm_head=False), mode, group_size, quantize_lm_head=True)
-    assert "lm_head" not in tied
+    # With the flag the head is int8 with groups of 32 inputs in either mode: an untied head is replaced, a
+    # tied model keeps its float embedding and gains a quantized copy of embed.T.
+    tied_params = _params(lm_head=False)
+    assert "lm_head" not in quantize_params(tied_params, mode, group_size)
+    for p, head in ((params, params["lm_head"]), (tied_params, tied_params["embed"].T)):
+        qh = quantize_params(p, mode, group_size, quantize_lm_head=True)["lm_head"]
+        assert isinstance(qh, QuantizedWeight) and qh.bits == 8 and qh.group_size == 32
+        assert np.abs(np.asarray(dequantize(qh)) - head).max() <= np.asarray(qh.scales).max() / 2 + 1e-6
+    # d = 48 is no multiple of 32: one scale per vocab row.
+    odd = quantize_params(_params(d=48), "int8", quantize_lm_head=True)["lm_head"]
+    assert odd.group_size is None and odd.scales.shape == (40,)
+    assert quantize_params(tied_params, mode, group_size, quantize_lm_head=True)["embed"] is tied_params["embed"]
+    # Re-quantizing keeps QuantizedWeights as they are.
     assert quantize_params(q, mode, group_size)["layers"]["wq"] is q["layers"]["wq"]
+    qh = quantize_params(params, mode, group_size, quantize_lm_head=True)
+    assert quantize_params(qh, mode, group_size, quantize_lm_head=True)["lm_head"] is qh["lm_head"]
 
 
 def test_quantize_params_errors():

@@ -210,6 +210,61 @@ def test_llm_int8_weights_and_int8_kv_end_to_end(default_model):
         assert np.isfinite(score.perplexity) and 1 < score.perplexity < 1000
 
 
+def _dense_hidden(params, cfg, ids):
+    """Final-norm hidden states [len(ids), d] of a teacher-forced dense forward."""
+    from model.llama import StepInputs, hidden_states, init_cache
+
+    n = len(ids)
+    inputs = StepInputs(tokens=jnp.asarray(ids, jnp.int32), positions=jnp.arange(n, dtype=jnp.int32),
+                        slot_mapping=jnp.full((n,), -1, jnp.int32), cu_q_lens=jnp.asarray([0, n], jnp.int32),
+                        kv_lens=jnp.asarray([n], jnp.int32), block_tables=jnp.zeros((1, 1), jnp.int32),
+                        num_seqs=jnp.asarray([1], jnp.int32), logits_indices=jnp.arange(n, dtype=jnp.int32))
+    return hidden_states(params, init_cache(cfg, 1, 1), inputs, cfg, attn_impl="xla", dense_prefill_len=n)[0]
+
+
+def test_int8_lm_head_logits_close_to_the_float_head(default_model, ppl_ids):
+    """The tied model's int8 head copy against the float embedding on the same hidden states. The default file
+    stores token_embd as Q8_0, so quantize_params' 32-input groups re-grid it exactly: the logits match the
+    float head's to float rounding. One scale per vocab row (group_size None) is lossy: within the rounding
+    bound |dlogit[n, v]| <= sum_g scale[g, v] / 2 * sum_{d in g} |h[n, d]|, within 1.0 logit (logits reach
+    ~37; measured 0.6) and the float top-1 token's log-prob moved by < 0.15 (measured max 0.10, mean 0.03)."""
+    from model.llama import logits_from_hidden
+    from model.quantize import quantize_int8
+
+    cfg, params, _ = default_model
+    q = quantize_params(params, "int8", quantize_lm_head=True)
+    assert q["embed"] is params["embed"] and q["lm_head"].group_size == 32
+    per_row = dict(q, lm_head=quantize_int8(params["embed"].T))
+    h = _dense_hidden(params, cfg, ppl_ids[:48])                                   # [48, d]
+    want = np.asarray(logits_from_hidden(params, h, cfg))                          # float head (embedding)
+    for rows in (h, h[-1:]):  # the prefill shape (XLA path) and M = 1 (the CPU kernel)
+        ref = want[-len(rows):]
+        np.testing.assert_allclose(np.asarray(logits_from_hidden(q, rows, cfg)), ref, rtol=0, atol=1e-3)
+        got = np.asarray(logits_from_hidden(per_row, rows, cfg))
+        diff = np.abs(got - ref)
+        bound = np.abs(np.asarray(rows)).sum(-1, keepdims=True) * np.asarray(per_row["lm_head"].scales) / 2
+        assert (diff <= bound * (1 + 1e-3) + 1e-4).all()
+        assert diff.max() < 1.0, diff.max()
+        top = ref.argmax(-1)[:, None]
+        dlogp = np.abs(np.take_along_axis(np.asarray(jax.nn.log_softmax(got) - jax.nn.log_softmax(ref)), top, 1))
+        assert dlogp.max() < 0.15, dlogp.max()
+
+
+def test_int8_lm_head_runs_on_the_cpu_kernel_at_batch_1(default_model):
+    """At M = 1 on CPU the head's matmul lowers to the jax.ffi kernel's custom call (the float head does not)."""
+    from model.llama import logits_from_hidden
+    from pallas_kernels import cpu_quantized_matmul as cpu
+
+    if jax.default_backend() != "cpu" or not cpu.available():
+        pytest.skip("the CPU quantized-matmul kernel is not available here")
+    cfg, params, _ = default_model
+    h = jnp.zeros((1, cfg.hidden_size), jnp.float32)
+    lowered = lambda p: jax.jit(lambda p, h: logits_from_hidden(p, h, cfg)).lower(p, h).as_text()  # noqa: E731
+    assert "ridgeline_qmatmul_int8" in lowered(quantize_params(params, "int8", quantize_lm_head=True))
+    assert "ridgeline_qmatmul" not in lowered(params)
+    assert "ridgeline_qmatmul" not in lowered(quantize_params(params, "int8"))  # the default: the float head
+
+
 @pytest.mark.slow
 def test_greedy_agreement_with_float(default_model):
     """Reported, loosely bounded: a 135M model has near-ties that any perturbation can flip, so greedy

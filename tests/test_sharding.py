@@ -479,8 +479,8 @@ def test_pallas_tp_kernels_see_per_device_shapes(pallas_tp_results, model):
 @pytest.mark.slow
 def test_sharded_quantized_forward_matches_one_device(tmp_path):
     r = run_worker("quantized", tmp_path)
-    for mode in ("int8", "int4"):
-        assert r[mode]["max_abs_diff"] < 1e-4, r
+    for name in ("int8", "int4", "int8-tied"):
+        assert r[name]["max_abs_diff"] < 1e-4, r
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -639,16 +639,18 @@ def worker_quantized(results: dict):
     from sharding.mesh import make_mesh
     from sharding.rules import cache_sharding, shard_params
 
-    cfg = tiny_config()
-    step = jax.jit(lambda p, c, i: forward(p, c, i, cfg), donate_argnums=(1,))
+    untied = tiny_config()
+    tied = dataclasses.replace(untied, tie_word_embeddings=True)  # with an int8 head copy of the embedding
     num_pages = PAGES_PER_SEQ * PAD_SEQS
-    for mode in ("int8", "int4"):
-        params = quantize_params(init_params(cfg, jax.random.PRNGKey(0)), mode, group_size=32)
+    for name, mode, cfg in (("int8", "int8", untied), ("int4", "int4", untied), ("int8-tied", "int8", tied)):
+        step = jax.jit(lambda p, c, i, cfg=cfg: forward(p, c, i, cfg), donate_argnums=(1,))
+        params = quantize_params(init_params(cfg, jax.random.PRNGKey(0)), mode, group_size=32,
+                                 quantize_lm_head=cfg.tie_word_embeddings)
         ref, _ = two_ragged_steps(params, init_cache(cfg, num_pages, PAGE_SIZE), step)
         mesh = make_mesh(2, 1)
         cache = jax.device_put(init_cache(cfg, num_pages, PAGE_SIZE), cache_sharding(cfg, mesh))
         got, _ = two_ragged_steps(shard_params(params, cfg, mesh), cache, step)
-        results[mode] = {"max_abs_diff": float(np.abs(got - ref).max())}
+        results[name] = {"max_abs_diff": float(np.abs(got - ref).max())}
 
 
 def pallas_tp_configs():
