@@ -177,13 +177,13 @@ class Engine:
         compute_dtype = jax.tree.leaves(params)[0].dtype
         kv_dtype = compute_dtype if engine_cfg.kv_cache_dtype == "auto" else KV_CACHE_DTYPES[engine_cfg.kv_cache_dtype]
         spec = engine_cfg.speculative
-        self._draft = None  # (config, params, layers) of a draft model
+        draft = None  # (config, params, layers) of a draft model
         if spec is not None and spec.method == "draft":
             if cache_sharding is not None:
                 raise ValueError("speculative method='draft' is not supported with tensor parallelism")
             draft_cfg, draft_params = load_draft(spec, cfg, params)
-            self._draft = (draft_cfg, draft_params, spec.draft_layers(draft_cfg))
-        num_pages = engine_cfg.num_pages or self._pages_from_budget(kv_dtype, cache_sharding)
+            draft = (draft_cfg, draft_params, spec.draft_layers(draft_cfg))
+        num_pages = engine_cfg.num_pages or self._pages_from_budget(kv_dtype, cache_sharding, draft)
         engine_cfg = self.engine_cfg = self._fit_max_model_len(engine_cfg, num_pages, max_len_given)
         self.allocator = BlockAllocator(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens,
@@ -207,11 +207,10 @@ class Engine:
             if spec.method == "ngram":
                 self.proposer = NgramProposer(k, spec.ngram_min, spec.ngram_max)
             else:
-                draft_cfg, draft_params, draft_layers = self._draft
+                draft_cfg, draft_params, draft_layers = draft
                 self.proposer = DraftRunner(draft_cfg, draft_params, draft_layers, k, engine_cfg.page_size, num_pages,
                                             engine_cfg.max_num_seqs, kv_dtype, engine_cfg.attn_impl)
             self.spec_stats = SpecDecodeStats()
-        self._draft = None
         self.runner = ModelRunner(cfg, params, engine_cfg, num_pages, kv_dtype, cache_sharding,
                                   draft=self.proposer if isinstance(self.proposer, DraftRunner) else None)
 
@@ -232,9 +231,10 @@ class Engine:
         warnings.warn(f"{message}; lowering max_model_len to {pool_tokens}", stacklevel=3)
         return dataclasses.replace(engine_cfg, max_model_len=pool_tokens)
 
-    def _pages_from_budget(self, kv_dtype, cache_sharding=None) -> int:
+    def _pages_from_budget(self, kv_dtype, cache_sharding=None, draft=None) -> int:
         """Pages that fit one device's KV budget. Under TP each device holds only its KV heads of every
-        page (sharding.rules.cache_sharding), so a page costs that device 1/split of its full bytes."""
+        page (sharding.rules.cache_sharding), so a page costs that device 1/split of its full bytes.
+        With a draft model (config, params, layers), the budget also holds its pool."""
         ec, cfg = self.engine_cfg, self.cfg
         heads_per_device = cfg.num_kv_heads
         device = None
@@ -256,10 +256,10 @@ class Engine:
         # An int8 pool also holds one float32 scale per token per KV head (4 / head_dim bytes per element).
         itemsize = jnp.dtype(kv_dtype).itemsize
         spec, scratch = ec.speculative, 0
-        if self._draft is not None:
+        if draft is not None:
             # A draft model's pool has a page beside every target page (plus its scratch pages): the budget
             # buys pairs of pages.
-            draft_cfg, _, draft_layers = self._draft
+            draft_cfg, _, draft_layers = draft
             draft_page = DraftRunner.bytes_per_page(draft_cfg, draft_layers, ec.page_size, kv_dtype)
             target_page = DraftRunner.bytes_per_page(cfg, cfg.num_layers, ec.page_size, kv_dtype)
             scratch = pow2_bucket(ec.max_num_seqs) * DraftRunner.scratch_pages_per_row(spec.num_speculative_tokens,
@@ -272,8 +272,8 @@ class Engine:
         needed = ec.max_num_seqs * -(-ec.max_model_len // ec.page_size)
         pages = max(1, min(pages, needed))
         pages = safe_pool_pages(cfg, pages, ec.page_size, kv_dtype, heads_per_device)
-        if self._draft is not None:
-            draft_cfg, _, draft_layers = self._draft
+        if draft is not None:
+            draft_cfg, _, draft_layers = draft
             draft_pool = dataclasses.replace(draft_cfg, num_layers=draft_layers)
             heads = draft_cfg.num_kv_heads
             pages = safe_pool_pages(draft_pool, pages + scratch, ec.page_size, kv_dtype, heads) - scratch

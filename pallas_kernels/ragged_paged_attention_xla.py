@@ -31,10 +31,6 @@ XLA_BLOCK_K_TOKENS = 256
 # XLA path: float32 bytes of one batched-decode K block ([KVH, max_seqs, block, hd]); ~1 MiB keeps the
 # gathered block in cache between the gather and the dots (measured faster than bigger blocks).
 XLA_DECODE_BLOCK_BYTES = 1 << 20
-# XLA path: float32 bytes of the whole batched-decode K table up to which decode runs in one pass, gathered
-# straight from the pool with no loop and no page compaction (B=64 decode at 128-token contexts: 6 MiB;
-# one pass measured 17% faster per model step there, while bigger blocks were slower at long contexts).
-XLA_DECODE_ONE_PASS_BYTES = 8 << 20
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -94,33 +90,7 @@ def _compact_pages(pages, scales, block_tables):
 
 def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
                                k_scales=None, v_scales=None, *, sm_scale, query_chunks=XLA_QUERY_CHUNKS,
-                               block_k_tokens=XLA_BLOCK_K_TOKENS, decode_block_bytes=XLA_DECODE_BLOCK_BYTES,
-                               decode_one_pass_bytes=XLA_DECODE_ONE_PASS_BYTES):
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_pages.shape
-    max_seqs, pages_per_seq = block_tables.shape
-    q_lens = sequence_q_lens(cu_q_lens, num_seqs)
-    pages_per_block = max(1, min(block_k_tokens // page_size, pages_per_seq))
-    # The batched decode block holds every sequence's KV: the whole table when small enough, else blocks
-    # sized to stay cache-resident.
-    decode_page_bytes = max_seqs * num_kv_heads * page_size * head_dim * 4
-    decode_pages_per_block = (pages_per_seq if pages_per_seq * decode_page_bytes <= decode_one_pass_bytes
-                              else max(1, min(pages_per_seq, decode_block_bytes // decode_page_bytes)))
-    out = _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, k_scales, v_scales,
-                          sm_scale=sm_scale, pages_per_block=decode_pages_per_block)
-    # Steps where every sequence decodes (the steady state of a batch job) skip the per-sequence pass
-    # and its page compaction altogether.
-    return lax.cond(jnp.any(q_lens > 1),
-                    functools.partial(_multi_query_sequences, sm_scale=sm_scale, query_chunks=query_chunks,
-                                      pages_per_block=pages_per_block),
-                    lambda out, *_: out,
-                    out, q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, num_seqs, k_scales, v_scales)
-
-
-def _multi_query_sequences(out, q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, num_seqs,
-                           k_scales, v_scales, *, sm_scale, query_chunks, pages_per_block):
-    """out [T, H, hd] with the rows of every sequence with more than one query (prefill, chunked prefill,
-    speculative verify) filled in, one sequence at a time, in query chunks of `query_chunks` rows."""
+                               block_k_tokens=XLA_BLOCK_K_TOKENS, decode_block_bytes=XLA_DECODE_BLOCK_BYTES):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, pages_per_seq = block_tables.shape
@@ -131,12 +101,15 @@ def _multi_query_sequences(out, q, k_pages, v_pages, kv_lens, block_tables, cu_q
     k_pages, k_scales = _compact_pages(k_pages, k_scales, block_tables)
     v_pages, v_scales = _compact_pages(v_pages, v_scales, block_tables)
     block_tables = jnp.arange(max_seqs * pages_per_seq, dtype=block_tables.dtype).reshape(max_seqs, pages_per_seq)
+    pages_per_block = max(1, min(block_k_tokens // page_size, pages_per_seq))
     block_k = pages_per_block * page_size
     # Pad so every block-table slice and every query chunk slice stays in bounds (page 0 is a
     # real page; whatever it holds is masked out).
     num_kv_blocks = pl.cdiv(pages_per_seq, pages_per_block)
     block_tables = jnp.pad(block_tables, ((0, 0), (0, num_kv_blocks * pages_per_block - pages_per_seq)))
     largest_chunk = max(query_chunks)
+    q_lens = sequence_q_lens(cu_q_lens, num_seqs)
+
     q_padded = jnp.pad(q, ((0, largest_chunk), (0, 0), (0, 0)))
 
     def attend_chunk(chunk_size, seq, chunk_start, out):
@@ -186,6 +159,11 @@ def _multi_query_sequences(out, q, k_pages, v_pages, kv_lens, block_tables, cu_q
         return lax.cond(q_lens[seq] == 1, lambda s, out: out,
                         lambda s, out: lax.switch(branch, branches, s, out), seq, out)
 
+    # The batched decode block holds every sequence's KV: size it to stay cache-resident.
+    decode_pages_per_block = max(1, min(pages_per_block, decode_block_bytes // (
+        max_seqs * num_kv_heads * page_size * head_dim * 4)))
+    out = _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, k_scales, v_scales,
+                          sm_scale=sm_scale, pages_per_block=decode_pages_per_block)
     out = jnp.pad(out, ((0, largest_chunk), (0, 0), (0, 0)))
     out = lax.fori_loop(0, jnp.minimum(num_seqs[0], max_seqs), one_sequence, out)
     return out[:num_tokens]
@@ -193,54 +171,43 @@ def _multi_query_sequences(out, q, k_pages, v_pages, kv_lens, block_tables, cu_q
 
 def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_lens, k_scales=None, v_scales=None, *,
                     sm_scale, pages_per_block):
-    """Sequences with exactly one query, all at once: KV blocks of `pages_per_block` pages of every sequence.
+    """Sequences with exactly one query, all at once: one loop over KV blocks for the whole batch.
 
     A per-sequence loop would pay loop overhead per (sequence, block); decode-heavy batches are
-    the engine's steady state, so they get big batched ops instead. When one block covers the whole
-    block table there is no loop at all: the pages are gathered straight out of the pool. Returns
-    [num_tokens, H, hd] with the decode rows filled and zeros elsewhere.
+    the engine's steady state, so they get big batched ops instead. Returns [num_tokens(+pad), H, hd]
+    with the decode rows filled and zeros elsewhere.
     """
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
-    max_seqs, pages_per_seq = block_tables.shape
+    max_seqs = kv_lens.shape[0]
     group = num_heads // num_kv_heads
     block_k = pages_per_block * page_size
-    num_blocks = pl.cdiv(pages_per_seq, pages_per_block)
-    if num_blocks > 1:
-        # A loop over blocks reads from a compact copy of the batch's pages, not from the donated pool
-        # (which XLA would otherwise copy into the loop).
-        k_pages, k_scales = _compact_pages(k_pages, k_scales, block_tables)
-        v_pages, v_scales = _compact_pages(v_pages, v_scales, block_tables)
-        block_tables = jnp.arange(max_seqs * pages_per_seq, dtype=block_tables.dtype).reshape(max_seqs, pages_per_seq)
     # Whole blocks only: a clamped dynamic_slice at the table's end would shift pages.
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
+    padded_width = round_up(block_tables.shape[1], pages_per_block)
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, padded_width - block_tables.shape[1])))
     is_decode = q_lens == 1
     rows = jnp.where(is_decode, cu_q_lens[:-1], 0)
     decode_kv_lens = jnp.where(is_decode, kv_lens, 0)
-    # Heads lead and sequences follow in every operand, as in the gathered blocks [KVH, S, block_k, hd]:
-    # the dots are then plain batched matmuls (no transposes of the KV blocks).
     q_decode = q[rows].astype(jnp.float32).reshape(max_seqs, num_kv_heads, group, head_dim) * sm_scale
-    q_decode = jnp.transpose(q_decode, (1, 0, 2, 3))  # [KVH, S, G, hd]
 
     def kv_block(kj, carry):
         page_ids = lax.dynamic_slice_in_dim(block_tables, kj * pages_per_block, pages_per_block, axis=1)
         k_block, k_scale = _gather_kv_block(k_pages, k_scales, page_ids)  # [KVH, S, block_k, hd], [KVH, S, block_k]
         v_block, v_scale = _gather_kv_block(v_pages, v_scales, page_ids)
-        scores = jnp.einsum("hsgd,hskd->hsgk", q_decode, k_block)
+        scores = jnp.einsum("shgd,hskd->shgk", q_decode, k_block)
         if k_scale is not None:
-            scores = scores * k_scale[:, :, None, :]
+            scores = scores * jnp.transpose(k_scale, (1, 0, 2))[:, :, None, :]
         kv_positions = kj * block_k + jnp.arange(block_k)
-        allowed = (kv_positions[None, :] < decode_kv_lens[:, None])[None, :, None, :]  # [1, S, 1, block_k]
-        v_scale = None if v_scale is None else v_scale[:, :, None, :]
-        return _online_softmax_step(carry, scores, allowed, v_block, v_scale, "hsgk,hskd->hsgd")
+        allowed = (kv_positions[None, :] < decode_kv_lens[:, None])[:, None, None, :]  # [S, 1, 1, block_k]
+        v_scale = None if v_scale is None else jnp.transpose(v_scale, (1, 0, 2))[:, :, None, :]
+        return _online_softmax_step(carry, scores, allowed, v_block, v_scale, "shgk,hskd->shgd")
 
-    init = _online_softmax_init((num_kv_heads, max_seqs, group), head_dim)
-    if num_blocks == 1:
-        acc, _, row_sum = kv_block(0, init)
-    else:
-        acc, _, row_sum = lax.fori_loop(0, pl.cdiv(jnp.max(decode_kv_lens), block_k), kv_block, init)
-    result = jnp.transpose(_online_softmax_finish(acc, row_sum), (1, 0, 2, 3)).reshape(max_seqs, num_heads, head_dim)
+    init = _online_softmax_init((max_seqs, num_kv_heads, group), head_dim)
+    num_blocks = pl.cdiv(jnp.max(decode_kv_lens), block_k)
+    acc, _, row_sum = lax.fori_loop(0, num_blocks, kv_block, init)
+    result = _online_softmax_finish(acc, row_sum).reshape(max_seqs, num_heads, head_dim)
     # Non-decode sequences scatter out of bounds, i.e. nowhere.
     target_rows = jnp.where(is_decode, rows, num_rows)
     out = jnp.zeros(q.shape, q.dtype)
     return out.at[target_rows].set(result.astype(q.dtype), mode="drop")
+

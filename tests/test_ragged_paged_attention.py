@@ -315,15 +315,13 @@ def test_pallas_kernel_lowers_to_triton(dtype):
 DECODE_PAGE_BYTES = 5 * 2 * 8 * 16 * 4
 
 
-@pytest.mark.parametrize("decode_pages", [1, 4, None])
+@pytest.mark.parametrize("decode_pages", [1, 4])
 def test_xla_decode_blocks_smaller_than_prefill_blocks(decode_pages):
-    """Batched-decode KV blocks of 1 and 4 pages against 6-page tables (not a multiple of 4); None: the
-    whole table in one pass."""
+    """Batched-decode KV blocks of 1 and 4 pages against 6-page tables (not a multiple of 4)."""
     import importlib
     module = importlib.import_module("pallas_kernels.ragged_paged_attention_xla")
     batch = make_batch([1, 1, 2, 1], [40, 33, 9, 17], page_size=8, group=2)  # 5 + 1 spare pages per seq
     got = jax.jit(functools.partial(module.ragged_paged_attention_xla, sm_scale=0.25, block_k_tokens=64,
-                                    decode_block_bytes=(decode_pages or 1) * DECODE_PAGE_BYTES,
-                                    decode_one_pass_bytes=0 if decode_pages else 1 << 30))(*batch)
+                                    decode_block_bytes=decode_pages * DECODE_PAGE_BYTES))(*batch)
     expected = ragged_paged_attention_reference(*batch, sm_scale=0.25)
     assert float(jnp.max(jnp.abs(got[:5] - expected[:5]))) <= 1e-4
