@@ -230,6 +230,7 @@ def test_warmup_then_a_64_request_job_compiles_nothing(default_model, async_sche
     cfg = LlamaConfig(vocab_size=default_model[0].vocab_size, hidden_size=64, intermediate_size=128, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, name="probe")
     params = init_params(cfg, jax.random.key(0))
+    jax.clear_caches()  # each parametrization starts cold (engines with one config share step programs)
     with LLM(_loaded=(cfg, params, tok), max_num_seqs=8, max_num_batched_tokens=32, num_pages=160,
              page_size=16, async_scheduling=async_scheduling) as llm:
         with count_xla_compiles() as warm:

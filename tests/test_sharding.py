@@ -338,7 +338,8 @@ def test_data_parallel_interrupt_pauses_every_replica(dp_setup):
     from inference.data_parallel import DataParallelEngine
 
     _, _, prompts, sp, want = dp_setup
-    engines, starts = _dp_engines(dp_setup, [0.05, 0.02])
+    # Steps slow enough that the job (>= 12 steps of 0.2 s) outlasts the interrupt at 0.5 s on a loaded machine.
+    engines, starts = _dp_engines(dp_setup, [0.2, 0.1])
     dp = DataParallelEngine(engines)
     ids = [dp.add_request(None, p, sp, stream=False) for p in prompts]
     timer = threading.Timer(0.5, _thread.interrupt_main)
