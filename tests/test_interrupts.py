@@ -215,7 +215,9 @@ def test_interrupted_generate_then_next_generate_matches_a_fresh_llm(params, mon
 
 
 _SIGINT_CHILD = textwrap.dedent("""
-    import dataclasses, json, sys
+    import dataclasses, json, signal, sys
+    # A parent started in the background (`cmd &` in a script) passes SIGINT on as ignored: take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import jax
     from inference.llm import LLM
     from inference.sampling_params import SamplingParams

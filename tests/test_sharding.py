@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -342,12 +343,18 @@ def test_data_parallel_interrupt_pauses_every_replica(dp_setup):
     engines, starts = _dp_engines(dp_setup, [0.2, 0.1])
     dp = DataParallelEngine(engines)
     ids = [dp.add_request(None, p, sp, stream=False) for p in prompts]
+    # interrupt_main acts like a real SIGINT: it does nothing where SIGINT is ignored (a process started in
+    # the background by a script) and runs whatever handler an earlier test left; use Python's own here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, _thread.interrupt_main)
     timer.start()
     final = {}
-    with pytest.raises(KeyboardInterrupt):
-        while dp.has_unfinished_requests():
-            final.update({o.request_id: o for o in dp.step() if o.finished})
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            while dp.has_unfinished_requests():
+                final.update({o.request_id: o for o in dp.step() if o.finished})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     interrupted = time.monotonic()
     time.sleep(0.3)
     assert all(t < interrupted for began in starts for t in began)  # nothing started after the interrupt
