@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.backend import round_up
+
 # Finite "minus infinity": exp(MASK_VALUE - m) underflows to 0 without inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -31,10 +33,6 @@ XLA_BLOCK_K_TOKENS = 256
 # XLA path: float32 bytes of one batched-decode K block ([KVH, max_seqs, block, hd]); ~1 MiB keeps the
 # gathered block in cache between the gather and the dots (measured faster than bigger blocks).
 XLA_DECODE_BLOCK_BYTES = 1 << 20
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def sequence_q_lens(cu_q_lens, num_seqs):
