@@ -164,8 +164,8 @@ class LLM:
         if unroll_layers is None:
             # XLA:CPU copies each layer's weights out of stacked arrays under lax.scan (3x the bytes of a
             # memory-bound decode step); unrolled layers read them in place at the price of longer compiles.
-            # Quantized weights measured ~9x slower unrolled than under scan on XLA:CPU (to investigate),
-            # so they keep the scan.
+            # Quantized weights keep the scan: the CPU kernel reads each layer in place from the stack
+            # (model.quantize.StackedLayer).
             unroll_layers = jax.default_backend() == "cpu" and quantization is None
         if tensor_parallel_size * data_parallel_size > 1:
             from inference.data_parallel import DataParallelEngine

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from model.config import LlamaConfig
-from model.quantize import QuantizedWeight, dense
+from model.quantize import QuantizedWeight, StackedLayer, dense
 from pallas_kernels import flash_attention, ragged_paged_attention, update_kv_cache
 
 Params = dict
@@ -348,16 +348,18 @@ def hidden_states(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaCo
         # Unstacked layers (see unstack_layers): a Python loop, each layer's weights used where they lie.
         for i, layer_params in enumerate(layers[:depth]):
             carry, _ = body(carry, (i, layer_params))
-    elif depth == cfg.num_layers:
-        layer_ids = jnp.arange(depth, dtype=jnp.int32)
-        carry, _ = jax.lax.scan(body, carry, (layer_ids, layers))
     else:
-        # Index the stacked weights per layer: slicing layers[:depth] up front would copy them on every call.
-        def prefix_body(carry, i):
-            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
+        # The stacked weights ride into the loop whole and each layer is indexed inside it; quantized ones
+        # stay unsliced (StackedLayer) where the matmul can read a layer in place (no tensor parallelism).
+        in_place = kernel_sharding(cfg, cache["k"], layers["attn_norm"]) is None
+
+        def layer_body(carry, i):
+            p = jax.tree.map(lambda a: StackedLayer(a, i) if in_place and isinstance(a, QuantizedWeight)
+                             else jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                             layers, is_leaf=lambda a: isinstance(a, QuantizedWeight))
             return body(carry, (i, p))
 
-        carry, _ = jax.lax.scan(prefix_body, carry, jnp.arange(depth, dtype=jnp.int32))
+        carry, _ = jax.lax.scan(layer_body, carry, jnp.arange(depth, dtype=jnp.int32))
     x, *pool = carry
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache_from_carry(pool)
 

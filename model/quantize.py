@@ -79,6 +79,21 @@ jax.tree_util.register_dataclass(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class StackedLayer:
+    """Layer `layer` of a QuantizedWeight stacked [L, in, out], not yet sliced out of the stack.
+
+    Built inside a layer loop (model.llama.hidden_states); `dense` passes the stack and the index to the
+    matmul, whose CPU kernel reads the layer in place instead of copying it out first as slicing does.
+    """
+
+    stacked: QuantizedWeight
+    layer: Any  # int32 scalar
+
+    def sliced(self) -> QuantizedWeight:
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, keepdims=False), self.stacked)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Quantizers
 # ----------------------------------------------------------------------------------------------------
@@ -155,11 +170,13 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 def dense(x: jax.Array, w, *, impl: str = "auto") -> jax.Array:
     """x [..., in] @ w [in, out] -> [..., out] in x.dtype, accumulating in float32.
 
-    w is a float array (cast to x.dtype) or a 2-D QuantizedWeight (fused dequantizing matmul; impl
-    picks its implementation, see pallas_kernels/backend.py).
+    w is a float array (cast to x.dtype), a 2-D QuantizedWeight (fused dequantizing matmul; impl picks its
+    implementation, see pallas_kernels/backend.py) or a StackedLayer of one.
     """
     if isinstance(w, QuantizedWeight):
         return quantized_matmul(x, w, impl=impl)
+    if isinstance(w, StackedLayer):
+        return quantized_matmul(x, w.stacked, w.layer, impl=impl)
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"dense: x.shape={tuple(x.shape)} @ w.shape={tuple(w.shape)}: "
                          f"w must be [in, out] with in == x.shape[-1]")

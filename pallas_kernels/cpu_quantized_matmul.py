@@ -4,10 +4,13 @@ Why a kernel of our own: XLA:CPU runs ``x @ (scales * q)`` for int8 / int4 weigh
 bytes (it dequantizes the whole weight, then calls a float dot), while a batch-1 decode step is a sweep
 over every weight byte once. ``cpu_qmatmul.cc`` streams the stored bytes (int8 per channel, int8 grouped
 = GGUF Q8_0, int4 half-split = GGUF Q4_0/Q4_1; layouts in ``pallas_kernels/quantized_matmul.py``),
-converts 16 weights at a time to float in registers and shares the column tiles between the calling
-thread and XLA's intra-op thread pool. Math: float32 products and accumulation, the per-channel scale
-after the K sum, grouped scales once per group (the same numerics as the ``"xla"`` path up to the
-summation order). ``quantized_matmul(impl="auto")`` picks it on CPU for M <= ``MAX_ROWS``.
+converts 16 weights at a time to float in registers and shares contiguous slices of K between the
+calling thread and XLA's intra-op thread pool, prefetching ahead of the hardware. Math: float32 products
+and accumulation, the per-channel scale after each slice's sum, grouped scales once per group (the same
+numerics as the ``"xla"`` path up to the summation order, which is fixed: a row's result does not depend
+on the other rows of the call). Stacked weights [L, K, N] with a layer index are read in place, which is
+how the model's layer scan calls it (``model.quantize.StackedLayer``): slicing the layer out first would
+copy it. ``quantized_matmul(impl="auto")`` picks it on CPU for M <= ``MAX_ROWS``.
 
 Build: lazily, on first use, with the system C++ compiler (``$CXX``, else ``c++`` / ``g++`` / ``clang++``)
 into ``cache_dir()`` (``~/.cache/ridgeline/ffi`` by default), one ``.so`` per hash of (source,
@@ -19,7 +22,8 @@ temporary file and rename it into place. Without a compiler or the FFI headers, 
 load fails, or with ``RIDGELINE_CPU_FFI=0``, ``available()`` is False, one warning says why, and
 ``quantized_matmul`` keeps its XLA path.
 
-Shapes: x [M, K] float, weight [K, N] in the formats above; output float32 [M, N].
+Shapes: x [M, K] float, weight [K, N] in the formats above (or stacked [L, K, N] with a layer index, read in
+place); output float32 [M, N].
 """
 
 from __future__ import annotations
@@ -180,28 +184,37 @@ def _reset_for_tests() -> None:
 # The call and its reference
 # ----------------------------------------------------------------------------------------------------
 
-def _ffi_matmul(x: jax.Array, qw, config: CpuMatmulConfig) -> jax.Array:
-    """x [M, K] float32 -> float32 [M, N]."""
-    m, k = x.shape
+def stacked_kernel_reads_in_place(qw) -> bool:
+    """Whether the kernel can read one layer of this stacked weight where it lies: its scales (and int4 zeros)
+    must already be float32 (a cast would copy the whole stack)."""
+    return all(a is None or a.dtype == jnp.float32 for a in (qw.scales, qw.zeros))
+
+
+def _ffi_matmul(x: jax.Array, qw, layer: jax.Array, config: CpuMatmulConfig) -> jax.Array:
+    """x [M, K] float32 @ layer `layer` of qw (arrays stacked [L, ...]) -> float32 [M, N]."""
+    m = x.shape[0]
     n, g = qw.out_features, qw.group_size
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)
     attrs = dict(group_size=np.int64(g or 0), tile_vecs=np.int64(config.tile_vecs),
                  max_threads=np.int64(config.max_threads))
-    scales = qw.scales.astype(jnp.float32)                      # [N] or [K/G, N]
     if qw.bits == 8:
-        return jax.ffi.ffi_call(_TARGETS[8], out)(x, qw.values, scales, **attrs)
-    xsum = x.reshape(m, k // g, g).sum(axis=-1)                 # [M, K/G]: multiplies the int4 zero points
-    return jax.ffi.ffi_call(_TARGETS[4], out)(x, qw.values, scales, qw.zeros.astype(jnp.float32), xsum, **attrs)
+        return jax.ffi.ffi_call(_TARGETS[8], out)(x, qw.values, qw.scales, layer, **attrs)
+    return jax.ffi.ffi_call(_TARGETS[4], out)(x, qw.values, qw.scales, qw.zeros, layer, **attrs)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def cpu_quantized_matmul(x: jax.Array, qw, *, config: Optional[CpuMatmulConfig] = None) -> jax.Array:
-    """x [..., K] @ qw (a 2-D QuantizedWeight [K, N]) -> float32 [..., N] with the C++ kernel.
+def cpu_quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *,
+                         config: Optional[CpuMatmulConfig] = None) -> jax.Array:
+    """x [..., K] @ qw -> float32 [..., N] with the C++ kernel.
 
+    qw: a 2-D QuantizedWeight [K, N] (layer None), or one stacked [L, K, N] with `layer` an int32 scalar:
+    then that layer is read in place (see stacked_kernel_reads_in_place; otherwise it is sliced out first).
     Raises RuntimeError when the kernel is unavailable (see available()); quantized_matmul falls back.
     """
-    check_quantized_weight(qw, allow_stacked=False)
+    check_quantized_weight(qw, allow_stacked=layer is not None)
     k, n = qw.in_features, qw.out_features
+    if layer is not None and qw.values.ndim != 3:
+        raise ValueError(f"a layer index needs weights stacked [L, K, N], got values.shape={tuple(qw.values.shape)}")
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"x.shape={tuple(x.shape)} must end in in_features K={k}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -213,7 +226,15 @@ def cpu_quantized_matmul(x: jax.Array, qw, *, config: Optional[CpuMatmulConfig] 
     x2 = x.reshape(-1, k).astype(jnp.float32)                   # [M, K]
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), jnp.float32)
-    return _ffi_matmul(x2, qw, config).reshape(*lead, n)
+    if layer is None or not stacked_kernel_reads_in_place(qw):
+        if layer is not None:
+            qw = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), qw)
+        # A 2-D weight is a stack of one: bitcasts, no copies.
+        qw = jax.tree.map(lambda a: a[None], qw)
+        qw = dataclasses.replace(qw, scales=qw.scales.astype(jnp.float32),
+                                 zeros=None if qw.zeros is None else qw.zeros.astype(jnp.float32))
+        layer = 0
+    return _ffi_matmul(x2, qw, jnp.asarray(layer, jnp.int32), config).reshape(*lead, n)
 
 
 def cpu_quantized_matmul_reference(x: jax.Array, qw) -> jax.Array:

@@ -2,7 +2,8 @@
 
 Storage formats (this module owns the layout; ``model/quantize.py`` builds ``QuantizedWeight`` pytrees
 in it). K = in_features, N = out_features, G = group_size; every weight array may carry leading stacked
-dims ``[...]`` (layers), but the matmul itself takes one 2-D weight.
+dims ``[...]`` (layers), but the matmul itself takes one 2-D weight (or one layer of a ``[L, K, N]`` stack,
+given by index: see ``quantized_matmul``'s ``layer``).
 
 =====================  ========================  ==========================  ===============================
 kind                   values                    scales / zeros              float weight
@@ -388,15 +389,22 @@ def _cpu_ffi_for(m: int) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("impl", "block_sizes"))
-def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
+def quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *, impl: str = "auto",
                      block_sizes: Optional[QuantizedMatmulBlockSizes] = None) -> jax.Array:
     """x [..., K] @ qw (a 2-D QuantizedWeight [K, N]) -> [..., N] in x.dtype (f32 accumulation).
 
+    layer: with qw stacked [L, K, N], the int32 index of the layer to multiply by. The CPU kernel reads it
+    in place; every other impl slices it out first (what lax.scan over the stack would do).
     impl: "auto" | "pallas" | "pallas_interpret" | "xla" | "cpu_ffi" | "reference" (see the module docstring).
     block_sizes: Pallas tiles; None picks QuantizedMatmulBlockSizes.get_default for this shape.
     """
     requested, impl = impl, _resolve_impl(impl)
-    check_quantized_weight(qw, allow_stacked=False)
+    if layer is not None:
+        check_quantized_weight(qw)
+        if qw.values.ndim != 3:
+            raise ValueError(f"layer= needs weights stacked [L, K, N], got values.shape={tuple(qw.values.shape)}")
+    else:
+        check_quantized_weight(qw, allow_stacked=False)
     k, n = qw.in_features, qw.out_features
     if not any(x.dtype == jnp.dtype(d) for d in _FLOAT_DTYPES):
         raise ValueError(f"x.dtype={x.dtype} must be float32, bfloat16 or float16")
@@ -410,6 +418,12 @@ def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
 
     if requested == "auto" and impl == "xla" and _cpu_ffi_for(m):
         impl = CPU_FFI
+    if impl == CPU_FFI:
+        from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul
+
+        return cpu_quantized_matmul(x2, qw, layer).astype(x.dtype).reshape(*lead, n)
+    if layer is not None:
+        qw = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, layer, keepdims=False), qw)
     if impl in ("pallas", "pallas_interpret") and block_sizes is None:
         try:
             block_sizes = QuantizedMatmulBlockSizes.get_default(m=m, k=k, n=n, bits=qw.bits,
@@ -423,10 +437,6 @@ def quantized_matmul(x: jax.Array, qw, *, impl: str = "auto",
         out = quantized_matmul_reference(x2, qw)
     elif impl == "xla":
         out = _xla_matmul(x2, qw)
-    elif impl == CPU_FFI:
-        from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul
-
-        out = cpu_quantized_matmul(x2, qw)
     elif impl in ("pallas", "pallas_interpret"):
         from pallas_kernels.backend import targets_gpu
 

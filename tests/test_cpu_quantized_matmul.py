@@ -101,6 +101,45 @@ def test_inside_scan_over_stacked_layers():
     _assert_close(run(x0, stacked), want)
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_layer_of_a_stack_read_in_place(fmt):
+    """A layer index into stacked [L, K, N] weights gives that layer's product, on the kernel (read in place:
+    the stacked operand goes to the custom call whole) and through quantized_matmul's other paths."""
+    k, n = (96 if fmt != "int4_g6" else 90), 200
+    rng = np.random.default_rng(3)
+    layers = [FORMATS[fmt](rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k)) for _ in range(3)]
+    stacked = stack_quantized(layers)
+    x = jnp.asarray(rng.standard_normal((3, k), dtype=np.float32))
+    at = jax.jit(lambda x, w, i: cpu.cpu_quantized_matmul(x, w, i))
+    calls = [line for line in at.lower(x, stacked, jnp.int32(1)).compile().as_text().splitlines()
+             if 'custom_call_target="ridgeline_qmatmul' in line]
+    assert len(calls) == 1 and f"8[3,{stacked.values.shape[1]},{n}]" in calls[0]  # s8 / u8, the whole stack
+    for i, layer in enumerate(layers):
+        want = quantized_matmul_reference(x, layer)
+        np.testing.assert_array_equal(at(x, stacked, jnp.int32(i)), cpu.cpu_quantized_matmul(x, layer))
+        _assert_close(quantized_matmul(x, stacked, jnp.int32(i), impl="xla"), want)
+        _assert_close(quantized_matmul(x, stacked, jnp.int32(i), impl="auto"), want)
+
+
+def test_layer_index_out_of_range_is_an_error():
+    x, qw = _case("int8", 1, 64, 32)
+    stacked = stack_quantized([qw, qw])
+    with pytest.raises(Exception, match=r"layer=2 must be in \[0, 2\)"):
+        jax.block_until_ready(cpu.cpu_quantized_matmul(x, stacked, jnp.int32(2)))
+    with pytest.raises(ValueError, match=r"needs weights stacked \[L, K, N\]"):
+        cpu.cpu_quantized_matmul(x, qw, jnp.int32(0))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "int4_g32"])
+def test_a_rows_result_does_not_depend_on_the_other_rows(fmt):
+    """Batch invariance: row r of an M-row product is bitwise the same as that row alone, for every M the
+    kernel takes (the engine recomputes rolled-back decode rows in other batches and expects equal bits)."""
+    x, qw = _case(fmt, cpu.MAX_ROWS, 1536, 1100, seed=4)  # big enough to be split over slices and threads
+    alone = np.stack([np.asarray(cpu.cpu_quantized_matmul(x[r:r + 1], qw))[0] for r in range(cpu.MAX_ROWS)])
+    for m in (2, 3, 5, cpu.MAX_ROWS):
+        np.testing.assert_array_equal(np.asarray(cpu.cpu_quantized_matmul(x[:m], qw)), alone[:m])
+
+
 def test_bad_inputs():
     x, qw = _case("int8", 2, 64, 32)
     with pytest.raises(ValueError, match=r"tile_vecs=5 must be an int in 1\.\.4"):
