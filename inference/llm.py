@@ -102,7 +102,7 @@ class LLM:
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  quantization_group_size: Optional[int] = None,
                  speculative=None, unroll_layers: Optional[bool] = None, num_decode_steps: int = 1,
-                 async_scheduling: bool = False, _loaded=None):
+                 async_scheduling: bool = False, quantize_lm_head: Optional[bool] = None, _loaded=None):
         if dtype != "auto" and dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype={dtype!r} must be 'auto' or one of {sorted(FLOAT_DTYPES)}")
         # Quantization: "int8" (per channel) / "int4" (groups of quantization_group_size inputs, default the
@@ -124,7 +124,7 @@ class LLM:
         cfg, params, tokenizer = _loaded if _loaded is not None else load_model(model)
         if tokenizer is None:
             raise ValueError(f"model {model!r} has no tokenizer (tokenizer.json missing)")
-        from model.quantize import QuantizedWeight, default_int4_group_size, quantize_params
+        from model.quantize import QuantizedWeight, default_int4_group_size, quantize_params, with_int8_lm_head
 
         is_quantized = lambda a: isinstance(a, QuantizedWeight)  # noqa: E731
         if dtype == "auto":
@@ -147,6 +147,16 @@ class LLM:
             group_size = quantization_group_size or default_int4_group_size(params)
             with quantize_on:
                 params = quantize_params(params, "int4", group_size)
+        if quantize_lm_head is None:
+            # A quantized model on CPU also gets an int8 LM head (groups of 32: a GGUF's Q8_0 embedding is
+            # re-gridded exactly): the CPU kernel reads 32 MB for SmolLM2-135M's head instead of XLA's 113 MB
+            # float one, measured 15-20% off a batch-1 decode step (BENCHMARKS.md, issue 17). Not measured on
+            # accelerators or with tensor parallelism, so off there.
+            quantize_lm_head = (quantization is not None and jax.default_backend() == "cpu"
+                                and tensor_parallel_size == 1)
+        if quantize_lm_head:
+            with quantize_on:
+                params = with_int8_lm_head(params)
         self.config = cfg
         self.tokenizer = tokenizer
         self.quantization = quantization

@@ -201,9 +201,8 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
     its logits by up to ~0.6 and flips some greedy near-ties (tests/test_quantized_model.py). An untied
     "lm_head" [d, vocab] is replaced; a tied model keeps its float "embed" for the token lookup and gains
     an "lm_head" copy quantized from embed.T, which model.llama.logits_from_hidden uses instead (113 MB read
-    per token in float32 on SmolLM2-135M, 32 MB as grouped int8). Off by default: on CPU the float tied
-    head is a row-major matvec that XLA streams near the read bandwidth, and the int8 head measured no
-    faster in a decode step (scripts/bench_cpu_matvec.py --model-step --int8-head) while adding 32 MB.
+    per token in float32 on SmolLM2-135M, 32 MB as grouped int8). Off here by default; `LLM` turns it on for
+    quantized models on CPU, where the CPU kernel's int8 head measured faster than XLA's float one.
     Weights that are already QuantizedWeights are kept as they are.
     """
     if mode not in MODES:
@@ -224,13 +223,17 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
         if key in layers:
             layers[key] = quantize(f"layers.{key}", layers[key])
     out = dict(params, layers=layers)
-    if quantize_lm_head:
-        head = out["lm_head"] if "lm_head" in out else jnp.asarray(out["embed"]).T  # [d, vocab]
-        if not isinstance(head, QuantizedWeight):
-            d = np.shape(head)[0]
-            group = HEAD_GROUP_SIZE if d % HEAD_GROUP_SIZE == 0 else None
-            out["lm_head"] = quantize_int8(head, group_size=group, scale_dtype=scale_dtype)
-    return out
+    return with_int8_lm_head(out, scale_dtype=scale_dtype) if quantize_lm_head else out
+
+
+def with_int8_lm_head(params: dict, *, scale_dtype=jnp.float32) -> dict:
+    """params with an int8 "lm_head" (see quantize_params' quantize_lm_head); the layers are left alone."""
+    head = params["lm_head"] if "lm_head" in params else jnp.asarray(params["embed"]).T  # [d, vocab]
+    if isinstance(head, QuantizedWeight):
+        return params
+    d = np.shape(head)[0]
+    group = HEAD_GROUP_SIZE if d % HEAD_GROUP_SIZE == 0 else None
+    return dict(params, lm_head=quantize_int8(head, group_size=group, scale_dtype=scale_dtype))
 
 
 def default_int4_group_size(params: dict) -> int:

@@ -166,6 +166,22 @@ def test_llm_explicit_group_size_and_gguf_mode(tiny_gguf, tiny_float):
         LLM(_loaded=tiny_float, quantization="fp8")
 
 
+def test_llm_quantized_on_cpu_gets_an_int8_lm_head_unless_told_not_to(tiny_float):
+    """On CPU a quantized LLM also quantizes its LM head (the CPU kernel reads it faster than XLA's float head);
+    quantize_lm_head=False keeps the float head, and both generate."""
+    kw = dict(num_pages=4, max_num_seqs=2, max_num_batched_tokens=32)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    heads = {}
+    for flag in (None, False):
+        with LLM(_loaded=tiny_float, quantization="int8", quantize_lm_head=flag, **kw) as llm:
+            heads[flag] = llm.engine.runner.params.get("lm_head")
+            assert len(llm.generate({"prompt_token_ids": [5, 6, 7]}, sp)[0].outputs[0].token_ids) == 4
+    assert isinstance(heads[None], QuantizedWeight) and heads[None].bits == 8
+    assert not isinstance(heads[False], QuantizedWeight)
+    with LLM(_loaded=tiny_float, **kw) as llm:  # float models keep a float head
+        assert not isinstance(llm.engine.runner.params.get("lm_head"), QuantizedWeight)
+
+
 # ---------------------------------------------------------------------------------------------- default model
 
 
