@@ -11,7 +11,7 @@
 // Decode streams each weight byte once, so the kernel is a memory-bound sweep. The K rows are cut into
 // slices (one contiguous stretch of weight bytes each, shared between the calling thread and XLA's
 // intra-op thread pool through an atomic counter: no thread creation per call, a late worker finds no
-// slice left and returns); a slice walks its rows in blocks of 16, and within a block, column tile by
+// slice left and returns); a slice walks its rows in blocks of 16 or 64, and within a block, column tile by
 // column tile, converts 16 weights at a time to float and FMAs them into per-row accumulators held in
 // registers, with a software prefetch one block ahead. Grouped formats accumulate one group unscaled and
 // apply its scale (and the int4 zero point, via sum(x) over the group) once per group and column, so the
@@ -43,7 +43,10 @@ namespace {
 
 constexpr int kLanes = 16;
 constexpr int64_t kMinBytesPerThread = 384 << 10;  // ~10 us of one core's streaming
-constexpr int64_t kSliceBlockRows = 16;
+// Input rows per K block of a slice: 16 for a few rows (memory-bound: as many weight streams at once), 64
+// for more (fewer round trips of the accumulators through `out`). A row's result does not depend on it:
+// each output's sum runs in the same order either way.
+constexpr int64_t kFewRows = 4, kFewRowsBlock = 16, kManyRowsBlock = 64;
 // Software prefetch, one cache line per weight row and column tile: the same place one K block ahead (that
 // block's bytes are contiguous, so this covers it whole), or, for rows so wide that this is too far ahead
 // to stay cached, kRowPrefetchBytes further along the row. The hardware prefetchers alone streamed
@@ -282,7 +285,7 @@ int64_t KBlock(const Problem& p, int64_t rows) {
 struct Job {
   Problem problem;
   int tile_vecs;
-  int64_t k_block, blocks_per_slice, num_slices, vec_cols;
+  int64_t k_block, slice_rows, num_slices, vec_cols;
   std::unique_ptr<float[]> scratch;  // [num_slices - 1, M, N] (the scalar tail columns unused)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -290,8 +293,7 @@ struct Job {
   void Work() {
     int64_t finished = 0;
     for (int64_t s; (s = next.fetch_add(1, std::memory_order_relaxed)) < num_slices; ++finished) {
-      const int64_t k0 = std::min(problem.k, s * blocks_per_slice * k_block);
-      const int64_t k1 = std::min(problem.k, (s + 1) * blocks_per_slice * k_block);
+      const int64_t k0 = s * slice_rows, k1 = std::min(problem.k, (s + 1) * slice_rows);
       Problem slice = problem;
       if (s > 0) slice.out = scratch.get() + (s - 1) * problem.m * problem.n;
       RunBlock(slice, tile_vecs, k0, k1, 0, vec_cols, k_block, k0, k1);
@@ -308,18 +310,20 @@ ffi::Error Run(ffi::ThreadPool pool, Problem problem, int64_t tile_vecs, int64_t
   job->problem = problem;
   job->tile_vecs = static_cast<int>(tile_vecs);
   job->vec_cols = problem.n / kLanes * kLanes;  // columns [vec_cols, N): the scalar tail, done at the end
-  job->k_block = KBlock(problem, kSliceBlockRows);
+  job->k_block = KBlock(problem, problem.m <= kFewRows ? kFewRowsBlock : kManyRowsBlock);
   const int64_t block_bytes = job->k_block * problem.n * problem.bits / 8;
   job->problem.prefetch = block_bytes <= kMaxBlockPrefetchBytes ? block_bytes : kRowPrefetchBytes;
-  const int64_t num_blocks = (problem.k + job->k_block - 1) / job->k_block;
+  // Slices are whole blocks of the larger size whatever k_block is, so their bounds never depend on M.
+  const int64_t slice_unit = KBlock(problem, kManyRowsBlock);
+  const int64_t num_units = (problem.k + slice_unit - 1) / slice_unit;
   // Handing work to a pool thread costs microseconds; a small weight streams from one core in about that.
   const int64_t weight_bytes = problem.k * problem.n * problem.bits / 8;
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (max_threads > 0) threads = std::min(threads, max_threads);
   // About 4 slices per thread evens out a core that another process slows down.
-  const int64_t slices = std::min({4 * threads, num_blocks, std::max<int64_t>(1, weight_bytes / kMinBytesPerThread)});
-  job->blocks_per_slice = (num_blocks + slices - 1) / slices;
-  job->num_slices = (num_blocks + job->blocks_per_slice - 1) / job->blocks_per_slice;
+  const int64_t slices = std::min({4 * threads, num_units, std::max<int64_t>(1, weight_bytes / kMinBytesPerThread)});
+  job->slice_rows = (num_units + slices - 1) / slices * slice_unit;
+  job->num_slices = (problem.k + job->slice_rows - 1) / job->slice_rows;
   if (job->vec_cols > 0) {
     if (job->num_slices > 1)
       job->scratch.reset(new float[(job->num_slices - 1) * problem.m * problem.n]);

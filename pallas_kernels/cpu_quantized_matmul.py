@@ -10,7 +10,7 @@ and accumulation, the per-channel scale after each slice's sum, grouped scales o
 numerics as the ``"xla"`` path up to the summation order, which is fixed: a row's result does not depend
 on the other rows of the call). Stacked weights [L, K, N] with a layer index are read in place, which is
 how the model's layer scan calls it (``model.quantize.StackedLayer``): slicing the layer out first would
-copy it. ``quantized_matmul(impl="auto")`` picks it on CPU for M <= ``MAX_ROWS``.
+copy it. ``quantized_matmul(impl="auto")`` picks it on CPU for M <= ``MAX_ROWS[bits]``.
 
 Build: lazily, on first use, with the system C++ compiler (``$CXX``, else ``c++`` / ``g++`` / ``clang++``)
 into ``cache_dir()`` (``~/.cache/ridgeline/ffi`` by default), one ``.so`` per hash of (source,
@@ -50,7 +50,10 @@ from pallas_kernels.quantized_matmul import check_quantized_weight, quantized_ma
 
 SOURCE = Path(__file__).with_name("cpu_qmatmul.cc")
 ENV_DISABLE = "RIDGELINE_CPU_FFI"  # "0" turns the kernel off (XLA path)
-MAX_ROWS = 16  # decode-sized M; larger M (prefill) is compute-bound and XLA's dot wins there
+# Largest M that quantized_matmul(impl="auto") sends here, per weight bits: above it the product is
+# compute-bound and XLA's dequantize-then-dot wins (int8: at M = 64 the two measured level; int4: XLA's
+# nibble unpacking is slow, so the kernel was 2x faster at M = 64 and 1.5x slower at M = 512).
+MAX_ROWS = {8: 16, 4: 64}
 _TARGETS = {8: "ridgeline_qmatmul_int8", 4: "ridgeline_qmatmul_int4"}
 _SYMBOLS = {8: "RidgelineQMatmulInt8", 4: "RidgelineQMatmulInt4"}
 _CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")

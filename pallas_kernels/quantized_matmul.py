@@ -23,7 +23,7 @@ Implementations (``impl``, see ``pallas_kernels/backend.py``): ``"pallas"`` (Tri
 ``"pallas_interpret"`` (same kernel, interpreted on CPU for tests), ``"xla"`` (jnp dequantize + dot),
 ``"cpu_ffi"`` (the C++ CPU kernel of ``pallas_kernels/cpu_quantized_matmul.py``, through ``jax.ffi``),
 ``"reference"`` (dequantize to float32 then a HIGHEST-precision matmul; ground truth). ``"auto"`` on CPU
-takes ``"cpu_ffi"`` for decode-sized M (<= its ``MAX_ROWS``) when the kernel could be built, else ``"xla"``.
+takes ``"cpu_ffi"`` for decode-sized M (<= its ``MAX_ROWS[bits]``) when the kernel could be built, else ``"xla"``.
 """
 
 from __future__ import annotations
@@ -377,11 +377,11 @@ def _resolve_impl(impl: str) -> str:
     return impl if impl == CPU_FFI else resolve_impl(impl)
 
 
-def _cpu_ffi_for(m: int) -> bool:
+def _cpu_ffi_for(m: int, bits: int) -> bool:
     """Whether impl="auto" runs this M-row matmul on the CPU kernel (builds it on first use)."""
     from pallas_kernels import cpu_quantized_matmul as cpu
 
-    return jax.default_backend() == "cpu" and m <= cpu.MAX_ROWS and cpu.available()
+    return jax.default_backend() == "cpu" and m <= cpu.MAX_ROWS[bits] and cpu.available()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *, imp
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
 
-    if requested == "auto" and impl == "xla" and _cpu_ffi_for(m):
+    if requested == "auto" and impl == "xla" and _cpu_ffi_for(m, qw.bits):
         impl = CPU_FFI
     if impl == CPU_FFI:
         from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul

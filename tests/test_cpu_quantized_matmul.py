@@ -79,7 +79,7 @@ def test_auto_dispatches_small_m_to_the_kernel_and_large_m_to_xla():
     auto = lambda x, w: quantized_matmul(x, w, impl="auto")  # noqa: E731
     assert "ridgeline_qmatmul_int4" in _custom_calls(auto, x, qw)
     _assert_close(auto(x, qw), quantized_matmul_reference(x, qw))
-    big = jnp.tile(x, (cpu.MAX_ROWS, 1))  # M = 48 > MAX_ROWS
+    big = jnp.tile(x, (cpu.MAX_ROWS[4] // 3 + 1, 1))  # M > MAX_ROWS
     assert "ridgeline_qmatmul" not in _custom_calls(auto, big, qw)
 
 
@@ -134,9 +134,10 @@ def test_layer_index_out_of_range_is_an_error():
 def test_a_rows_result_does_not_depend_on_the_other_rows(fmt):
     """Batch invariance: row r of an M-row product is bitwise the same as that row alone, for every M the
     kernel takes (the engine recomputes rolled-back decode rows in other batches and expects equal bits)."""
-    x, qw = _case(fmt, cpu.MAX_ROWS, 1536, 1100, seed=4)  # big enough to be split over slices and threads
-    alone = np.stack([np.asarray(cpu.cpu_quantized_matmul(x[r:r + 1], qw))[0] for r in range(cpu.MAX_ROWS)])
-    for m in (2, 3, 5, cpu.MAX_ROWS):
+    rows = cpu.MAX_ROWS[FORMATS[fmt](np.zeros((32, 16), np.float32)).bits]
+    x, qw = _case(fmt, rows, 1536, 1100, seed=4)  # big enough to be split over slices and threads
+    alone = np.stack([np.asarray(cpu.cpu_quantized_matmul(x[r:r + 1], qw))[0] for r in range(rows)])
+    for m in (2, 3, 5, 16, rows):
         np.testing.assert_array_equal(np.asarray(cpu.cpu_quantized_matmul(x[:m], qw)), alone[:m])
 
 
