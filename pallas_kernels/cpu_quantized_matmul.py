@@ -50,12 +50,15 @@ from pallas_kernels.quantized_matmul import check_quantized_weight, quantized_ma
 
 SOURCE = Path(__file__).with_name("cpu_qmatmul.cc")
 ENV_DISABLE = "RIDGELINE_CPU_FFI"  # "0" turns the kernel off (XLA path)
-# Largest M that quantized_matmul(impl="auto") sends here, per weight bits: above it the product is
-# compute-bound and XLA's dequantize-then-dot wins (int8: at M = 64 the two measured level; int4: XLA's
-# nibble unpacking is slow, so the kernel was 2x faster at M = 64 and 1.5x slower at M = 512).
+# Largest M that quantized_matmul(impl="auto") sends to the matmul kernel, per weight bits; above it the
+# product is compute-bound and XLA's dot does the math (grouped formats dequantized by cpu_dequantize).
+# Default-model decode steps, one run: int4 at B=16 the kernel took 96 ms against 160 for dequantize+dot,
+# level at B=64; int8 per channel level with XLA's dot at M=64.
 MAX_ROWS = {8: 16, 4: 64}
 _TARGETS = {8: "ridgeline_qmatmul_int8", 4: "ridgeline_qmatmul_int4"}
-_SYMBOLS = {8: "RidgelineQMatmulInt8", 4: "RidgelineQMatmulInt4"}
+_DEQUANT_TARGETS = {8: "ridgeline_dequant_int8", 4: "ridgeline_dequant_int4"}
+_SYMBOLS = {"ridgeline_qmatmul_int8": "RidgelineQMatmulInt8", "ridgeline_qmatmul_int4": "RidgelineQMatmulInt4",
+            "ridgeline_dequant_int8": "RidgelineDequantInt8", "ridgeline_dequant_int4": "RidgelineDequantInt4"}
 _CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -162,10 +165,9 @@ def available() -> bool:
         else:
             try:
                 lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-                for bits, target in _TARGETS.items():
+                for target, symbol in _SYMBOLS.items():
                     if target not in _registered:
-                        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[bits])),
-                                                    platform="cpu")
+                        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                         _registered.add(target)
             except Exception as e:  # noqa: BLE001 -- any build/load failure means "use the XLA path"
                 why = f"{type(e).__name__}: {e}"
@@ -238,6 +240,28 @@ def cpu_quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *,
                                  zeros=None if qw.zeros is None else qw.zeros.astype(jnp.float32))
         layer = 0
     return _ffi_matmul(x2, qw, jnp.asarray(layer, jnp.int32), config).reshape(*lead, n)
+
+
+@jax.jit
+def cpu_dequantize(qw, layer: Optional[jax.Array] = None) -> jax.Array:
+    """The float32 weight [K, N] of a grouped QuantizedWeight (Q8_0-style int8 or int4), or of layer `layer`
+    of one stacked [L, K, N] (read in place), dequantized by the C++ kernel: quantized_matmul's path for M
+    above MAX_ROWS, where XLA's dot does the math but XLA's own dequantize of these formats is slow."""
+    check_quantized_weight(qw, allow_stacked=layer is not None)
+    if qw.group_size is None:
+        raise ValueError("cpu_dequantize takes grouped weights (group_size set); per-channel int8 needs none")
+    if not available():
+        raise RuntimeError(f"the CPU quantized-matmul kernel is unavailable: {_state['why']}")
+    if layer is None:
+        qw, layer = jax.tree.map(lambda a: a[None], qw), 0
+    if not stacked_kernel_reads_in_place(qw):
+        qw = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer).astype(
+            jnp.float32 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), qw)
+        layer = 0
+    out = jax.ShapeDtypeStruct((qw.in_features, qw.out_features), jnp.float32)
+    arrays = (qw.values, qw.scales) if qw.bits == 8 else (qw.values, qw.scales, qw.zeros)
+    return jax.ffi.ffi_call(_DEQUANT_TARGETS[qw.bits], out)(*arrays, jnp.asarray(layer, jnp.int32),
+                                                            group_size=np.int64(qw.group_size))
 
 
 def cpu_quantized_matmul_reference(x: jax.Array, qw) -> jax.Array:

@@ -422,6 +422,12 @@ def quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *, imp
         from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul
 
         return cpu_quantized_matmul(x2, qw, layer).astype(x.dtype).reshape(*lead, n)
+    if requested == "auto" and impl == "xla" and qw.group_size is not None and _cpu_ffi_for(0, qw.bits):
+        # Too many rows for the CPU kernel: its dequantize (XLA's is slow for grouped formats), XLA's dot.
+        from pallas_kernels.cpu_quantized_matmul import cpu_dequantize
+
+        w = cpu_dequantize(qw, layer).astype(x.dtype)                    # [K, N]
+        return jnp.dot(x2, w, preferred_element_type=jnp.float32).astype(x.dtype).reshape(*lead, n)
     if layer is not None:
         qw = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, layer, keepdims=False), qw)
     if impl in ("pallas", "pallas_interpret") and block_sizes is None:

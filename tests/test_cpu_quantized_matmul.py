@@ -141,6 +141,28 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(fmt):
         np.testing.assert_array_equal(np.asarray(cpu.cpu_quantized_matmul(x[:m], qw)), alone[:m])
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "int4_g32", "int4_g6"])
+def test_dequantize_kernel_and_the_large_m_path(fmt):
+    """cpu_dequantize gives dequantize_arrays' weight (a layer of a stack, read in place, or a 2-D weight), and
+    quantized_matmul(impl="auto") with M above MAX_ROWS multiplies by it on XLA's dot."""
+    from pallas_kernels.quantized_matmul import dequantize_arrays
+
+    k, n = (96 if fmt != "int4_g6" else 90), 83
+    rng = np.random.default_rng(5)
+    layers = [FORMATS[fmt](rng.standard_normal((k, n), dtype=np.float32)) for _ in range(2)]
+    stacked = stack_quantized(layers)
+    for i, w in enumerate(layers):
+        want = dequantize_arrays(w.values, w.scales, w.zeros, bits=w.bits, group_size=w.group_size)
+        _assert_close(cpu.cpu_dequantize(stacked, jnp.int32(i)), want, rtol=1e-6)
+        _assert_close(cpu.cpu_dequantize(w), want, rtol=1e-6)
+    x = jnp.asarray(rng.standard_normal((cpu.MAX_ROWS[layers[0].bits] + 3, k), dtype=np.float32))
+    auto = jax.jit(lambda x, w, i: quantized_matmul(x, w, i, impl="auto"))
+    assert "ridgeline_dequant" in auto.lower(x, stacked, jnp.int32(1)).as_text()
+    _assert_close(auto(x, stacked, jnp.int32(1)), quantized_matmul_reference(x, layers[1]))
+    with pytest.raises(ValueError, match="grouped weights"):
+        cpu.cpu_dequantize(quantize_int8(np.ones((32, 16), np.float32)))
+
+
 def test_bad_inputs():
     x, qw = _case("int8", 2, 64, 32)
     with pytest.raises(ValueError, match=r"tile_vecs=5 must be an int in 1\.\.4"):
