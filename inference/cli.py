@@ -22,8 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None, help="a .gguf file, an HF directory, a `ridgeline convert` checkpoint "
                                                   "(default: SmolLM2-135M-Instruct, downloaded on first use)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", default=None, choices=["int8", "int4", "gguf"],
-                   help="weight-only quantization; 'gguf' keeps the file's own Q8_0/Q4_0/Q4_1 blocks")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
+                   help="weight-only quantization; 'gguf' keeps the file's own Q8_0/Q4_0/Q4_1 blocks; 'auto' "
+                        "(default): 'gguf' for a GGUF model on CPU with --dtype auto, else none")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "pallas_interpret", "reference"])
     p.add_argument("--max-num-seqs", type=int, default=32)
@@ -55,7 +56,8 @@ def _sampling_params(args):
 def _make_llm(args):
     from inference.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+    quantization = None if args.quantization == "none" else args.quantization
+    return LLM(args.model, dtype=args.dtype, quantization=quantization, kv_cache_dtype=args.kv_cache_dtype,
                attn_impl=args.attn_impl, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)

@@ -47,6 +47,23 @@ def _token_ids(ids) -> list[int]:
     return [int(t) for t in ids]
 
 
+def _auto_quantization(model: Optional[str], dtype: str, weights_given: bool, devices: int) -> Optional[str]:
+    """quantization="auto": "gguf" (the file's own quantized blocks, the weights llama.cpp runs) for a GGUF
+    model on CPU with dtype="auto", else None (float weights).
+
+    The blocks hold exactly the weights that dequantizing to float32 would give, so outputs change only by
+    float summation order; on CPU they are read by the C++ kernels at a quarter (Q4_1) of float32's bytes:
+    decode is memory-bound there (BENCHMARKS.md, issue 17). An explicit dtype asks for float weights (e.g.
+    dtype="float32" for exact reference runs); accelerators and sharded models keep float weights (not
+    measured there)."""
+    if jax.default_backend() != "cpu" or dtype != "auto" or weights_given or devices > 1:
+        return None
+    from model.weights import resolve_model
+
+    path = resolve_model(model)
+    return "gguf" if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
 def _auto_dtype(model: Optional[str], params, *, from_loaded: bool) -> str:
     """dtype="auto": float32 on CPU; on an accelerator the checkpoint's dtype -- an HF directory's
     config.json torch_dtype, an orbax checkpoint's stored weights, bfloat16 for a GGUF file (its
@@ -98,7 +115,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: Optional[int] = None,
                  max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, attn_impl: str = "auto", quantization: Optional[str] = None,
+                 enable_chunked_prefill: bool = True, attn_impl: str = "auto", quantization: Optional[str] = "auto",
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  quantization_group_size: Optional[int] = None,
                  speculative=None, unroll_layers: Optional[bool] = None, num_decode_steps: int = 1,
@@ -108,11 +125,14 @@ class LLM:
         # Quantization: "int8" (per channel) / "int4" (groups of quantization_group_size inputs, default the
         # largest of 128/64/32 dividing every projection's input dim) of the projections, or "gguf": the
         # GGUF's own Q8_0/Q4_0/Q4_1 blocks. From a GGUF, tensors already in the requested width are kept
-        # as they are (no float round trip); see model.gguf_loader.load_gguf.
-        if quantization not in (None, "int8", "int4", "gguf"):
-            raise ValueError(f"quantization={quantization!r} must be None, 'int8', 'int4' or 'gguf'")
+        # as they are (no float round trip); see model.gguf_loader.load_gguf. "auto": see _auto_quantization.
+        if quantization not in ("auto", None, "int8", "int4", "gguf"):
+            raise ValueError(f"quantization={quantization!r} must be 'auto', None, 'int8', 'int4' or 'gguf'")
         t0 = time.perf_counter()
         weights_given = _loaded is not None
+        auto_quantization = quantization == "auto"
+        if auto_quantization:
+            quantization = _auto_quantization(model, dtype, weights_given, tensor_parallel_size * data_parallel_size)
         if _loaded is None and quantization is not None:
             from model.weights import resolve_model
 
@@ -135,7 +155,9 @@ class LLM:
         params = jax.tree.map(lambda a: a if is_quantized(a) else np.asarray(a).astype(FLOAT_DTYPES[dtype], copy=False),
                               params, is_leaf=is_quantized)
         if quantization == "gguf" and not any(map(is_quantized, params["layers"].values())):
-            raise ValueError("quantization='gguf' needs a GGUF model with Q8_0/Q4_0/Q4_1 projection weights")
+            if not auto_quantization:
+                raise ValueError("quantization='gguf' needs a GGUF model with Q8_0/Q4_0/Q4_1 projection weights")
+            quantization = None  # a float GGUF: nothing to keep
         # With tensor parallelism, quantize on the host CPU device too, so that `shard_params` below sends each
         # accelerator only its shards (never a whole float or quantized weight).
         quantize_on = (jax.default_device(jax.devices("cpu")[0]) if tensor_parallel_size > 1
@@ -148,11 +170,12 @@ class LLM:
             with quantize_on:
                 params = quantize_params(params, "int4", group_size)
         if quantize_lm_head is None:
-            # A quantized model on CPU also gets an int8 LM head (groups of 32: a GGUF's Q8_0 embedding is
+            # An int8 / int4 model on CPU also gets an int8 LM head (groups of 32: a GGUF's Q8_0 embedding is
             # re-gridded exactly): the CPU kernel reads 32 MB for SmolLM2-135M's head instead of XLA's 113 MB
-            # float one, measured 15-20% off a batch-1 decode step (BENCHMARKS.md, issue 17). Not measured on
-            # accelerators or with tensor parallelism, so off there.
-            quantize_lm_head = (quantization is not None and jax.default_backend() == "cpu"
+            # float one, measured 15-20% off a batch-1 decode step (BENCHMARKS.md, issue 17). "gguf" takes
+            # the file's own head blocks when it has them (model.gguf_loader). Not measured on accelerators
+            # or with tensor parallelism, so off there.
+            quantize_lm_head = (quantization in ("int8", "int4") and jax.default_backend() == "cpu"
                                 and tensor_parallel_size == 1)
         if quantize_lm_head:
             with quantize_on:

@@ -105,7 +105,9 @@ def load_gguf(path, dtype=None, quantization: Optional[str] = None):
     by the `gguf` package, F16/F32 are read as is (matches HF within 1e-3).
     quantization "gguf" | "int8" | "int4": a layer projection whose tensors are all of one type in
     KEEP_QUANTIZED[quantization] (in every layer) becomes a stacked QuantizedWeight [L, in, out] holding
-    the GGUF blocks as they are; all other weights load as float (`dtype` applies to those only).
+    the GGUF blocks as they are; with "gguf" a quantized LM head (output.weight, or a tied token_embd)
+    becomes params["lm_head"] [d, vocab] the same way. All other weights load as float (`dtype` applies
+    to those only).
     """
     import dataclasses
 
@@ -176,7 +178,11 @@ def load_gguf(path, dtype=None, quantization: Optional[str] = None):
         "final_norm": cast(load("output_norm.weight")),
     }
     tied = "output.weight" not in tensors
-    if not tied:
+    head = tensors["token_embd.weight" if tied else "output.weight"]
+    if quantization == "gguf" and head.tensor_type.name in KEEP_QUANTIZED["gguf"]:
+        # The LM head as the file's blocks too ([d, vocab]); a tied model keeps its float "embed" for the lookup.
+        params["lm_head"] = from_gguf_tensor(head)
+    elif not tied:
         params["lm_head"] = cast(load("output.weight").T)
     cfg = dataclasses.replace(cfg, tie_word_embeddings=tied, attention_bias=has_bias,
                               vocab_size=params["embed"].shape[0])

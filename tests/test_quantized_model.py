@@ -162,7 +162,7 @@ def test_llm_explicit_group_size_and_gguf_mode(tiny_gguf, tiny_float):
         assert first_layer(llm)["w_down"].group_size == 32
     with pytest.raises(ValueError, match=r"quantization='gguf' needs a GGUF model"):
         LLM(_loaded=tiny_float, quantization="gguf")  # float params: nothing to keep
-    with pytest.raises(ValueError, match=r"quantization='fp8' must be None, 'int8', 'int4' or 'gguf'"):
+    with pytest.raises(ValueError, match=r"quantization='fp8' must be 'auto', None, 'int8', 'int4' or 'gguf'"):
         LLM(_loaded=tiny_float, quantization="fp8")
 
 
@@ -180,6 +180,23 @@ def test_llm_quantized_on_cpu_gets_an_int8_lm_head_unless_told_not_to(tiny_float
     assert not isinstance(heads[False], QuantizedWeight)
     with LLM(_loaded=tiny_float, **kw) as llm:  # float models keep a float head
         assert not isinstance(llm.engine.runner.params.get("lm_head"), QuantizedWeight)
+
+
+def test_auto_quantization_keeps_a_gguf_files_blocks_on_cpu_unless_a_dtype_is_asked_for(tiny_gguf, tiny_float):
+    """quantization="auto" (the default): a GGUF model on CPU keeps its Q8_0/Q4 blocks ("gguf"), and its greedy
+    tokens equal those of the same weights dequantized to float32 (the blocks are those weights); dtype="float32"
+    or weights passed in keep float weights."""
+    kw = dict(num_pages=8, max_num_seqs=2, max_num_batched_tokens=32)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = {"prompt_token_ids": [5, 6, 7, 8]}
+    with LLM(str(tiny_gguf), **kw) as llm:
+        assert llm.quantization == "gguf" and isinstance(first_layer(llm)["wq"], QuantizedWeight)
+        auto = llm.generate(prompt, sp)[0].outputs[0].token_ids
+    with LLM(str(tiny_gguf), dtype="float32", **kw) as llm:
+        assert llm.quantization is None and not isinstance(first_layer(llm)["wq"], QuantizedWeight)
+        assert llm.generate(prompt, sp)[0].outputs[0].token_ids == auto
+    with LLM(_loaded=tiny_float, **kw) as llm:
+        assert llm.quantization is None
 
 
 # ---------------------------------------------------------------------------------------------- default model
