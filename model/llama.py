@@ -353,10 +353,13 @@ def hidden_states(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaCo
         # stay unsliced (StackedLayer) where the matmul can read a layer in place (no tensor parallelism).
         in_place = kernel_sharding(cfg, cache["k"], layers["attn_norm"]) is None
 
+        def layer_of(a, i):
+            if not isinstance(a, QuantizedWeight):
+                return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+            return StackedLayer(a, i) if in_place else StackedLayer(a, i).sliced()
+
         def layer_body(carry, i):
-            p = jax.tree.map(lambda a: StackedLayer(a, i) if in_place and isinstance(a, QuantizedWeight)
-                             else jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
-                             layers, is_leaf=lambda a: isinstance(a, QuantizedWeight))
+            p = jax.tree.map(lambda a: layer_of(a, i), layers, is_leaf=lambda a: isinstance(a, QuantizedWeight))
             return body(carry, (i, p))
 
         carry, _ = jax.lax.scan(layer_body, carry, jnp.arange(depth, dtype=jnp.int32))
