@@ -206,7 +206,9 @@ def _batched_decode(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, q_len
     constant, so every max, sum and dot a row goes through has a fixed length; the chunks run in table
     order, and one wholly past a row's length leaves its (acc, max, sum) exactly as they were (max
     unchanged, correction exp(0) = 1, nothing added). So a row's bits do not depend on how many chunks
-    the longest sequence of the batch needs, nor on how many sequences there are.
+    the longest sequence of the batch needs. Nor on how many sequences there are: the sums are fixed
+    trees of adds (_fixed_order_sum), and XLA:CPU's batched dots give each (head, sequence) the same
+    bits at any batch size (checked in tests/test_ragged_paged_attention.py, as that is XLA's choice).
     """
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape

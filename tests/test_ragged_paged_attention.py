@@ -323,6 +323,23 @@ def test_xla_decode_chunks_smaller_than_prefill_blocks(decode_chunk_tokens):
     assert float(jnp.max(jnp.abs(got[:5] - expected[:5]))) <= 1e-4
 
 
+@pytest.mark.parametrize("einsum,shapes", [
+    ("hsgd,hskd->hsgk", ((3, 3, 64), (3, 16, 64))),  # scores of one decode chunk
+    ("hsgk,hskd->hsgd", ((3, 3, 16), (3, 16, 64))),  # probabilities @ values
+], ids=["scores", "values"])
+def test_xla_batched_dots_give_each_sequence_the_same_bits_at_any_batch_size(einsum, shapes):
+    """What the decode pass's batch invariance rests on besides its own fixed-order sums: XLA:CPU's
+    dot_general over a [heads, sequences] batch computes sequence 0 bitwise alike for 1 to 64 sequences."""
+    rng = np.random.default_rng(0)
+    first = [rng.standard_normal((s[0], 1) + s[1:]).astype(np.float32) for s in shapes]
+    fn = jax.jit(lambda a, b: jnp.einsum(einsum, a, b))
+    alone = np.asarray(fn(*first))
+    for num_seqs in (2, 3, 8, 17, 64):
+        operands = [np.concatenate([x, rng.standard_normal((s[0], num_seqs - 1) + s[1:]).astype(np.float32)], axis=1)
+                    for x, s in zip(first, shapes)]
+        np.testing.assert_array_equal(np.asarray(fn(*operands))[:, :1], alone, err_msg=f"{num_seqs=}")
+
+
 def decode_batch(kv_lens, pages_per_seq, first_query, *, max_seqs=None, seed=0, kv_dtype=jnp.float32):
     """A decode-only batch over one fixed pool (default-model heads: 3 KV heads x 3, hd 64, page 16) whose
     first sequence is always the same row: query `first_query` over pages 0.. of the pool."""
