@@ -9,18 +9,23 @@ to catch pathological slowdowns).
     python scripts/bench_kernels.py                 # markdown table
     python scripts/bench_kernels.py --json out.json # plus machine-readable results
     python scripts/bench_kernels.py --quick         # fewer, smaller cases
+    python scripts/bench_kernels.py --xla-decode    # CPU decode attention: this tree against a baseline
+                                                    # commit, alone and in a default-model decode step
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +158,107 @@ def bench_kv_update(num_tokens, num_kv_heads, num_pages, page_size, head_dim, dt
 
 
 # --------------------------------------------------------------------------------------------
+# XLA decode attention: this tree against a baseline commit
+# --------------------------------------------------------------------------------------------
+# The last commit before the batch-invariant chunked decode pass (issue 17).
+XLA_DECODE_BASELINE = "10b8553"
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def load_baseline_xla_attention(rev: str):
+    """ragged_paged_attention_xla as it was at commit `rev` (read with git show, run as its own module)."""
+    path = "pallas_kernels/ragged_paged_attention_xla.py"
+    source = subprocess.run(["git", "-C", REPO, "show", f"{rev}:{path}"], check=True, capture_output=True,
+                            text=True).stdout
+    module = types.ModuleType(f"ragged_paged_attention_xla_at_{rev}")
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    return module.ragged_paged_attention_xla
+
+
+def bench_xla_decode_attention(impls, batches, contexts, iters):
+    """Decode attention alone, default-model head shapes (9 heads, 3 KV heads, hd 64, page 16), float32, a
+    pool twice the batch's pages with shuffled tables; rows of ms per implementation."""
+    from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_xla
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            q, k_pages, v_pages, kv_lens, tables, cu_q_lens, num_seqs = paged_decode_inputs(
+                2 * batch, context, 9, 3, 64, 16, jnp.float32)
+            args = (q[:batch], k_pages, v_pages, kv_lens[:batch], tables[:batch], cu_q_lens[:batch + 1],
+                    jnp.array([batch], jnp.int32))
+            row = {"batch": batch, "context": context}
+            for name, fn in impls.items():
+                jitted = jax.jit(lambda *a, fn=fn: fn(*a, sm_scale=0.125))
+                row[name] = time_fn(jitted, *args, iters=iters) * 1e3
+            rows.append(row)
+    return rows
+
+
+def bench_xla_decode_model_step(impls, batch, context, rounds):
+    """ms per decode step of the default model (float32 weights, layers unrolled as on CPU), at `batch`
+    sequences each at `context` tokens, for each attention implementation (patched in before tracing)."""
+    from model.checkpoint import load_model
+    from model.llama import StepInputs, forward, init_cache, unstack_layers
+    rpa_module = importlib.import_module("pallas_kernels.ragged_paged_attention")
+
+    cfg, params, _ = load_model(None)
+    params = jax.device_put(unstack_layers(params))
+    page_size = 16
+    pages = -(-(context + 1) // page_size)
+    tables = np.arange(batch * pages, dtype=np.int32).reshape(batch, pages)
+    pos = np.full(batch, context, np.int32)
+    inputs = StepInputs(
+        tokens=jnp.ones(batch, jnp.int32), positions=jnp.asarray(pos),
+        slot_mapping=jnp.asarray(tables[:, context // page_size] * page_size + context % page_size),
+        cu_q_lens=jnp.arange(batch + 1, dtype=jnp.int32), kv_lens=jnp.asarray(pos + 1),
+        block_tables=jnp.asarray(tables), num_seqs=jnp.asarray([batch], jnp.int32),
+        logits_indices=jnp.arange(batch, dtype=jnp.int32))
+    original = rpa_module.ragged_paged_attention_xla
+    steps = {}
+    try:
+        for name, fn in impls.items():
+            rpa_module.ragged_paged_attention_xla = fn
+            jax.clear_caches()  # the attention wrapper's jit cache would keep the previous implementation
+            # A pool twice the batch's pages, donated as the engine does.
+            cache = init_cache(cfg, 2 * batch * pages, page_size)
+            compiled = jax.jit(lambda p, c, i: forward(p, c, i, cfg, attn_impl="xla"),
+                               donate_argnums=(1,)).lower(params, cache, inputs).compile()
+            state = {"cache": cache}
+
+            def step(compiled=compiled, state=state):
+                logits, state["cache"] = compiled(params, state["cache"], inputs)
+                return logits
+
+            jax.block_until_ready(step())
+            steps[name] = step
+    finally:
+        rpa_module.ragged_paged_attention_xla = original
+    times = {name: [] for name in steps}
+    for _ in range(rounds):  # interleaved, so load changes hit every implementation alike
+        for name, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def run_xla_decode(baseline: str, iters: int, rounds: int):
+    from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_xla
+    impls = {f"baseline {baseline}": load_baseline_xla_attention(baseline), "this tree": ragged_paged_attention_xla}
+    names = list(impls)
+    print(f"## XLA decode attention alone (H=9 KVH=3 hd=64 page 16, float32), ms, median of {iters}\n")
+    print(f"| B | context | {names[0]} | {names[1]} | speedup |\n|---:|---:|---:|---:|---:|")
+    for row in bench_xla_decode_attention(impls, (16, 64), (80, 512), iters):
+        print(f"| {row['batch']} | {row['context']} | {row[names[0]]:.2f} | {row[names[1]]:.2f} | "
+              f"{row[names[0]] / row[names[1]]:.2f}x |")
+    print(f"\n## Default-model decode step (SmolLM2-135M float32, B=64), ms, median of {rounds}\n")
+    print(f"| context | {names[0]} | {names[1]} | speedup |\n|---:|---:|---:|---:|")
+    for context in (80, 512):
+        ms = bench_xla_decode_model_step(impls, 64, context, rounds)
+        print(f"| {context} | {ms[names[0]]:.1f} | {ms[names[1]]:.1f} | {ms[names[0]] / ms[names[1]]:.2f}x |")
+
+
+# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 def format_table(results: list[Result]) -> str:
@@ -171,7 +277,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per case")
     parser.add_argument("--no-interpret", action="store_true", help="on CPU, skip the tiny interpret-mode cases")
+    parser.add_argument("--xla-decode", action="store_true",
+                        help="only the CPU decode-attention comparison against --baseline")
+    parser.add_argument("--baseline", default=XLA_DECODE_BASELINE,
+                        help=f"commit whose XLA attention --xla-decode compares against ({XLA_DECODE_BASELINE})")
     args = parser.parse_args(argv)
+    if args.xla_decode:
+        run_xla_decode(args.baseline, iters=args.iters or 10, rounds=args.iters or 10)
+        return
 
     on_gpu = jax.default_backend() == "gpu"
     device = jax.devices()[0]

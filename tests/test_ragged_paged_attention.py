@@ -311,17 +311,84 @@ def test_pallas_kernel_lowers_to_triton(dtype):
     assert "__gpu$xla.gpu.triton" in hlo
 
 
-# One page of every sequence's K: max_seqs 5 x KVH 2 x page 8 x hd 16 x 4 bytes.
-DECODE_PAGE_BYTES = 5 * 2 * 8 * 16 * 4
-
-
-@pytest.mark.parametrize("decode_pages", [1, 4])
-def test_xla_decode_blocks_smaller_than_prefill_blocks(decode_pages):
-    """Batched-decode KV blocks of 1 and 4 pages against 6-page tables (not a multiple of 4)."""
+@pytest.mark.parametrize("decode_chunk_tokens", [8, 32])
+def test_xla_decode_chunks_smaller_than_prefill_blocks(decode_chunk_tokens):
+    """Batched-decode key chunks of 1 and 4 pages against 6-page tables (not a multiple of 4)."""
     import importlib
     module = importlib.import_module("pallas_kernels.ragged_paged_attention_xla")
     batch = make_batch([1, 1, 2, 1], [40, 33, 9, 17], page_size=8, group=2)  # 5 + 1 spare pages per seq
     got = jax.jit(functools.partial(module.ragged_paged_attention_xla, sm_scale=0.25, block_k_tokens=64,
-                                    decode_block_bytes=decode_pages * DECODE_PAGE_BYTES))(*batch)
+                                    decode_chunk_tokens=decode_chunk_tokens))(*batch)
     expected = ragged_paged_attention_reference(*batch, sm_scale=0.25)
     assert float(jnp.max(jnp.abs(got[:5] - expected[:5]))) <= 1e-4
+
+
+@pytest.mark.parametrize("einsum,shapes", [
+    ("hsgd,hskd->hsgk", ((3, 3, 64), (3, 16, 64))),  # scores of one decode chunk
+    ("hsgk,hskd->hsgd", ((3, 3, 16), (3, 16, 64))),  # probabilities @ values
+], ids=["scores", "values"])
+def test_xla_batched_dots_give_each_sequence_the_same_bits_at_any_batch_size(einsum, shapes):
+    """What the decode pass's batch invariance rests on besides its own fixed-order sums: XLA:CPU's
+    dot_general over a [heads, sequences] batch computes sequence 0 bitwise alike for 1 to 64 sequences."""
+    rng = np.random.default_rng(0)
+    first = [rng.standard_normal((s[0], 1) + s[1:]).astype(np.float32) for s in shapes]
+    fn = jax.jit(lambda a, b: jnp.einsum(einsum, a, b))
+    alone = np.asarray(fn(*first))
+    for num_seqs in (2, 3, 8, 17, 64):
+        operands = [np.concatenate([x, rng.standard_normal((s[0], num_seqs - 1) + s[1:]).astype(np.float32)], axis=1)
+                    for x, s in zip(first, shapes)]
+        np.testing.assert_array_equal(np.asarray(fn(*operands))[:, :1], alone, err_msg=f"{num_seqs=}")
+
+
+def decode_batch(kv_lens, pages_per_seq, first_query, *, max_seqs=None, seed=0, kv_dtype=jnp.float32):
+    """A decode-only batch over one fixed pool (default-model heads: 3 KV heads x 3, hd 64, page 16) whose
+    first sequence is always the same row: query `first_query` over pages 0.. of the pool."""
+    rng = np.random.default_rng(seed)
+    pool = np.random.default_rng(1234)  # the same pool in every batch
+    k_pages = pool.standard_normal((3, 200, 16, 64)).astype(np.float32)
+    v_pages = pool.standard_normal((3, 200, 16, 64)).astype(np.float32)
+    num_seqs = len(kv_lens)
+    max_seqs = max_seqs or num_seqs
+    block_tables = rng.integers(1, 200, (max_seqs, pages_per_seq)).astype(np.int32)
+    block_tables[0] = np.arange(pages_per_seq)
+    lens = np.zeros(max_seqs, np.int32)
+    lens[:num_seqs] = kv_lens
+    cu_q_lens = np.minimum(np.arange(max_seqs + 1), num_seqs).astype(np.int32)
+    q = rng.standard_normal((max_seqs, 9, 64)).astype(np.float32)
+    q[0] = first_query
+    k, v = jnp.asarray(k_pages), jnp.asarray(v_pages)
+    scales = {}
+    if kv_dtype == jnp.int8:
+        from pallas_kernels.kv_cache_update import quantize_kv
+        k, k_scales = quantize_kv(k)
+        v, v_scales = quantize_kv(v)
+        scales = dict(k_scales=k_scales, v_scales=v_scales)
+    return (jnp.asarray(q), k, v, jnp.asarray(lens), jnp.asarray(block_tables), jnp.asarray(cu_q_lens),
+            jnp.asarray([num_seqs], jnp.int32)), scales
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.int8])
+def test_xla_decode_row_is_batch_invariant(kv_dtype):
+    """A decode row's output is bitwise the same computed alone as in batches of other sizes, table widths
+    and context mixes (shorter and much longer neighbours, padded sequence slots, prefill next to it):
+    what the engine needs to recompute a rolled-back step in a different batch."""
+    first_query = np.random.default_rng(7).standard_normal((9, 64)).astype(np.float32)
+    kv_len = 77  # 5 pages, the last one partial
+    alone_args, scales = decode_batch([kv_len], 5, first_query, kv_dtype=kv_dtype)
+    alone = np.asarray(ragged_paged_attention(*alone_args, impl="xla", **scales)[0])
+    expected = ragged_paged_attention(*alone_args, impl="reference", **scales)[0]
+    assert float(jnp.max(jnp.abs(alone - expected))) <= 1e-4
+    rng = np.random.default_rng(3)
+    for max_seqs, pages_per_seq, others in [
+            (4, 8, [3, 120]), (8, 16, [200] * 7), (16, 32, list(rng.integers(1, 512, 12))),
+            (64, 8, [80] * 63), (64, 64, list(rng.integers(1, 1024, 60)))]:
+        args, scales = decode_batch([kv_len, *others], pages_per_seq, first_query, max_seqs=max_seqs, seed=max_seqs,
+                                    kv_dtype=kv_dtype)
+        together = np.asarray(ragged_paged_attention(*args, impl="xla", **scales)[0])
+        np.testing.assert_array_equal(together, alone, err_msg=f"{max_seqs=} {pages_per_seq=}")
+    # Next to a prefill chunk (the per-sequence pass runs too): q_len 1 for row 0, 20 queries after it.
+    args, scales = decode_batch([kv_len, 300], 32, first_query, kv_dtype=kv_dtype)
+    q = jnp.concatenate([args[0][:1], jnp.asarray(rng.standard_normal((20, 9, 64)), jnp.float32)])
+    args = (q, *args[1:5], jnp.asarray([0, 1, 21], jnp.int32), args[6])
+    together = np.asarray(ragged_paged_attention(*args, impl="xla", **scales)[0])
+    np.testing.assert_array_equal(together, alone, err_msg="next to a prefill")
