@@ -128,9 +128,16 @@ struct Problem {
 // MR rows share each converted weight vector (M > 1 pays the conversion once); the MR * NV accumulators
 // (and as many group sums) stay in registers. The first K block of a sum (`first`) starts from zero, later
 // ones from the partial sums in `out`; the last (`last`) applies the per-channel scale.
-template <int MR, int NV>
-void Tile(const Problem& p, int64_t r0, int64_t c0, int64_t k0, int64_t k1, bool first, bool last) {
+//
+// kFromTile: the weights come already converted to float from `wt` (ConvertTile: rows [k0, k1) of this
+// column tile, NV * 16 floats a row, in input-row order), so many rows pay the conversion once per tile
+// instead of once per register tile (see ColumnTile). The arithmetic is the same text either way, so a row gets the
+// same bits on both paths.
+template <int MR, int NV, bool kFromTile>
+void Tile(const Problem& p, int64_t r0, int64_t c0, int64_t k0, int64_t k1, bool first, bool last,
+          const float* wt) {
   const int64_t K = p.k, N = p.n, G = p.group;
+  constexpr int64_t TW = NV * kLanes;  // floats per row of wt
   const float* x = p.x + r0 * K;
   float* out = p.out + r0 * N + c0;
   VecF acc[MR][NV];
@@ -141,8 +148,12 @@ void Tile(const Problem& p, int64_t r0, int64_t c0, int64_t k0, int64_t k1, bool
     const int8_t* q = static_cast<const int8_t*>(p.q) + c0;
     for (int64_t kk = k0; kk < k1; ++kk) {
       VecF w[NV];
-      __builtin_prefetch(q + kk * N + p.prefetch);
-      for (int v = 0; v < NV; ++v) w[v] = LoadS8(q + kk * N + v * kLanes);
+      if (kFromTile) {
+        for (int v = 0; v < NV; ++v) w[v] = LoadF(wt + (kk - k0) * TW + v * kLanes);
+      } else {
+        __builtin_prefetch(q + kk * N + p.prefetch);
+        for (int v = 0; v < NV; ++v) w[v] = LoadS8(q + kk * N + v * kLanes);
+      }
       for (int r = 0; r < MR; ++r) {
         const VecF xv = Splat(x[r * K + kk]);
         for (int v = 0; v < NV; ++v) acc[r][v] += xv * w[v];
@@ -162,8 +173,12 @@ void Tile(const Problem& p, int64_t r0, int64_t c0, int64_t k0, int64_t k1, bool
         for (int v = 0; v < NV; ++v) part[r][v] = VecF{};
       for (int64_t kk = g * G; kk < (g + 1) * G; ++kk) {
         VecF w[NV];
-        __builtin_prefetch(q + kk * N + p.prefetch);
-      for (int v = 0; v < NV; ++v) w[v] = LoadS8(q + kk * N + v * kLanes);
+        if (kFromTile) {
+          for (int v = 0; v < NV; ++v) w[v] = LoadF(wt + (kk - k0) * TW + v * kLanes);
+        } else {
+          __builtin_prefetch(q + kk * N + p.prefetch);
+          for (int v = 0; v < NV; ++v) w[v] = LoadS8(q + kk * N + v * kLanes);
+        }
         for (int r = 0; r < MR; ++r) {
           const VecF xv = Splat(x[r * K + kk]);
           for (int v = 0; v < NV; ++v) part[r][v] += xv * w[v];
@@ -184,10 +199,17 @@ void Tile(const Problem& p, int64_t r0, int64_t c0, int64_t k0, int64_t k1, bool
       for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) part[r][v] = VecF{};
       for (int64_t j = 0; j < half; ++j) {
-        const uint8_t* row = q + (g * half + j) * N;
-        __builtin_prefetch(row + p.prefetch);
         VecF lo[NV], hi[NV];
-        for (int v = 0; v < NV; ++v) LoadNibbles(row + v * kLanes, lo[v], hi[v]);
+        if (kFromTile) {
+          for (int v = 0; v < NV; ++v) {
+            lo[v] = LoadF(wt + (g * G + j - k0) * TW + v * kLanes);
+            hi[v] = LoadF(wt + (g * G + half + j - k0) * TW + v * kLanes);
+          }
+        } else {
+          const uint8_t* row = q + (g * half + j) * N;
+          __builtin_prefetch(row + p.prefetch);
+          for (int v = 0; v < NV; ++v) LoadNibbles(row + v * kLanes, lo[v], hi[v]);
+        }
         for (int r = 0; r < MR; ++r) {
           const VecF xl = Splat(x[r * K + g * G + j]), xh = Splat(x[r * K + g * G + half + j]);
           for (int v = 0; v < NV; ++v) part[r][v] += xl * lo[v] + xh * hi[v];
@@ -239,15 +261,53 @@ void ScalarColumns(const Problem& p, int64_t c0, int64_t c1) {
   }
 }
 
-// Rows per register tile: per-channel int8 holds MR * NV accumulators, grouped formats twice that.
+// Rows [k0, k1) of the weight's columns [c0, c0 + NV * 16) as floats, NV * 16 a row, in input-row order.
 template <int NV>
-void ColumnTile(const Problem& p, int64_t c0, int64_t k0, int64_t k1, bool first, bool last) {
+void ConvertTile(const Problem& p, int64_t c0, int64_t k0, int64_t k1, float* wt) {
+  constexpr int64_t TW = NV * kLanes;
+  const int64_t N = p.n;
+  if (p.bits == 8) {
+    const int8_t* q = static_cast<const int8_t*>(p.q) + c0;
+    for (int64_t kk = k0; kk < k1; ++kk)
+      for (int v = 0; v < NV; ++v) StoreF(wt + (kk - k0) * TW + v * kLanes, LoadS8(q + kk * N + v * kLanes));
+    return;
+  }
+  const uint8_t* q = static_cast<const uint8_t*>(p.q) + c0;
+  const int64_t G = p.group, half = G / 2;
+  for (int64_t g = k0 / G; g < k1 / G; ++g)
+    for (int64_t j = 0; j < half; ++j)
+      for (int v = 0; v < NV; ++v) {
+        VecF lo, hi;
+        LoadNibbles(q + (g * half + j) * N + v * kLanes, lo, hi);
+        StoreF(wt + (g * G + j - k0) * TW + v * kLanes, lo);
+        StoreF(wt + (g * G + half + j - k0) * TW + v * kLanes, hi);
+      }
+}
+
+// Rows per register tile: per-channel int8 holds MR * NV accumulators, grouped formats twice that.
+template <int NV, bool kFromTile>
+void RowTiles(const Problem& p, int64_t c0, int64_t k0, int64_t k1, bool first, bool last, const float* wt) {
   int64_t r = 0;
   if (p.group == 0) {
-    for (; r + 4 <= p.m; r += 4) Tile<4, NV>(p, r, c0, k0, k1, first, last);
+    for (; r + 4 <= p.m; r += 4) Tile<4, NV, kFromTile>(p, r, c0, k0, k1, first, last, wt);
   }
-  for (; r + 2 <= p.m; r += 2) Tile<2, NV>(p, r, c0, k0, k1, first, last);
-  for (; r < p.m; ++r) Tile<1, NV>(p, r, c0, k0, k1, first, last);
+  for (; r + 2 <= p.m; r += 2) Tile<2, NV, kFromTile>(p, r, c0, k0, k1, first, last, wt);
+  for (; r < p.m; ++r) Tile<1, NV, kFromTile>(p, r, c0, k0, k1, first, last, wt);
+}
+
+// One column tile of a K block for every row. int4 weights for more than kFewRows rows share one conversion
+// into a float tile (64 rows x 64 columns: 16 KiB, stays in L1): unpacking nibbles costs more than the
+// FMAs it feeds (a 1536 x 1536 matmul at M = 16 / 64: 120 -> 143 / 155 GFLOP/s). int8 converts in
+// registers as it goes: one widening load, and the tile's round trip measured 20% slower.
+template <int NV>
+void ColumnTile(const Problem& p, int64_t c0, int64_t k0, int64_t k1, bool first, bool last) {
+  if (p.m <= kFewRows || p.bits == 8) return RowTiles<NV, false>(p, c0, k0, k1, first, last, nullptr);
+  thread_local std::unique_ptr<float[]> wt;
+  thread_local int64_t wt_size = 0;
+  const int64_t size = (k1 - k0) * NV * kLanes;
+  if (size > wt_size) wt.reset(new float[wt_size = size]);
+  ConvertTile<NV>(p, c0, k0, k1, wt.get());
+  RowTiles<NV, true>(p, c0, k0, k1, first, last, wt.get());
 }
 
 // Input rows [k0, k1) times output columns [c0, c1) (a multiple of 16 wide), in K blocks of k_block rows;
