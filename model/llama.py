@@ -249,11 +249,12 @@ def _sharded_attend(ks, q, k, v, pool: Cache, *replicated, **kw):
     return fn(q, k, v, pool, *replicated)
 
 
-def _project(x, w, axes: tuple, ks):
-    """x @ w (model.quantize.dense). A quantized weight on a TP mesh runs its kernel inside shard_map on
-    the local block: output columns (column-parallel), or input rows and a psum (row-parallel)."""
+def _project(x, w, axes: tuple, ks, rows=None):
+    """x @ w (model.quantize.dense; rows: x's real rows, see there). A quantized weight on a TP mesh runs its
+    kernel inside shard_map on the local block: output columns (column-parallel), or input rows and a psum
+    (row-parallel)."""
     if ks is None or not isinstance(w, QuantizedWeight):
-        return dense(x, w)
+        return dense(x, w, rows=rows)
     w_spec = ks.quantized_weight_spec(w, axes)
     in_axis, out_axis = w_spec.values
     lead = (None,) * (x.ndim - 1)
@@ -279,7 +280,9 @@ def _layer(cfg: LlamaConfig, inputs: StepInputs, attn_impl: str, dense_prefill_l
     T = x.shape[0]
     H, KVH, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     axes = PARAM_AXES["layers"]
-    proj = lambda h, name: _project(h, p[name], axes[name][1:], ks)  # noqa: E731
+    # The step's real tokens; the rest pad it to its compiled shape (a decode of one sequence runs 8 rows).
+    num_tokens = inputs.cu_q_lens[inputs.num_seqs[0]]
+    proj = lambda h, name: _project(h, p[name], axes[name][1:], ks, num_tokens)  # noqa: E731
 
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")

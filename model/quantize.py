@@ -167,16 +167,17 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 # The one matmul entry point of the model
 # ----------------------------------------------------------------------------------------------------
 
-def dense(x: jax.Array, w, *, impl: str = "auto") -> jax.Array:
+def dense(x: jax.Array, w, *, impl: str = "auto", rows: Optional[jax.Array] = None) -> jax.Array:
     """x [..., in] @ w [in, out] -> [..., out] in x.dtype, accumulating in float32.
 
     w is a float array (cast to x.dtype), a 2-D QuantizedWeight (fused dequantizing matmul; impl picks its
-    implementation, see pallas_kernels/backend.py) or a StackedLayer of one.
+    implementation, see pallas_kernels/backend.py) or a StackedLayer of one. rows: how many leading rows of
+    x are real, the rest padding a quantized matmul may skip (quantized_matmul).
     """
     if isinstance(w, QuantizedWeight):
-        return quantized_matmul(x, w, impl=impl)
+        return quantized_matmul(x, w, None, rows, impl=impl)
     if isinstance(w, StackedLayer):
-        return quantized_matmul(x, w.stacked, w.layer, impl=impl)
+        return quantized_matmul(x, w.stacked, w.layer, rows, impl=impl)
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"dense: x.shape={tuple(x.shape)} @ w.shape={tuple(w.shape)}: "
                          f"w must be [in, out] with in == x.shape[-1]")

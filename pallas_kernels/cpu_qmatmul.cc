@@ -362,9 +362,14 @@ struct Job {
   }
 };
 
-ffi::Error Run(ffi::ThreadPool pool, Problem problem, int64_t tile_vecs, int64_t max_threads) {
+// Only the first `rows` rows of x are real (the rest pad a step to its compiled shape): they are computed,
+// the others set to zero. A row's result is the same either way (nothing depends on M).
+ffi::Error Run(ffi::ThreadPool pool, Problem problem, int64_t rows, int64_t tile_vecs, int64_t max_threads) {
   if (tile_vecs < 1 || tile_vecs > 4)
     return ffi::Error::InvalidArgument("tile_vecs must be in 1..4, got " + std::to_string(tile_vecs));
+  rows = std::max<int64_t>(0, std::min(rows, problem.m));
+  std::fill(problem.out + rows * problem.n, problem.out + problem.m * problem.n, 0.f);
+  problem.m = rows;
   if (problem.m == 0 || problem.n == 0) return ffi::Error::Success();
   auto job = std::make_shared<Job>();
   job->problem = problem;
@@ -428,7 +433,8 @@ ffi::Error LayerOffset(const ffi::Buffer<ffi::S32, 0>& layer, int64_t num_layers
 }
 
 ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::S8, 3> q,
-                    ffi::AnyBuffer scales, ffi::Buffer<ffi::S32, 0> layer, ffi::ResultBuffer<ffi::F32, 2> out,
+                    ffi::AnyBuffer scales, ffi::Buffer<ffi::S32, 0> layer, ffi::Buffer<ffi::S32, 0> rows,
+                    ffi::ResultBuffer<ffi::F32, 2> out,
                     int64_t group_size, int64_t tile_vecs, int64_t max_threads) {
   const int64_t num_layers = q.dimensions()[0], k = q.dimensions()[1], n = q.dimensions()[2];
   if (ffi::Error e = CheckCommon(x, k, n, out, group_size, k); e.failure()) return e;
@@ -440,12 +446,13 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Buffe
   if (ffi::Error e = LayerOffset(layer, num_layers, l); e.failure()) return e;
   Problem p{x.typed_data(), q.typed_data() + l * k * n, static_cast<const float*>(scales.untyped_data()) + l * want,
             nullptr, nullptr, out->typed_data(), x.dimensions()[0], k, n, group_size, 8};
-  return Run(pool, p, tile_vecs, max_threads);
+  return Run(pool, p, *rows.typed_data(), tile_vecs, max_threads);
 }
 
 ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::U8, 3> q,
                     ffi::Buffer<ffi::F32, 3> scales, ffi::Buffer<ffi::F32, 3> zeros, ffi::Buffer<ffi::S32, 0> layer,
-                    ffi::ResultBuffer<ffi::F32, 2> out, int64_t group_size, int64_t tile_vecs, int64_t max_threads) {
+                    ffi::Buffer<ffi::S32, 0> rows, ffi::ResultBuffer<ffi::F32, 2> out, int64_t group_size,
+                    int64_t tile_vecs, int64_t max_threads) {
   const int64_t num_layers = q.dimensions()[0], k = 2 * q.dimensions()[1], n = q.dimensions()[2];
   const int64_t m = x.dimensions()[0];
   if (group_size <= 0 || group_size % 2)
@@ -468,7 +475,7 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Buffe
   }
   Problem p{x.typed_data(), q.typed_data() + l * (k / 2) * n, scales.typed_data() + l * groups * n,
             zeros.typed_data() + l * groups * n, xsum.get(), out->typed_data(), m, k, n, group_size, 4};
-  return Run(pool, p, tile_vecs, max_threads);
+  return Run(pool, p, *rows.typed_data(), tile_vecs, max_threads);
 }
 
 // Dequantize one layer of a grouped weight to float32 [K, N] (for M too large for the matmul above: XLA's
@@ -595,6 +602,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RidgelineQMatmulInt8, Int8Impl,
                                   .Arg<S8Stack>()         // q [L, K, N]
                                   .Arg<ffi::AnyBuffer>()  // scales [L, N] or [L, K/G, N]
                                   .Arg<S32Scalar>()       // layer
+                                  .Arg<S32Scalar>()       // rows: x's real rows (the rest are padding)
                                   .Ret<F32Matrix>()       // out [M, N]
                                   .Attr<int64_t>("group_size")  // 0: per channel
                                   .Attr<int64_t>("tile_vecs")
@@ -608,6 +616,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RidgelineQMatmulInt4, Int4Impl,
                                   .Arg<F32Stack>()   // scales [L, K/G, N]
                                   .Arg<F32Stack>()   // zeros [L, K/G, N]
                                   .Arg<S32Scalar>()  // layer
+                                  .Arg<S32Scalar>()  // rows: x's real rows (the rest are padding)
                                   .Ret<F32Matrix>()  // out [M, N]
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("tile_vecs")

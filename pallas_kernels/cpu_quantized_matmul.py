@@ -195,25 +195,27 @@ def stacked_kernel_reads_in_place(qw) -> bool:
     return all(a is None or a.dtype == jnp.float32 for a in (qw.scales, qw.zeros))
 
 
-def _ffi_matmul(x: jax.Array, qw, layer: jax.Array, config: CpuMatmulConfig) -> jax.Array:
-    """x [M, K] float32 @ layer `layer` of qw (arrays stacked [L, ...]) -> float32 [M, N]."""
+def _ffi_matmul(x: jax.Array, qw, layer: jax.Array, rows: jax.Array, config: CpuMatmulConfig) -> jax.Array:
+    """x [M, K] float32 @ layer `layer` of qw (arrays stacked [L, ...]) -> float32 [M, N], rows >= `rows` zero."""
     m = x.shape[0]
     n, g = qw.out_features, qw.group_size
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)
     attrs = dict(group_size=np.int64(g or 0), tile_vecs=np.int64(config.tile_vecs),
                  max_threads=np.int64(config.max_threads))
     if qw.bits == 8:
-        return jax.ffi.ffi_call(_TARGETS[8], out)(x, qw.values, qw.scales, layer, **attrs)
-    return jax.ffi.ffi_call(_TARGETS[4], out)(x, qw.values, qw.scales, qw.zeros, layer, **attrs)
+        return jax.ffi.ffi_call(_TARGETS[8], out)(x, qw.values, qw.scales, layer, rows, **attrs)
+    return jax.ffi.ffi_call(_TARGETS[4], out)(x, qw.values, qw.scales, qw.zeros, layer, rows, **attrs)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def cpu_quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *,
+def cpu_quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, rows: Optional[jax.Array] = None, *,
                          config: Optional[CpuMatmulConfig] = None) -> jax.Array:
     """x [..., K] @ qw -> float32 [..., N] with the C++ kernel.
 
     qw: a 2-D QuantizedWeight [K, N] (layer None), or one stacked [L, K, N] with `layer` an int32 scalar:
     then that layer is read in place (see stacked_kernel_reads_in_place; otherwise it is sliced out first).
+    rows: an int32 scalar, how many leading rows of x (flattened to [M, K]) are real; the others, padding
+    of a compiled step shape, are not computed and come out zero. None: all.
     Raises RuntimeError when the kernel is unavailable (see available()); quantized_matmul falls back.
     """
     check_quantized_weight(qw, allow_stacked=layer is not None)
@@ -239,7 +241,8 @@ def cpu_quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *,
         qw = dataclasses.replace(qw, scales=qw.scales.astype(jnp.float32),
                                  zeros=None if qw.zeros is None else qw.zeros.astype(jnp.float32))
         layer = 0
-    return _ffi_matmul(x2, qw, jnp.asarray(layer, jnp.int32), config).reshape(*lead, n)
+    rows = x2.shape[0] if rows is None else rows
+    return _ffi_matmul(x2, qw, jnp.asarray(layer, jnp.int32), jnp.asarray(rows, jnp.int32), config).reshape(*lead, n)
 
 
 @jax.jit

@@ -389,12 +389,14 @@ def _cpu_ffi_for(m: int, bits: int) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("impl", "block_sizes"))
-def quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *, impl: str = "auto",
-                     block_sizes: Optional[QuantizedMatmulBlockSizes] = None) -> jax.Array:
+def quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, rows: Optional[jax.Array] = None, *,
+                     impl: str = "auto", block_sizes: Optional[QuantizedMatmulBlockSizes] = None) -> jax.Array:
     """x [..., K] @ qw (a 2-D QuantizedWeight [K, N]) -> [..., N] in x.dtype (f32 accumulation).
 
     layer: with qw stacked [L, K, N], the int32 index of the layer to multiply by. The CPU kernel reads it
     in place; every other impl slices it out first (what lax.scan over the stack would do).
+    rows: an int32 scalar, how many leading rows of x are real (the rest pad a compiled step shape). The CPU
+    kernel skips the others (they come out zero); other impls compute every row.
     impl: "auto" | "pallas" | "pallas_interpret" | "xla" | "cpu_ffi" | "reference" (see the module docstring).
     block_sizes: Pallas tiles; None picks QuantizedMatmulBlockSizes.get_default for this shape.
     """
@@ -421,7 +423,7 @@ def quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, *, imp
     if impl == CPU_FFI:
         from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul
 
-        return cpu_quantized_matmul(x2, qw, layer).astype(x.dtype).reshape(*lead, n)
+        return cpu_quantized_matmul(x2, qw, layer, rows).astype(x.dtype).reshape(*lead, n)
     if requested == "auto" and impl == "xla" and qw.group_size is not None and _cpu_ffi_for(0, qw.bits):
         # Too many rows for the CPU kernel: its dequantize (XLA's is slow for grouped formats), XLA's dot.
         from pallas_kernels.cpu_quantized_matmul import cpu_dequantize

@@ -163,6 +163,18 @@ def test_dequantize_kernel_and_the_large_m_path(fmt):
         cpu.cpu_dequantize(quantize_int8(np.ones((32, 16), np.float32)))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "int4_g32"])
+def test_padding_rows_are_skipped(fmt):
+    """rows=r: the first r rows equal the full product's bits, the padding rows come out zero."""
+    x, qw = _case(fmt, 8, 192, 200, seed=6)
+    full = np.asarray(cpu.cpu_quantized_matmul(x, qw))
+    at = jax.jit(lambda x, w, r: cpu.cpu_quantized_matmul(x, w, None, r))
+    for r in (0, 1, 3, 8, 11):
+        got = np.asarray(at(x, qw, jnp.int32(r)))
+        np.testing.assert_array_equal(got[:r], full[:r])
+        assert not got[r:].any()
+
+
 def test_bad_inputs():
     x, qw = _case("int8", 2, 64, 32)
     with pytest.raises(ValueError, match=r"tile_vecs=5 must be an int in 1\.\.4"):
