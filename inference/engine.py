@@ -126,7 +126,9 @@ class _RequestState:
     fallback_seed: int
     metrics: RequestMetrics
     logprobs: Optional[list] = None  # {token: logprob} per generated token, built when an output is made
-    raw_logprobs: Optional[list] = None  # (token, chosen logprob, StepResult, row, i) not yet in logprobs
+    # Tokens not yet in `logprobs`, flat: token, chosen logprob, StepResult, row, i for each (no object
+    # per token that outlives the step: the cyclic GC would walk every one of them again and again).
+    raw_logprobs: Optional[list] = None
     cumulative_logprob: float = 0.0
     stream: bool = True  # report every step's progress (else only the final output)
     uses_penalties: bool = False
@@ -570,7 +572,7 @@ class Engine:
                 token, chosen = tokens[row][i], chosen_logprobs[row][i]
                 kept.append(token)
                 if state.raw_logprobs is not None:  # made into {token: logprob} by _output
-                    state.raw_logprobs.append((token, chosen, out, row, i))
+                    state.raw_logprobs += token, chosen, out, row, i
                 state.cumulative_logprob += chosen
                 reason = state.stop.append(token)
                 if state.matcher is not None and self.structured.advance(state.matcher, token) and reason is None:
@@ -703,7 +705,8 @@ class Engine:
         state.metrics.num_generated_tokens = len(state.stop.token_ids)
         if state.raw_logprobs:
             k = state.params.logprobs
-            for token, chosen, out, row, i in state.raw_logprobs:
+            raw = state.raw_logprobs
+            for token, chosen, out, row, i in zip(raw[::5], raw[1::5], raw[2::5], raw[3::5], raw[4::5]):
                 entry = dict(zip(out.top_ids[row, i, :k].tolist(), out.top_logprobs[row, i, :k].tolist()))
                 entry[token] = chosen
                 state.logprobs.append(entry)
