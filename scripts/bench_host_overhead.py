@@ -14,7 +14,7 @@ processes step N while the device runs step N + 1), side by side.
 
 --stub-program (host Python alone, not the real figure): the step's XLA program is replaced by
 ready-made results (random tokens of the real vocabulary, random logprobs, already on the device),
-so a step costs its host work and its input / output copies but no program launch or run. It makes
+so a step costs its host work (inputs packed, results copied back) but no program launch, input copy or run. It makes
 2,048-token outputs at 256 sequences fit in a short run (the check that host cost is flat in the
 output length); the probe jobs then run the synchronous loop only.
 
