@@ -60,7 +60,7 @@ import numpy as np
 
 from inference.kv_pool import BlockAllocator, device_memory, pages_for_memory_budget
 from inference.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from inference.sampler import SamplingTensors, next_engine_seed
+from inference.sampler import SamplingRows, SamplingTensors, next_engine_seed
 from inference.sampling_params import MAX_LOGPROBS, SamplingParams
 from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSequence, SequenceStatus, tokens_left
 from inference.runner import ModelRunner, SpecBatch, pow2_bucket
@@ -126,29 +126,33 @@ class _RequestState:
     fallback_seed: int
     metrics: RequestMetrics
     logprobs: Optional[list] = None  # {token: logprob} per generated token, built when an output is made
-    raw_logprobs: Optional[list] = None  # (token, chosen logprob, top ids, top logprobs) not yet in logprobs
+    # Tokens not yet in `logprobs`, flat: token, chosen logprob, StepResult, row, i for each (no object
+    # per token that outlives the step: the cyclic GC would walk every one of them again and again).
+    raw_logprobs: Optional[list] = None
     cumulative_logprob: float = 0.0
     stream: bool = True  # report every step's progress (else only the final output)
     uses_penalties: bool = False
+    sampling_fits: bool = False  # SamplingRows.fits(params): its rows can come from Engine.sampling_rows
     slot: Optional[int] = None  # penalty slot while running (uses_penalties only)
+    sampling_slot: Optional[int] = None  # row of Engine.sampling_rows, from its first step until it ends
     speculate: bool = False
     adaptive: Optional[AdaptiveK] = None  # per-request k policy (None: always the engine's k)
     spec: Optional[SpecDecodeStats] = None  # per-request speculation metrics
     matcher: Optional[object] = None  # structured output: the llguidance matcher (fed every kept token)
 
-    def checkpoint(self) -> dict:
-        """What a step's output processing changes, to restore if the step is rolled back."""
-        return {"stop": dict(vars(self.stop), token_ids=list(self.stop.token_ids)),
-                "num_raw_logprobs": None if self.raw_logprobs is None else len(self.raw_logprobs),
-                "cumulative_logprob": self.cumulative_logprob}
+    def checkpoint(self) -> tuple:
+        """What a step's output processing changes, to restore if the step is rolled back (O(1): the
+        lists are only appended to, so their lengths are enough)."""
+        return (self.stop.snapshot(), None if self.raw_logprobs is None else len(self.raw_logprobs),
+                self.cumulative_logprob)
 
-    def restore(self, saved: dict) -> None:
+    def restore(self, saved: tuple) -> None:
+        stop, num_raw_logprobs, self.cumulative_logprob = saved
         if self.matcher is not None:  # it consumed every token the stop checker took since the checkpoint
-            self.matcher.rollback(len(self.stop.token_ids) - len(saved["stop"]["token_ids"]))
-        vars(self.stop).update(saved["stop"])
+            self.matcher.rollback(len(self.stop.token_ids) - stop[0])
+        self.stop.restore(stop)
         if self.raw_logprobs is not None:
-            del self.raw_logprobs[saved["num_raw_logprobs"]:]
-        self.cumulative_logprob = saved["cumulative_logprob"]
+            del self.raw_logprobs[num_raw_logprobs:]
 
 
 @dataclass
@@ -192,6 +196,9 @@ class Engine:
         self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
         self._free_slots = list(range(engine_cfg.max_num_seqs))[::-1]  # penalty slots (ModelRunner.penalties)
+        # Sampling values of running requests, gathered per step (SamplingRows); one slot per request.
+        self.sampling_rows = SamplingRows(engine_cfg.max_num_seqs)
+        self._free_sampling_slots = list(range(engine_cfg.max_num_seqs))[::-1]
         self.structured: Optional[StructuredOutputManager] = None  # built at the first constrained request
         self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0, "step_seconds": 0.0}
         self._pending: Optional[_PendingStep] = None  # async_scheduling: the step whose tokens are unread
@@ -331,7 +338,8 @@ class Engine:
             logprobs=[] if params.logprobs is not None else None,
             raw_logprobs=[] if params.logprobs is not None else None, stream=stream,
             uses_penalties=(params.repetition_penalty != 1.0 or bool(params.presence_penalty)
-                            or bool(params.frequency_penalty)), speculate=speculate,
+                            or bool(params.frequency_penalty)), sampling_fits=SamplingRows.fits(params),
+            speculate=speculate,
             adaptive=AdaptiveK(spec.num_speculative_tokens) if speculate and spec.adaptive else None,
             spec=SpecDecodeStats() if spec is not None else None, matcher=matcher)
         self.scheduler.add_request(rid, ids, max_tokens=max_tokens)
@@ -342,6 +350,7 @@ class Engine:
         state = self._requests.pop(request_id, None)
         if state is not None:
             self._free_slot(state)
+            self._free_sampling_slot(state)
         return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -353,6 +362,25 @@ class Engine:
             self._free_slots.append(state.slot)
             state.slot = None
 
+    def _free_sampling_slot(self, state: _RequestState) -> None:
+        if state.sampling_slot is not None:
+            self._free_sampling_slots.append(state.sampling_slot)
+            state.sampling_slot = None
+
+    def _sampling_tensors(self, rows: list[_RequestState], steps: list[int], S: int, bitmask) -> SamplingTensors:
+        """The step's host SamplingTensors: gathered from `sampling_rows` when every row's values are the
+        same at every step (the usual case), else built from the rows' SamplingParams."""
+        if bitmask is None and all(r.sampling_fits and step >= r.params.min_tokens for r, step in zip(rows, steps)):
+            for r in rows:
+                if r.sampling_slot is None:
+                    r.sampling_slot = self._free_sampling_slots.pop()
+                    self.sampling_rows.write(r.sampling_slot, r.params, r.fallback_seed)
+            return self.sampling_rows.gather([r.sampling_slot for r in rows], steps, S)
+        return SamplingTensors.from_params(
+            [r.params for r in rows], steps=steps, fallback_seeds=[r.fallback_seed for r in rows],
+            eos_token_id=self.eos_token_id, pad_to=S, output_token_ids=[r.stop.token_ids for r in rows],
+            token_bitmask=bitmask, on_device=False)
+
     def _penalty_slots(self, sched: SchedulerOutput, rows: list[_RequestState], num_rows: int):
         """Keeps a penalty slot for every running request that uses penalties; returns the step's
         slot per sampling row (num_slots for rows without), or None when no row uses penalties."""
@@ -360,6 +388,7 @@ class Engine:
             state = self._requests.get(rid)
             if state is not None and self.scheduler.get_request(rid).status is not SequenceStatus.RUNNING:
                 self._free_slot(state)
+                self._free_sampling_slot(state)  # slots are for running requests only: max_num_seqs of them
         if not any(r.uses_penalties for r in rows):
             return None
         slots = np.full(num_rows, self.runner.num_slots, np.int32)
@@ -429,6 +458,7 @@ class Engine:
             state = self._requests.pop(seq.request_id, None)
             if state is not None:
                 self._free_slot(state)
+                self._free_sampling_slot(state)
                 results.append(self._error_output(state, seq.error))
         for seq in sched.out_of_pool:  # keeps what it generated; finish_reason "length", the pool named
             state = self._requests.get(seq.request_id)
@@ -459,10 +489,7 @@ class Engine:
         # Seeded keys and min_tokens bans follow the request's step count, pending token included.
         steps = [len(r.stop.token_ids) + (r.request_id in pending_ids) for r in rows]
         bitmask = self.structured.bitmask([r.matcher for r in rows], S) if self.structured is not None else None
-        tensors = SamplingTensors.from_params(
-            [r.params for r in rows], steps=steps,
-            fallback_seeds=[r.fallback_seed for r in rows], eos_token_id=self.eos_token_id, pad_to=S,
-            output_token_ids=[r.stop.token_ids for r in rows], token_bitmask=bitmask)
+        tensors = self._sampling_tensors(rows, steps, S, bitmask)
         # One logprobs width for all: a per-request k would be another program to compile.
         num_logprobs = MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0
         spec_batch = None if multi_step else self._spec_batch(sched, rows, steps, S)
@@ -523,6 +550,10 @@ class Engine:
         this step was overlapped) are skipped."""
         sampled, finished = {}, {}
         now = time.perf_counter()
+        # Python lists once per step: indexing numpy arrays element by element costs more than the rest.
+        tokens, chosen_logprobs = out.tokens.tolist(), out.chosen_logprob.tolist()
+        num_output = out.num_output.tolist()
+        max_model_len = self.engine_cfg.max_model_len
         for row, (rid, num_rows) in enumerate(layout):
             state = self._requests.get(rid)
             if state is None:
@@ -534,17 +565,15 @@ class Engine:
             # max_tokens) in the middle of an accepted block discards the tokens after it, and the
             # scheduler is told only the kept ones (it rolls back the KV of the rest).
             # (A request the scheduler ended out of pool while its last step was pending keeps that token.)
-            room = (tokens_left(self.scheduler.get_request(rid), self.engine_cfg.max_model_len)
-                    if self.scheduler.has_request(rid) else 1)
+            seq = self.scheduler.find_request(rid)
+            room = tokens_left(seq, max_model_len) if seq is not None else 1
             kept = []
-            for i in range(min(int(out.num_output[row]), room)):
-                token = int(out.tokens[row, i])
+            for i in range(min(num_output[row], room)):
+                token, chosen = tokens[row][i], chosen_logprobs[row][i]
                 kept.append(token)
-                chosen = out.chosen_logprob[row, i]
-                if state.raw_logprobs is not None:
-                    k = state.params.logprobs
-                    state.raw_logprobs.append((token, chosen, out.top_ids[row, i, :k], out.top_logprobs[row, i, :k]))
-                state.cumulative_logprob += float(chosen)
+                if state.raw_logprobs is not None:  # made into {token: logprob} by _output
+                    state.raw_logprobs += token, chosen, out, row, i
+                state.cumulative_logprob += chosen
                 reason = state.stop.append(token)
                 if state.matcher is not None and self.structured.advance(state.matcher, token) and reason is None:
                     reason = state.stop.finish_stop()  # the grammar is complete: nothing but EOS could follow
@@ -666,6 +695,7 @@ class Engine:
         """Forgets a finished request, keeping its speculation metrics (bounded to the most recent ones)."""
         del self._requests[state.request_id]
         self._free_slot(state)
+        self._free_sampling_slot(state)
         if state.spec is not None:
             self.request_spec_stats[state.request_id] = state.spec
             while len(self.request_spec_stats) > _MAX_RETAINED_SPEC_STATS:
@@ -674,9 +704,11 @@ class Engine:
     def _output(self, state: _RequestState, finished: bool) -> RequestOutput:
         state.metrics.num_generated_tokens = len(state.stop.token_ids)
         if state.raw_logprobs:
-            for token, chosen, top_ids, top_logprobs in state.raw_logprobs:
-                entry = dict(zip(top_ids.tolist(), top_logprobs.tolist()))
-                entry[token] = float(chosen)
+            k = state.params.logprobs
+            raw = state.raw_logprobs
+            for token, chosen, out, row, i in zip(raw[::5], raw[1::5], raw[2::5], raw[3::5], raw[4::5]):
+                entry = dict(zip(out.top_ids[row, i, :k].tolist(), out.top_logprobs[row, i, :k].tolist()))
+                entry[token] = chosen
                 state.logprobs.append(entry)
             state.raw_logprobs.clear()
         completion = CompletionOutput(

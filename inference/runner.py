@@ -66,10 +66,17 @@ def _write_penalty_row(state: PenaltyState, slot, counts_row, mask_row) -> Penal
 @functools.lru_cache(maxsize=None)
 def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
     """Jitted forward + sample with the cache (and penalty state) donated. Module-level so that engines
-    with the same config share compiled programs (params are arguments, never closed over)."""
+    with the same config share compiled programs (params are arguments, never closed over).
 
-    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
-             slots, fed_back):
+    The step's host inputs (StepInputs, penalty slots, SamplingTensors) arrive as one int32 buffer
+    (`_pack_host_inputs`; `layout` is static) and the results leave as one [S, 2 + 2k] int32 buffer
+    (`_pack_sampler_output`): one host-to-device and one device-to-host copy per step."""
+
+    def step(params, cache, penalties: Optional[PenaltyState], packed, fed_back, layout):
+        fields = _unpack_device_inputs(packed, layout)
+        inputs = StepInputs(*(fields[name] for name in StepInputs._fields))
+        tensors = SamplingTensors(*(fields.get("sampling." + name) for name in SamplingTensors._fields))
+        slots = fields.get("slots")
         inputs = inputs._replace(tokens=_feed_back(inputs.tokens, fed_back))
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
         if penalties is None:
@@ -79,9 +86,40 @@ def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
             penalties = PenaltyState(penalties.counts.at[slots, out.tokens].add(1, mode="drop"), penalties.prompt_mask)
         # The sampled tokens, padded to a fixed width, for the next step's placeholders.
         fed_back = jnp.zeros_like(fed_back).at[:out.tokens.shape[0]].set(out.tokens)
-        return out, cache, penalties, fed_back
+        return _pack_sampler_output(out), cache, penalties, fed_back
 
-    return jax.jit(step, donate_argnums=(1, 4))
+    return jax.jit(step, donate_argnums=(1, 2), static_argnames=("layout",))
+
+
+def _pack_host_inputs(fields: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple]:
+    """One flat int32 buffer of 4-byte (int32, uint32, float32) and bool arrays, and its static layout
+    ((name, shape, dtype) per field) for `_unpack_device_inputs`."""
+    layout = tuple((name, a.shape, a.dtype.str) for name, a in fields.items())
+    flat = [a.reshape(-1).view(np.int32) if a.dtype.itemsize == 4 else a.reshape(-1).astype(np.int32)
+            for a in fields.values()]
+    return np.concatenate(flat), layout
+
+
+def _unpack_device_inputs(packed: jax.Array, layout: tuple) -> dict[str, jax.Array]:
+    fields, offset = {}, 0
+    for name, shape, dtype in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        x = packed[offset:offset + size].reshape(shape)
+        offset += size
+        dtype = np.dtype(dtype)
+        if dtype == np.bool_:
+            x = x != 0
+        elif dtype != np.int32:
+            x = jax.lax.bitcast_convert_type(x, dtype)
+        fields[name] = x
+    return fields
+
+
+def _pack_sampler_output(out) -> jax.Array:
+    """[S, 2 + 2k] int32: token, chosen logprob (float32 bits), k top ids, k top logprobs (bits)."""
+    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    return jnp.concatenate([out.tokens[:, None], bits(out.chosen_logprob)[:, None], out.top_ids,
+                            bits(out.top_logprobs)], axis=1)
 
 
 def _feed_back(tokens: jax.Array, fed_back: jax.Array) -> jax.Array:
@@ -94,7 +132,7 @@ def _feed_back(tokens: jax.Array, fed_back: jax.Array) -> jax.Array:
 def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
     """Jitted forward + speculative verify: logits_indices come grouped as [S * (k+1)] (row-major)."""
 
-    def step(params, cache, inputs: StepInputs, tensors: SamplingTensors, penalties: Optional[PenaltyState],
+    def step(params, cache, penalties: Optional[PenaltyState], inputs: StepInputs, tensors: SamplingTensors,
              slots, draft_tokens, num_draft, ban_len, draft_probs, probs_rows):
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
         S, K = draft_tokens.shape
@@ -108,7 +146,7 @@ def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
                                      penalties.prompt_mask)
         return out, cache, penalties
 
-    return jax.jit(step, donate_argnums=(1, 4))
+    return jax.jit(step, donate_argnums=(1, 2))
 
 
 class DecodeBatch(NamedTuple):
@@ -125,7 +163,7 @@ def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int, num_step
     """Jitted `num_steps` decode steps in one lax.scan: step i feeds the tokens step i - 1 sampled.
     Returns SamplerOutput fields stacked [num_steps, S, ...]; rows past their num_steps write nothing."""
 
-    def step(params, cache, batch: DecodeBatch, tensors: SamplingTensors, penalties: Optional[PenaltyState], slots):
+    def step(params, cache, penalties: Optional[PenaltyState], batch: DecodeBatch, tensors: SamplingTensors, slots):
         S = batch.first_tokens.shape[0]
         page_size = cache["k"].shape[2]
         rows = jnp.arange(S, dtype=jnp.int32)
@@ -155,7 +193,7 @@ def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int, num_step
                                                    jnp.arange(num_steps, dtype=jnp.int32))
         return outs, cache, penalties
 
-    return jax.jit(step, donate_argnums=(1, 4))
+    return jax.jit(step, donate_argnums=(1, 2))
 
 
 class count_xla_compiles:
@@ -251,7 +289,7 @@ class ModelRunner:
     def bucket(self, sched: SchedulerOutput) -> tuple[int, int, int]:
         """(tokens, seqs, pages) padded sizes, from the fixed set `warmup` compiles."""
         T = pow2_bucket(sched.num_batched_tokens, 8)
-        longest = max(len(s.block_table) for s in sched.scheduled)
+        longest = max(s.num_pages for s in sched.scheduled)
         P = next((w for w in self.page_buckets if w >= longest), longest)
         return T, self.seqs_bucket(T), P
 
@@ -290,7 +328,8 @@ class ModelRunner:
         arrays["logits_indices"] = _group_logits_rows(arrays["logits_indices"], sched.sampling_layout, S, K1)
         fn = _verify_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
         inputs = StepInputs(**jax.device_put(arrays))
-        out, _ = self._run(fn, inputs, tensors, slots, tuple(None if a is None else jnp.asarray(a) for a in spec))
+        out, _ = self._run(fn, slots, inputs, tensors, None if slots is None else jnp.asarray(slots),
+                           *(None if a is None else jnp.asarray(a) for a in spec))
         self._write_draft_kv(inputs)
         out = self._fetch(out)
         return StepResult(np.asarray(out.output_tokens), np.asarray(out.num_output),
@@ -301,14 +340,25 @@ class ModelRunner:
                  num_logprobs: int):
         """Launches a plain sampling step and returns its device results without waiting for them
         (`fetch` reads them). Input tokens may be placeholders for tokens the previously launched plain
-        step sampled: -(row + 1) stands for that step's sampling row `row` (see `_feed_back`)."""
+        step sampled: -(row + 1) stands for that step's sampling row `row` (see `_feed_back`).
+        tensors: host (numpy) SamplingTensors, sent with the step's other inputs in one buffer."""
         T, S, P = self.bucket(sched)
         arrays = sched.to_step_arrays(pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P)
         arrays["logits_indices"] = _first_logits_rows(sched, S)
+        out = self._launch_sample(arrays, tensors, slots, num_logprobs)
+        if self.draft is not None:
+            self._write_draft_kv(StepInputs(**jax.device_put(arrays)))
+        return out
+
+    def _launch_sample(self, arrays: dict, tensors: SamplingTensors, slots: Optional[np.ndarray], num_logprobs: int):
+        fields = dict(arrays)
+        if slots is not None:
+            fields["slots"] = slots
+        fields.update(("sampling." + name, value) for name, value in zip(SamplingTensors._fields, tensors)
+                      if value is not None)
+        packed, layout = _pack_host_inputs(fields)
         fn = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
-        inputs = StepInputs(**jax.device_put(arrays))
-        out, (self._fed_back,) = self._run(fn, inputs, tensors, slots, (self._fed_back,))
-        self._write_draft_kv(inputs)
+        out, (self._fed_back,) = self._run(fn, slots, packed, self._fed_back, layout=layout)
         return out
 
     def _write_draft_kv(self, inputs: StepInputs) -> None:
@@ -320,11 +370,10 @@ class ModelRunner:
     def fetch(self, out) -> StepResult:
         """Host results of a `dispatch`ed step (blocks until the device has them): one token per row,
         the K = 0 case of a verify result."""
-        out = self._fetch(out)
-        S = out.tokens.shape[0]
-        return StepResult(np.asarray(out.tokens)[:, None], np.ones(S, np.int32), np.zeros(S, np.int32),
-                          np.asarray(out.chosen_logprob)[:, None],
-                          np.asarray(out.top_logprobs)[:, None], np.asarray(out.top_ids)[:, None])
+        host = self._fetch(out)  # [S, 2 + 2k] int32 (_pack_sampler_output)
+        S, k = host.shape[0], (host.shape[1] - 2) // 2
+        return StepResult(host[:, :1], np.ones(S, np.int32), np.zeros(S, np.int32), host[:, 1:2].view(np.float32),
+                          host[:, None, 2 + k:].view(np.float32), host[:, None, 2:2 + k])
 
     def execute_decode_steps(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
                              num_logprobs: int, num_steps: int) -> StepResult:
@@ -338,25 +387,26 @@ class ModelRunner:
             batch.first_tokens[b] = s.token_ids[0]
             batch.positions[b] = s.num_computed_tokens
             batch.num_steps[b] = s.num_new_tokens
-            batch.block_tables[b, :len(s.block_table)] = s.block_table
+            batch.block_tables[b, :s.num_pages] = s.block_array[:s.num_pages]
         return self._run_decode_steps(batch, tensors, slots, num_logprobs, num_steps)
 
     def _run_decode_steps(self, batch: DecodeBatch, tensors, slots, num_logprobs: int, num_steps: int) -> StepResult:
         fn = _multi_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs, num_steps)
-        out = self._fetch(self._run(fn, jax.device_put(batch), tensors, slots, ())[0])
+        out = self._fetch(self._run(fn, slots, jax.device_put(batch), tensors,
+                                    None if slots is None else jnp.asarray(slots))[0])
         S = batch.num_steps.shape[0]
         return StepResult(np.asarray(out.tokens).T, np.maximum(batch.num_steps, 1), np.zeros(S, np.int32),
                           np.asarray(out.chosen_logprob).T, np.asarray(out.top_logprobs).transpose(1, 0, 2),
                           np.asarray(out.top_ids).transpose(1, 0, 2))
 
-    def _run(self, fn, inputs, tensors: SamplingTensors, slots: Optional[np.ndarray], extra: tuple):
-        """Launches a step program (donating the cache and penalty state); returns its device results
-        and the program's further outputs, without waiting for them."""
+    def _run(self, fn, slots: Optional[np.ndarray], *args, **kwargs):
+        """Launches a step program fn(params, cache, penalties, *args, **kwargs), donating the cache and
+        (for a step with penalty `slots`) the penalty state; returns its device results and the
+        program's further outputs, without waiting for them."""
         penalties = None
         if slots is not None:
             penalties, self.penalties = self.penalties, None  # donated
-        out, self.cache, new_penalties, *more = fn(self.params, self.cache, inputs, tensors, penalties,
-                                                   None if slots is None else jnp.asarray(slots), *extra)
+        out, self.cache, new_penalties, *more = fn(self.params, self.cache, penalties, *args, **kwargs)
         if slots is not None:
             self.penalties = new_penalties
         return out, more
@@ -364,7 +414,7 @@ class ModelRunner:
     def _fetch(self, out):
         """Host copy of a launched step's results, counting the time blocked on the device."""
         t0 = time.perf_counter()
-        out = jax.device_get(out)
+        out = np.asarray(out) if isinstance(out, jax.Array) else jax.device_get(out)
         self.device_wait_seconds += time.perf_counter() - t0
         return out
 
@@ -381,19 +431,16 @@ class ModelRunner:
         count = 0
         for T in self.token_buckets:
             S = self.seqs_bucket(T)
-            tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id)
+            tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id, on_device=False)
             for P in widths:
                 arrays = SchedulerOutput([], 0, self.engine_cfg.page_size).to_step_arrays(
                     pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
-                inputs = StepInputs(**jax.device_put(arrays))
-                fn = lambda k: _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, k)  # noqa: E731
-                count += self._warm(lambda k, slots: self._fetch(self._run(fn(k), inputs, tensors, slots,
-                                                                           (self._fed_back,))[0]),
+                count += self._warm(lambda k, slots: self._fetch(self._launch_sample(arrays, tensors, slots, k)),
                                     S, num_logprobs, penalties)
         K = self.engine_cfg.num_decode_steps
         if K > 1:
             for S in sorted({self.seqs_bucket(T) for T in self.token_buckets}):
-                tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id)
+                tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id, on_device=False)
                 for P in widths:
                     batch = DecodeBatch(np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32),
                                         np.zeros((S, P), np.int32))

@@ -99,8 +99,10 @@ class SamplingTensors(NamedTuple):
         pad_to: Optional[int] = None,
         output_token_ids: Optional[Sequence[Sequence[int]]] = None,
         token_bitmask: Optional[np.ndarray] = None,
+        on_device: bool = True,
     ) -> "SamplingTensors":
-        """Builds the batch on the host with numpy and transfers it in one `device_put`.
+        """Builds the batch on the host with numpy and transfers it in one `device_put` (with
+        on_device=False the numpy arrays themselves, for a caller that packs them with other inputs).
 
         steps: tokens generated so far per row (default 0); folded into the row key and used for
             the min_tokens ban.
@@ -196,9 +198,50 @@ class SamplingTensors(NamedTuple):
         else:
             restricted = None
 
-        return jax.device_put(cls(temperature, top_k, top_p, min_p, rep, presence, frequency,
-                                  seed_lo, seed_hi, stream, step, banned_ids, bias_ids, bias_values,
-                                  allowed_ids, restricted, token_bitmask))
+        host = cls(temperature, top_k, top_p, min_p, rep, presence, frequency, seed_lo, seed_hi, stream, step,
+                   banned_ids, bias_ids, bias_values, allowed_ids, restricted, token_bitmask)
+        return jax.device_put(host) if on_device else host
+
+
+class SamplingRows:
+    """Host copy of each running request's sampling values, one slot per request written once (at its
+    first step), so that a step's SamplingTensors are a few numpy takes instead of a loop over
+    SamplingParams. Covers rows whose values are the same at every step (`fits`): no logit_bias,
+    bad_words or allowed_token_ids, and past min_tokens (no eos / stop-id ban); a step with any other
+    row builds its tensors with `SamplingTensors.from_params`, which gives the same values for these."""
+
+    _FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+               "frequency_penalty", "seed_lo", "seed_hi", "stream")
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity  # slot `capacity` is the padding row
+        neutral = SamplingTensors.from_params([], pad_to=capacity + 1, on_device=False)
+        self._columns = {f: getattr(neutral, f) for f in self._FIELDS}
+
+    @staticmethod
+    def fits(params: SamplingParams) -> bool:
+        """Whether the request's rows come from the table once past min_tokens."""
+        return not (params.logit_bias or params.bad_words or params.allowed_token_ids is not None)
+
+    def write(self, slot: int, params: SamplingParams, fallback_seed: int) -> None:
+        if not 0 <= slot < self.capacity:
+            raise ValueError(f"slot={slot} out of range for a table of capacity={self.capacity}")
+        row = SamplingTensors.from_params([params], fallback_seeds=[fallback_seed], on_device=False)
+        for f in self._FIELDS:
+            self._columns[f][slot] = getattr(row, f)[0]
+
+    def gather(self, slots: Sequence[int], steps: Sequence[int], pad_to: int) -> SamplingTensors:
+        """Host SamplingTensors of rows in `slots` at `steps` (tokens generated so far), padded to pad_to
+        rows with inert greedy rows: what `from_params` builds for them."""
+        n = len(slots)
+        if pad_to < n:
+            raise ValueError(f"pad_to={pad_to} is smaller than the batch ({n} rows)")
+        index = np.full(pad_to, self.capacity, np.intp)
+        index[:n] = slots
+        step = np.zeros(pad_to, np.uint32)
+        step[:n] = steps
+        return SamplingTensors(*(self._columns[f][index] for f in self._FIELDS), step=step,
+                               banned_ids=np.full((pad_to, 1), BAN_PAD, np.int32))
 
 
 def _padded_ids(ids: Sequence[Sequence[int]]) -> np.ndarray:

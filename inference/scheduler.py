@@ -37,6 +37,7 @@ import collections
 import dataclasses
 import enum
 import itertools
+import operator
 from typing import Iterable, Mapping, Optional, Sequence as SequenceT, Union
 
 import numpy as np
@@ -76,6 +77,9 @@ class Sequence:
         self._tokens: list[int] = list(self.prompt_token_ids)  # prompt + output, kept in sync
         self._page_hashes: list[bytes] = []     # chain hashes of full pages of _tokens (lazy)
         self._num_registered_pages = 0          # leading pages already offered to the prefix cache
+        # block_table's pages in a numpy array (valid up to len(block_table)), which to_step_arrays
+        # copies whole: the step's block tables cost no per-page Python however long the sequence.
+        self._block_array = np.zeros(0, np.int32)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -103,6 +107,16 @@ class Sequence:
         for t in tokens:
             self.output_token_ids.append(int(t))
             self._tokens.append(int(t))
+
+    def _add_pages(self, pages: list[int]) -> None:
+        """Appends pages to block_table and its numpy mirror."""
+        start, end = len(self.block_table), len(self.block_table) + len(pages)
+        if end > len(self._block_array):
+            grown = np.zeros(max(end, 2 * len(self._block_array), 8), np.int32)
+            grown[:start] = self._block_array[:start]
+            self._block_array = grown
+        self._block_array[start:end] = pages
+        self.block_table.extend(pages)
 
     def _trim(self, num_tokens: int) -> None:
         """Drops the last num_tokens output tokens (an overlapped step's unresolved placeholder)."""
@@ -139,18 +153,34 @@ class ScheduledSequence:
     """What one sequence computes this step."""
     request_id: str
     token_ids: list[int]          # tokens fed this step (prompt/output tokens, then draft tokens)
-    positions: list[int]          # absolute positions: num_computed_tokens .. kv_len - 1
-    slot_mapping: list[int]       # page * page_size + offset for each token
-    block_table: list[int]        # the sequence's pages covering 0..kv_len-1
+    block_array: np.ndarray       # the sequence's page array; its first num_pages entries (until the
+    num_pages: int                # step's results are applied) are the pages covering 0..kv_len-1
     kv_len: int                   # KV length after this step's tokens are written
     num_computed_tokens: int      # KV length before this step (== positions[0])
     num_draft_tokens: int         # trailing speculative tokens in token_ids
     samples: bool                 # reaches the end of the known tokens: the runner samples from it
+    page_size: int
+
+    @property
+    def block_table(self) -> list[int]:
+        """The sequence's pages covering 0..kv_len-1."""
+        return self.block_array[:self.num_pages].tolist()
 
     @property
     def num_new_tokens(self) -> int:
         """q_len of this sequence in the step."""
         return len(self.token_ids)
+
+    @property
+    def positions(self) -> list[int]:
+        """Absolute positions: num_computed_tokens .. kv_len - 1."""
+        return list(range(self.num_computed_tokens, self.kv_len))
+
+    @property
+    def slot_mapping(self) -> list[int]:
+        """page * page_size + offset for each token."""
+        ps, table = self.page_size, self.block_table
+        return [table[p // ps] * ps + p % ps for p in self.positions]
 
     @property
     def num_logits_rows(self) -> int:
@@ -189,30 +219,35 @@ class SchedulerOutput:
         """
         seqs = self.scheduled
         num_tokens, num_seqs = self.num_batched_tokens, len(seqs)
-        max_pages = max((len(s.block_table) for s in seqs), default=0)
+        max_pages = max((s.num_pages for s in seqs), default=0)
         num_logits = sum(s.num_logits_rows for s in seqs)
         T = _padded("pad_tokens_to", num_tokens, pad_tokens_to)
         S = _padded("pad_seqs_to", num_seqs, pad_seqs_to)
         P = _padded("pad_pages_to", max(max_pages, 1), pad_pages_to)
         N = _padded("pad_logits_to", num_logits, pad_logits_to)
 
-        # Whole-batch numpy ops (not per-sequence slice assignments): this runs every step.
-        q_lens = np.fromiter((s.num_new_tokens for s in seqs), np.int32, num_seqs)
+        # Whole-batch numpy ops: this runs every step. Per sequence only its token ids and a copy of its
+        # numpy page array; positions and slots follow from the block tables.
+        q_lens = np.fromiter((len(s.token_ids) for s in seqs), np.int32, num_seqs)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int32, num_seqs)
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slot_mapping = np.full(T, -1, np.int32)
-        if num_seqs:
-            tokens[:num_tokens] = list(itertools.chain.from_iterable(s.token_ids for s in seqs))
-            positions[:num_tokens] = list(itertools.chain.from_iterable(s.positions for s in seqs))
-            slot_mapping[:num_tokens] = list(itertools.chain.from_iterable(s.slot_mapping for s in seqs))
         cu_q_lens = np.zeros(S + 1, np.int32)
-        cu_q_lens[1:num_seqs + 1] = np.cumsum(q_lens)
+        np.cumsum(q_lens, out=cu_q_lens[1:num_seqs + 1])
         cu_q_lens[num_seqs + 1:] = num_tokens
         kv_lens = np.zeros(S, np.int32)
-        kv_lens[:num_seqs] = [s.kv_len for s in seqs]
+        kv_lens[:num_seqs] = starts + q_lens
         block_tables = np.zeros((S, P), np.int32)
         for i, s in enumerate(seqs):
-            block_tables[i, :len(s.block_table)] = s.block_table
+            block_tables[i, :s.num_pages] = s.block_array[:s.num_pages]
+        if num_seqs:
+            tokens[:num_tokens] = list(itertools.chain.from_iterable(s.token_ids for s in seqs))
+            seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
+            pos = starts[seq_of_token] + (np.arange(num_tokens, dtype=np.int32) - cu_q_lens[seq_of_token])
+            positions[:num_tokens] = pos
+            page_size = self.page_size
+            slot_mapping[:num_tokens] = block_tables[seq_of_token, pos // page_size] * page_size + pos % page_size
         # Sampling rows: the last token, plus one row per draft token to verify it.
         logits_indices = np.zeros(N, np.int32)
         logits_indices[:num_logits] = [cu + q - s.num_logits_rows + j
@@ -290,6 +325,10 @@ class Scheduler:
     def get_request(self, request_id: str) -> Sequence:
         return self._requests[request_id]
 
+    def find_request(self, request_id: str) -> Optional[Sequence]:
+        """The waiting or running request, or None (finished, aborted or unknown)."""
+        return self._requests.get(request_id)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
@@ -333,7 +372,7 @@ class Scheduler:
         out_of_pool: list[Sequence] = []
 
         # 1+2) Running sequences: decodes first (latency), then continuing chunked prefills, FCFS in each.
-        by_arrival = sorted(self.running, key=lambda s: s.arrival)
+        by_arrival = sorted(self.running, key=operator.attrgetter("arrival"))
         decodes = [s for s in by_arrival if s.is_decoding]
         order = decodes + [s for s in by_arrival if not s.is_decoding]
         for idx, seq in enumerate(order):
@@ -343,12 +382,15 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if self._length_reason(seq):
                 continue  # its last token is a placeholder: it finishes when that is resolved
-            # Leave one token for each decode still to come, so drafts cannot starve other decodes.
-            reserve = max(0, len(decodes) - idx - 1)
-            n, k = self._num_new_tokens(seq, seq.num_computed_tokens, budget, reserve)
-            if n == 0:
-                continue
-            while self._pages_needed(seq, n) > self.allocator.num_free:
+            if not seq.draft_token_ids and seq.num_computed_tokens == len(seq._tokens) - 1:
+                n, k = 1, 0  # a plain decode (what _num_new_tokens gives it)
+            else:
+                # Leave one token for each decode still to come, so drafts cannot starve other decodes.
+                reserve = max(0, len(decodes) - idx - 1)
+                n, k = self._num_new_tokens(seq, seq.num_computed_tokens, budget, reserve)
+                if n == 0:
+                    continue
+            while self._pages_needed(seq, n) and self._pages_needed(seq, n) > self.allocator.num_free:
                 victim = max(self.running, key=lambda s: s.arrival)
                 if victim is seq:
                     if len(self.running) == 1:
@@ -386,7 +428,8 @@ class Scheduler:
                 break  # never preempt running work for a new request
             self.waiting.popleft()
             self.allocator.acquire_cached(cached, num_query_tokens=seq.num_tokens)
-            seq.block_table = list(cached)
+            seq.block_table = []
+            seq._add_pages(list(cached))
             seq.num_computed_tokens = num_cached
             seq._num_registered_pages = len(cached)
             if seq.status is SequenceStatus.WAITING:
@@ -423,7 +466,9 @@ class Scheduler:
         return max(0, _cdiv(seq.num_computed_tokens + n, self.page_size) - len(seq.block_table))
 
     def _allocate_pages(self, seq: Sequence, n: int) -> None:
-        seq.block_table.extend(self.allocator.allocate_many(self._pages_needed(seq, n)))
+        needed = self._pages_needed(seq, n)
+        if needed:
+            seq._add_pages(self.allocator.allocate_many(needed))
 
     def _lookup_cached_pages(self, seq: Sequence) -> list[int]:
         if not self.allocator.enable_prefix_caching:
@@ -434,18 +479,17 @@ class Scheduler:
 
     def _make_scheduled(self, seq: Sequence, n: int, k: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        ps, table = self.page_size, seq.block_table
-        positions = list(range(start, start + n))
+        tokens = seq.all_token_ids[start:start + n - k]
         return ScheduledSequence(
             request_id=seq.request_id,
-            token_ids=seq.all_token_ids[start:start + n - k] + seq.draft_token_ids[:k],
-            positions=positions,
-            slot_mapping=[table[p // ps] * ps + p % ps for p in positions],
-            block_table=list(table),
+            token_ids=tokens + seq.draft_token_ids[:k] if k else tokens,
+            block_array=seq._block_array,
+            num_pages=len(seq.block_table),
             kv_len=start + n,
             num_computed_tokens=start,
             num_draft_tokens=k,
             samples=start + n - k == seq.num_tokens,
+            page_size=self.page_size,
         )
 
     def _out_of_pool(self, seq: Sequence, num_tokens: int, failed: list, out_of_pool: list) -> None:
@@ -559,6 +603,8 @@ class Scheduler:
                     raise ValueError(f"no sampled token for request {seq.request_id!r}, which sampled this step")
                 if isinstance(tokens, list):  # the engine's form; np.ndim would convert it to an array
                     tokens = [int(t) for t in tokens]
+                elif isinstance(tokens, int):  # a placeholder
+                    tokens = [tokens]
                 else:
                     tokens = [int(tokens)] if np.ndim(tokens) == 0 else [int(t) for t in tokens]
                 if placeholders and (len(tokens) != 1 or tokens[0] >= 0):
@@ -576,13 +622,22 @@ class Scheduler:
         for seq, s in in_flight:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.num_computed_tokens += s.num_new_tokens
+            seq.num_computed_tokens += len(s.token_ids)
             if s.samples:
                 tokens = new_tokens[seq.request_id]
-                seq._append(tokens[:tokens_left(seq, self.max_model_len)])
-            # Rejected drafts (or tokens cut by max_tokens) leave KV past the last token: drop it.
-            self._truncate_kv(seq, seq.num_tokens - 1)
-            self._register_full_pages(seq)
+                if len(tokens) == 1:  # the usual case: room for one token was checked when scheduling
+                    seq.output_token_ids.append(tokens[0])
+                    seq._tokens.append(tokens[0])
+                else:
+                    seq._append(tokens[:tokens_left(seq, self.max_model_len)])
+            # Rejected drafts (or tokens cut by max_tokens) leave KV past the last token: drop it. (Skipped
+            # when there is nothing to drop: then the page of the next write is this sequence's own
+            # partial page, never a cached or shared one, so _truncate_kv would change nothing.)
+            if seq.num_computed_tokens > len(seq._tokens) - 1 or len(seq.block_table) * self.page_size > \
+                    seq.num_computed_tokens + self.page_size - 1:
+                self._truncate_kv(seq, seq.num_tokens - 1)
+            if seq.num_computed_tokens // self.page_size > seq._num_registered_pages:
+                self._register_full_pages(seq)
             if placeholders:
                 continue
             reason = reasons.pop(seq.request_id, None) or self._length_reason(seq)

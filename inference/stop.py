@@ -18,6 +18,7 @@ Without stop strings nothing is decoded until the text is asked for.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, Optional, Sequence, Union
 
 from inference.sampling_params import SamplingParams
@@ -115,6 +116,21 @@ class StopChecker:
             text = text[: len(text) - self._partial_stop_len(text)]
         return text
 
+    # State `append` changes besides token_ids (which it only extends): what `snapshot` keeps.
+    _STATE = ("finish_reason", "stop_reason", "_final_text", "_checked_len", "_text", "_prefix_offset",
+              "_read_offset", "_prefix_text", "_pending", "_num_decoded")
+
+    def snapshot(self) -> tuple:
+        """The checker's state, for `restore` to undo later appends; O(1) in the output length."""
+        return len(self.token_ids), _get_state(self)
+
+    def restore(self, snapshot: tuple) -> None:
+        """Undoes every `append` since `snapshot` was taken."""
+        num_tokens, state = snapshot
+        del self.token_ids[num_tokens:]
+        for name, value in zip(self._STATE, state):
+            setattr(self, name, value)
+
     # -- internals ---------------------------------------------------------------------------
 
     def _finish(self, reason: str, stop_reason: Union[int, str, None], text: str) -> None:
@@ -163,3 +179,6 @@ class StopChecker:
                     longest = n
                     break
         return longest
+
+
+_get_state = operator.attrgetter(*StopChecker._STATE)

@@ -12,6 +12,12 @@ plus XLA compilations after `warmup`.
 Each probe job runs with the synchronous loop and with overlapped dispatch (async_scheduling: the host
 processes step N while the device runs step N + 1), side by side.
 
+--stub-program (host Python alone, not the real figure): the step's XLA program is replaced by
+ready-made results (random tokens of the real vocabulary, random logprobs, already on the device),
+so a step costs its host work (inputs packed, results copied back) but no program launch, input copy or run. It makes
+2,048-token outputs at 256 sequences fit in a short run (the check that host cost is flat in the
+output length); the probe jobs then run the synchronous loop only.
+
 Part 2 (skip with --skip-default-model) runs the default model at 64 sequences and reports tokens/s, in
 one run: the synchronous loop, overlapped dispatch, and multi-step decode (--decode-steps per program).
 
@@ -32,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 
+import inference.runner as runner_module  # noqa: E402
 from inference.runner import count_xla_compiles  # noqa: E402
 from inference.llm import LLM  # noqa: E402
 from inference.sampling_params import SamplingParams  # noqa: E402
@@ -46,6 +53,32 @@ STOPS = ["\n\n\n\n\n", "zqxjv"]  # long enough that random text is very unlikely
 def sampling(i: int, max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=max_tokens, ignore_eos=True,
                           repetition_penalty=1.1, frequency_penalty=0.1, logprobs=2, stop=STOPS)
+
+
+class StubProgram:
+    """Stands in for `runner._sample_step_fn`: returns one of a few ready device results of the step's
+    shape instead of running the program (the cache and penalty state pass through untouched)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.rng, self.made = vocab_size, np.random.default_rng(0), {}
+
+    def __call__(self, cfg, attn_impl, num_logprobs):
+        def step(params, cache, penalties, packed, fed_back, layout):
+            S = dict((name, shape) for name, shape, _ in layout)["logits_indices"][0]
+            ring = self.made.get((S, num_logprobs))
+            if ring is None:
+                ring = self.made[S, num_logprobs] = [self._result(S, num_logprobs) for _ in range(8)]
+            ring.append(ring.pop(0))
+            return ring[0], cache, penalties, fed_back
+        return step
+
+    def _result(self, S: int, k: int):
+        tokens = self.rng.integers(0, self.vocab_size, (S, 1 + k)).astype(np.int32)
+        logprobs = -self.rng.random((S, 1 + k), np.float32) * 5
+        # The runner's packed layout: token, chosen logprob, k top ids, k top logprobs (float bits).
+        packed = np.concatenate([tokens[:, :1], logprobs[:, :1].view(np.int32), tokens[:, 1:],
+                                 logprobs[:, 1:].view(np.int32)], axis=1)
+        return jax.device_put(packed)
 
 
 def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool = False) -> dict:
@@ -114,6 +147,8 @@ def main():
     ap.add_argument("--default-model-tokens", type=int, default=32)
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[4, 8], help="num_decode_steps compared with 1")
     ap.add_argument("--probe-overlap", choices=["both", "off", "on"], default="both")
+    ap.add_argument("--stub-program", action="store_true",
+                    help="host Python alone: replace the step program by ready-made results (not the real figure)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -123,12 +158,17 @@ def main():
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=PROMPT_TOKENS + args.output_tokens,
                       name="host-probe")
     probe = (cfg, init_params(cfg, jax.random.key(0)), tok)
-    report = {"backend": jax.default_backend(), "probe": [], "default_model": None}
+    report = {"backend": jax.default_backend(), "probe": [], "default_model": None, "stub_program": args.stub_program}
     overlaps = {"both": (False, True), "off": (False,), "on": (True,)}[args.probe_overlap]
+    if args.stub_program:
+        runner_module._sample_step_fn = StubProgram(cfg.vocab_size)
+        overlaps = (False,)  # the stub's results do not feed placeholders
+        args.skip_default_model = True
     for S, overlap in ((S, o) for S in args.seqs for o in overlaps):
         r = probe_job(probe, S, args.output_tokens, overlap)
         report["probe"].append(r)
-        print(f"[probe {S} seqs x {args.output_tokens} tokens, async_scheduling={overlap}] "
+        print(f"[probe {S} seqs x {args.output_tokens} tokens, async_scheduling={overlap}"
+              f"{', STUB PROGRAM (host Python alone)' if args.stub_program else ''}] "
               f"{r['tokens_per_s']:.0f} tok/s, host {r['host_ms_per_step']:.2f} ms/step wall "
               f"(mean {r['host_ms_mean']:.2f}), {r['host_cpu_ms_per_step']:.2f} ms/step thread CPU, device wait "
               f"{r['device_wait_ms_per_step']:.2f} ms/step, host CPU ms near output token "

@@ -655,3 +655,33 @@ def test_speculative_verify_applies_the_same_processors():
     tensors = SamplingTensors.from_params(sampled)
     out = verify(logits, chain[:, :K], None, np.zeros(B, np.int32), tensors)
     np.testing.assert_array_equal(np.asarray(out.output_tokens)[:, 0], np.asarray(sample(logits[:, 0], tensors).tokens))
+
+
+def test_sampling_rows_gather_equals_from_params():
+    """The engine's per-request sampling table gives, field for field, what from_params builds."""
+    from inference.sampler import SamplingRows
+    params = [SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=3, repetition_penalty=1.2,
+                             presence_penalty=0.3, frequency_penalty=0.1),
+              SamplingParams(temperature=0),                    # greedy
+              SamplingParams(temperature=1.0, top_k=1),         # greedy through top_k
+              SamplingParams(temperature=0.9, seed=-5),          # negative and 64-bit seeds
+              SamplingParams(temperature=0.9, seed=2**40 + 7),
+              SamplingParams(temperature=0.5),                  # unseeded: the fallback seed's stream
+              SamplingParams(temperature=0.5, min_tokens=2)]    # past its min_tokens window
+    assert all(SamplingRows.fits(p) for p in params)
+    assert not SamplingRows.fits(SamplingParams(logit_bias={3: 1.0}))
+    fallback = [11, 12, 13, 14, 15, 16, 17]
+    slots = [5, 0, 7, 2, 3, 1, 6]
+    table = SamplingRows(8)
+    for slot, p, seed in zip(slots, params, fallback):
+        table.write(slot, p, seed)
+    steps = [4, 0, 9, 1, 2, 3, 2]
+    got = table.gather(slots, steps, pad_to=10)
+    want = SamplingTensors.from_params(params, steps=steps, fallback_seeds=fallback, eos_token_id=0, pad_to=10,
+                                       on_device=False)
+    for name, g, w in zip(SamplingTensors._fields, got, want):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            assert g.dtype == w.dtype and g.shape == w.shape and np.array_equal(g, w), name
+    with pytest.raises(ValueError, match="slot=8"):
+        table.write(8, params[0], 0)

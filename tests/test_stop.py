@@ -187,3 +187,27 @@ def test_incremental_detok_real_tokenizer(default_model):
         _check_against_full_decode(decode, ids, [])
         if stop:
             _check_against_full_decode(decode, ids, [stop])
+
+
+@pytest.mark.parametrize("cut", range(6))
+def test_restore_undoes_appends_as_if_they_never_happened(cut):
+    """A rolled-back step restores the checker from a snapshot; feeding the same tokens again must end
+    exactly where an uninterrupted checker does (text, reasons, stop found across the cut)."""
+    tokens = [1, 8, 9, 2, 6, 7, 3, 4, 10, 5]  # "Helé" split over UTF-8 bytes, then "##", "#" ...
+    kw = dict(stop=["###", "END"], max_tokens=9)
+    reference = run(tokens, **kw)
+    assert reference.stop_reason == "###" and cut < len(reference.token_ids)
+    c = StopChecker(SamplingParams(**kw), EOS, make_decode())
+    for t in tokens[:cut]:
+        c.append(t)
+    saved = c.snapshot()
+    for t in tokens[cut:cut + 3]:  # the step that is undone (may even finish the request)
+        if c.append(t):
+            break
+    c.restore(saved)
+    assert c.token_ids == tokens[:cut] and not c.finished
+    for t in tokens[cut:]:
+        if c.append(t):
+            break
+    assert (c.token_ids, c.text, c.finish_reason, c.stop_reason) == (
+        reference.token_ids, reference.text, reference.finish_reason, reference.stop_reason)
