@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
                    help="weight-only quantization; 'gguf' keeps the file's own Q8_0/Q4_0/Q4_1 blocks; 'auto' "
-                        "(default): 'gguf' for a GGUF model on CPU with --dtype auto, else none")
+                        "(default): 'int8' on CPU with --dtype auto, else none")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "pallas_interpret", "reference"])
     p.add_argument("--max-num-seqs", type=int, default=32)

@@ -47,21 +47,19 @@ def _token_ids(ids) -> list[int]:
     return [int(t) for t in ids]
 
 
-def _auto_quantization(model: Optional[str], dtype: str, weights_given: bool, devices: int) -> Optional[str]:
-    """quantization="auto": "gguf" (the file's own quantized blocks, the weights llama.cpp runs) for a GGUF
-    model on CPU with dtype="auto", else None (float weights).
+def _auto_quantization(dtype: str, weights_given: bool, devices: int) -> Optional[str]:
+    """quantization="auto": "int8" on CPU with dtype="auto", else None (float weights).
 
-    The blocks hold exactly the weights that dequantizing to float32 would give, so outputs change only by
-    float summation order; on CPU they are read by the C++ kernels at a quarter (Q4_1) of float32's bytes:
-    decode is memory-bound there (BENCHMARKS.md, issue 17). An explicit dtype asks for float weights (e.g.
-    dtype="float32" for exact reference runs); accelerators and sharded models keep float weights (not
-    measured there)."""
+    On CPU decode is memory-bound and the C++ kernels read int8 weights in place: against float32 on
+    llama-batched-bench's workload int8 (with its int8 LM head) was 2.1x faster at batch 1, 1.7x at 4, 1.15x
+    at 16 and 0.96x at 64 sequences (BENCHMARKS.md, issue 17), and it was the fastest configuration at
+    batch 1-16 (the GGUF's own Q4_1 blocks, quantization="gguf", read fewer bytes but unpack slower when
+    batched). Outputs change slightly (int8 per channel: perplexity within 2% of float32); an explicit
+    dtype asks for float weights (dtype="float32" for exact reference runs), and weights passed in, sharded
+    models and accelerators keep them (not measured there)."""
     if jax.default_backend() != "cpu" or dtype != "auto" or weights_given or devices > 1:
         return None
-    from model.weights import resolve_model
-
-    path = resolve_model(model)
-    return "gguf" if path.is_file() and path.suffix.lower() == ".gguf" else None
+    return "int8"
 
 
 def _auto_dtype(model: Optional[str], params, *, from_loaded: bool) -> str:
@@ -130,9 +128,8 @@ class LLM:
             raise ValueError(f"quantization={quantization!r} must be 'auto', None, 'int8', 'int4' or 'gguf'")
         t0 = time.perf_counter()
         weights_given = _loaded is not None
-        auto_quantization = quantization == "auto"
-        if auto_quantization:
-            quantization = _auto_quantization(model, dtype, weights_given, tensor_parallel_size * data_parallel_size)
+        if quantization == "auto":
+            quantization = _auto_quantization(dtype, weights_given, tensor_parallel_size * data_parallel_size)
         if _loaded is None and quantization is not None:
             from model.weights import resolve_model
 
@@ -155,9 +152,7 @@ class LLM:
         params = jax.tree.map(lambda a: a if is_quantized(a) else np.asarray(a).astype(FLOAT_DTYPES[dtype], copy=False),
                               params, is_leaf=is_quantized)
         if quantization == "gguf" and not any(map(is_quantized, params["layers"].values())):
-            if not auto_quantization:
-                raise ValueError("quantization='gguf' needs a GGUF model with Q8_0/Q4_0/Q4_1 projection weights")
-            quantization = None  # a float GGUF: nothing to keep
+            raise ValueError("quantization='gguf' needs a GGUF model with Q8_0/Q4_0/Q4_1 projection weights")
         # With tensor parallelism, quantize on the host CPU device too, so that `shard_params` below sends each
         # accelerator only its shards (never a whole float or quantized weight).
         quantize_on = (jax.default_device(jax.devices("cpu")[0]) if tensor_parallel_size > 1

@@ -78,7 +78,8 @@ def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
         tensors = SamplingTensors(*(fields.get("sampling." + name) for name in SamplingTensors._fields))
         slots = fields.get("slots")
         inputs = inputs._replace(tokens=_feed_back(inputs.tokens, fed_back))
-        logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl)
+        # One logits row per sequence, the real ones first (_first_logits_rows).
+        logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl, logits_rows=inputs.num_seqs[0])
         if penalties is None:
             out = sample(logits, tensors, num_logprobs=num_logprobs)
         else:

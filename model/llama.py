@@ -384,23 +384,27 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]}
 
 
-def logits_from_hidden(params: Params, h: jax.Array, cfg: LlamaConfig) -> jax.Array:
+def logits_from_hidden(params: Params, h: jax.Array, cfg: LlamaConfig, rows: Optional[jax.Array] = None) -> jax.Array:
     """h [N, d] -> float32 logits [N, vocab].
 
     A tied model multiplies by its embedding, unless model.quantize.quantize_params gave it a quantized
-    "lm_head" copy (then that, like an untied head, through the quantized matmul)."""
+    "lm_head" copy (then that, like an untied head, through the quantized matmul). rows: how many leading
+    rows of h are real (a quantized head may skip the rest; their logits are then zero)."""
     if cfg.tie_word_embeddings and "lm_head" not in params:
         return jnp.einsum("nd,vd->nv", h, params["embed"], preferred_element_type=jnp.float32)
     ks = kernel_sharding(cfg, params["embed"])
-    return _project(h, params["lm_head"], PARAM_AXES["lm_head"], ks).astype(jnp.float32)
+    return _project(h, params["lm_head"], PARAM_AXES["lm_head"], ks, rows).astype(jnp.float32)
 
 
 def forward(params: Params, cache: Cache, inputs: StepInputs, cfg: LlamaConfig, *,
-            attn_impl: str = "auto", dense_prefill_len: Optional[int] = None, num_layers: Optional[int] = None):
-    """Returns (float32 logits [N, vocab] at inputs.logits_indices, updated cache). num_layers: see hidden_states."""
+            attn_impl: str = "auto", dense_prefill_len: Optional[int] = None, num_layers: Optional[int] = None,
+            logits_rows: Optional[jax.Array] = None):
+    """Returns (float32 logits [N, vocab] at inputs.logits_indices, updated cache). num_layers: see hidden_states.
+    logits_rows: an upper bound on the real rows of logits_indices, which come first (the rest pad the step;
+    their logits may come out zero)."""
     h, cache = hidden_states(params, cache, inputs, cfg, attn_impl=attn_impl, dense_prefill_len=dense_prefill_len,
                              num_layers=num_layers)
-    return logits_from_hidden(params, h[inputs.logits_indices], cfg), cache
+    return logits_from_hidden(params, h[inputs.logits_indices], cfg, rows=logits_rows), cache
 
 
 @functools.lru_cache(maxsize=None)
