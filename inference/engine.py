@@ -736,13 +736,14 @@ class Engine:
         return final
 
     def warmup(self, logprobs: Sequence[bool] = (False, True), penalties: Sequence[bool] = (False, True),
-               max_seq_len: Optional[int] = None) -> int:
-        """Runs (so compiles) the plain step program at every shape bucket for the given logprobs and
-        penalty variants, up to `max_seq_len` tokens per sequence (default max_model_len); returns the
-        number of programs run. Speculative verify programs are not covered."""
+               max_seq_len: Optional[int] = None, structured_output: Sequence[bool] = (False,)) -> int:
+        """Runs (so compiles) the plain step program at every shape bucket for the given logprobs, penalty
+        and structured-output (token mask) variants, up to `max_seq_len` tokens per sequence (default
+        max_model_len); returns the number of programs run. Speculative verify programs are not covered."""
         max_len = min(max_seq_len or self.engine_cfg.max_model_len, self.engine_cfg.max_model_len)
         widths = sorted({MAX_LOGPROBS if lp else 0 for lp in logprobs})
-        return self.runner.warmup(widths, sorted(set(penalties)), max_len, self.eos_token_id)
+        return self.runner.warmup(widths, sorted(set(penalties)), max_len, self.eos_token_id,
+                                  masked=sorted(set(structured_output)))
 
     def scheduler_stats(self) -> dict:
         out = {**self.scheduler.stats(), **self.stats, "device_wait_seconds": self.runner.device_wait_seconds,

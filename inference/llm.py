@@ -418,17 +418,19 @@ class LLM:
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self, logprobs: Optional[bool] = None, penalties: Optional[bool] = None,
-               max_seq_len: Optional[int] = None) -> int:
+               max_seq_len: Optional[int] = None, structured_output: Optional[bool] = False) -> int:
         """Compiles every step program a job can use, so that generation compiles nothing: each token
         bucket (its sequence count follows from it) at each block-table width up to `max_seq_len`
-        tokens (default max_model_len). logprobs / penalties: True or False when the job does or does
-        not ask for them (logprobs=k of any k, or repetition/frequency/presence penalties); None warms
-        both. Returns the number of programs run."""
+        tokens (default max_model_len). logprobs / penalties / structured_output: True or False when the
+        job does or does not ask for them (logprobs=k of any k; repetition/frequency/presence penalties;
+        structured_outputs / guided_* requests, whose steps apply a token mask); None warms both.
+        structured_output defaults to False (its programs double the warm-up). Returns the number of
+        programs run."""
         self._check_open()
         variants = lambda flag: [False, True] if flag is None else [bool(flag)]  # noqa: E731
         for engine in getattr(self.engine, "engines", [self.engine]):
             count = engine.warmup(logprobs=variants(logprobs), penalties=variants(penalties),
-                                  max_seq_len=max_seq_len)
+                                  max_seq_len=max_seq_len, structured_output=variants(structured_output))
         return count
 
     # ------------------------------------------------------------------ lifecycle

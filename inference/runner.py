@@ -420,24 +420,29 @@ class ModelRunner:
         return out
 
     def warmup(self, num_logprobs: Sequence[int], penalties: Sequence[bool], max_seq_len: int,
-               eos_token_id=None) -> int:
+               eos_token_id=None, masked: Sequence[bool] = (False,)) -> int:
         """Runs every (tokens, pages) bucket a job with sequences up to max_seq_len tokens can use, for
-        each logprobs width and penalty variant, on empty inputs (no sequence: nothing is written), and
-        with multi-step decode every (sequences, pages) bucket of its program; returns the number of
-        programs run. Each one is compiled at its first run."""
+        each logprobs width, penalty variant and with / without a structured-output token mask (`masked`),
+        on empty inputs (no sequence: nothing is written), and with multi-step decode every (sequences,
+        pages) bucket of its program (never masked: constrained requests do not run multi-step); returns
+        the number of programs run. Each one is compiled at its first run."""
         max_pages = -(-max_seq_len // self.engine_cfg.page_size)
         widths = self.page_buckets[:next(i for i, w in enumerate(self.page_buckets) if w >= max_pages) + 1]
         if any(penalties) and self.penalties is None:
             self.write_penalty_row(0, [], [])
         count = 0
+        mask_words = -(-self.cfg.vocab_size // 32)
         for T in self.token_buckets:
             S = self.seqs_bucket(T)
-            tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id, on_device=False)
-            for P in widths:
-                arrays = SchedulerOutput([], 0, self.engine_cfg.page_size).to_step_arrays(
-                    pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
-                count += self._warm(lambda k, slots: self._fetch(self._launch_sample(arrays, tensors, slots, k)),
-                                    S, num_logprobs, penalties)
+            for with_mask in masked:
+                bitmask = np.full((S, mask_words), -1, np.int32) if with_mask else None  # every token allowed
+                tensors = SamplingTensors.from_params([], pad_to=S, eos_token_id=eos_token_id, token_bitmask=bitmask,
+                                                      on_device=False)
+                for P in widths:
+                    arrays = SchedulerOutput([], 0, self.engine_cfg.page_size).to_step_arrays(
+                        pad_tokens_to=T, pad_seqs_to=S, pad_pages_to=P, pad_logits_to=S)
+                    count += self._warm(lambda k, slots: self._fetch(self._launch_sample(arrays, tensors, slots, k)),
+                                        S, num_logprobs, penalties)
         K = self.engine_cfg.num_decode_steps
         if K > 1:
             for S in sorted({self.seqs_bucket(T) for T in self.token_buckets}):

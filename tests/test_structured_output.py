@@ -198,6 +198,34 @@ def test_constrained_requests_beside_speculative_and_multi_step_decode(default_m
 
 
 # ------------------------------------------------------------------------------------------------ server, batch
+def test_warmup_with_structured_output_then_a_constrained_job_compiles_nothing(default_model):
+    """LLM.warmup(structured_output=True) also compiles the masked step programs: a job mixing constrained and
+    free requests then runs without an XLA compilation (JAX's own compile events). A 1-layer probe model."""
+    import jax
+
+    from inference.llm import LLM
+    from inference.runner import count_xla_compiles
+    from model.config import LlamaConfig
+    from model.llama import init_params
+
+    tok = default_model[2]
+    cfg = LlamaConfig(vocab_size=default_model[0].vocab_size, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, name="probe-so")
+    jax.clear_caches()
+    with LLM(_loaded=(cfg, init_params(cfg, jax.random.key(0)), tok), max_num_seqs=8, max_num_batched_tokens=32,
+             num_pages=64, page_size=16) as llm:
+        with count_xla_compiles() as warm:
+            programs = llm.warmup(logprobs=False, penalties=False, structured_output=None)
+        assert programs == 2 * 3 * 3 and warm.count >= programs  # masked or not x 3 token x 3 page buckets
+        constrained = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+        free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        with count_xla_compiles() as job:
+            outs = llm.generate(["Is water wet?", "Count: 1 2 3", "Answer:", "Hello"], [constrained, free, constrained, free])
+        assert [o.error for o in outs] == [None] * 4
+        assert outs[0].text in ("yes", "no") and outs[2].text in ("yes", "no")
+        assert job.count == 0
+
+
 def test_server_response_format_and_guided_fields(default_llm):
     openai = pytest.importorskip("openai")
     pytest.importorskip("uvicorn")
