@@ -48,7 +48,9 @@ import numpy as np
 
 from pallas_kernels.quantized_matmul import check_quantized_weight, quantized_matmul_reference
 
-SOURCE = Path(__file__).with_name("cpu_qmatmul.cc")
+# One library of CPU kernels: the quantized matmul (here) and the paged decode attention (called by
+# pallas_kernels/ragged_paged_attention_xla.py).
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_qmatmul.cc", "cpu_attention.cc"))
 ENV_DISABLE = "RIDGELINE_CPU_FFI"  # "0" turns the kernel off (XLA path)
 # Largest M that quantized_matmul(impl="auto") sends to the matmul kernel, per weight bits; above it the
 # product is compute-bound and XLA's dot does the math (grouped formats dequantized by cpu_dequantize).
@@ -58,7 +60,8 @@ MAX_ROWS = {8: 16, 4: 32}
 _TARGETS = {8: "ridgeline_qmatmul_int8", 4: "ridgeline_qmatmul_int4"}
 _DEQUANT_TARGETS = {8: "ridgeline_dequant_int8", 4: "ridgeline_dequant_int4"}
 _SYMBOLS = {"ridgeline_qmatmul_int8": "RidgelineQMatmulInt8", "ridgeline_qmatmul_int4": "RidgelineQMatmulInt4",
-            "ridgeline_dequant_int8": "RidgelineDequantInt8", "ridgeline_dequant_int4": "RidgelineDequantInt4"}
+            "ridgeline_dequant_int8": "RidgelineDequantInt8", "ridgeline_dequant_int4": "RidgelineDequantInt4",
+            "ridgeline_decode_attention": "RidgelineDecodeAttention"}
 _CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -130,7 +133,7 @@ def _build(compiler: str) -> Path:
     if not (include / "xla" / "ffi" / "api" / "ffi.h").is_file():
         raise RuntimeError(f"the XLA FFI headers are missing under {include}")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, version, *_CXXFLAGS,
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), jaxlib.__version__, compiler, version, *_CXXFLAGS,
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_qmatmul-{key}.so"
     if out.is_file():
@@ -138,7 +141,7 @@ def _build(compiler: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [compiler, *_CXXFLAGS, "-isystem", str(include), str(SOURCE), "-o", tmp]
+    cmd = [compiler, *_CXXFLAGS, "-isystem", str(include), *map(str, SOURCES), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode:

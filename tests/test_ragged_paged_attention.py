@@ -311,11 +311,42 @@ def test_pallas_kernel_lowers_to_triton(dtype):
     assert "__gpu$xla.gpu.triton" in hlo
 
 
+@pytest.fixture(params=["cpu_kernel", "xla_pass"])
+def decode_path(request, monkeypatch):
+    """The XLA path's decode rows through the C++ kernel (pallas_kernels/cpu_attention.cc, on CPU with float32
+    pages) or through its batched XLA pass (the fallback, and int8 pages)."""
+    import importlib
+
+    from pallas_kernels import cpu_quantized_matmul as cpu
+    module = importlib.import_module("pallas_kernels.ragged_paged_attention_xla")
+    if request.param == "xla_pass":
+        monkeypatch.setattr(module, "_cpu_decode_kernel_for", lambda *a: False)
+    elif jax.default_backend() != "cpu" or not cpu.available():
+        pytest.skip("the CPU kernel library is not available here")
+    jax.clear_caches()  # the jitted wrappers remember which path they traced
+    yield request.param
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def test_cpu_decode_kernel_equals_the_reference_beside_prefill_rows(decode_path):
+    """Decode rows (GQA 4, odd lengths, shuffled pages, an empty slot) next to prefill sequences: the C++ kernel
+    (in the compiled program) and the XLA pass both equal the reference."""
+    import importlib
+    module = importlib.import_module("pallas_kernels.ragged_paged_attention_xla")
+    batch = make_batch([1, 7, 1, 0, 1, 19], [1, 30, 77, 4, 40, 19], page_size=16, group=4, head_dim=64)
+    fn = jax.jit(functools.partial(module.ragged_paged_attention_xla, sm_scale=0.125))
+    assert ("ridgeline_decode_attention" in fn.lower(*batch).as_text()) == (decode_path == "cpu_kernel")
+    got, expected = fn(*batch), ragged_paged_attention_reference(*batch, sm_scale=0.125)
+    assert float(jnp.max(jnp.abs(got[:29] - expected[:29]))) <= 1e-4
+
+
 @pytest.mark.parametrize("decode_chunk_tokens", [8, 32])
-def test_xla_decode_chunks_smaller_than_prefill_blocks(decode_chunk_tokens):
+def test_xla_decode_chunks_smaller_than_prefill_blocks(decode_chunk_tokens, monkeypatch):
     """Batched-decode key chunks of 1 and 4 pages against 6-page tables (not a multiple of 4)."""
     import importlib
     module = importlib.import_module("pallas_kernels.ragged_paged_attention_xla")
+    monkeypatch.setattr(module, "_cpu_decode_kernel_for", lambda *a: False)  # the XLA pass's chunks
     batch = make_batch([1, 1, 2, 1], [40, 33, 9, 17], page_size=8, group=2)  # 5 + 1 spare pages per seq
     got = jax.jit(functools.partial(module.ragged_paged_attention_xla, sm_scale=0.25, block_k_tokens=64,
                                     decode_chunk_tokens=decode_chunk_tokens))(*batch)
@@ -368,7 +399,7 @@ def decode_batch(kv_lens, pages_per_seq, first_query, *, max_seqs=None, seed=0, 
 
 
 @pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.int8])
-def test_xla_decode_row_is_batch_invariant(kv_dtype):
+def test_xla_decode_row_is_batch_invariant(kv_dtype, decode_path):
     """A decode row's output is bitwise the same computed alone as in batches of other sizes, table widths
     and context mixes (shorter and much longer neighbours, padded sequence slots, prefill next to it):
     what the engine needs to recompute a rolled-back step in a different batch."""

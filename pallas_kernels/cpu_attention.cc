@@ -1,0 +1,147 @@
+// Paged decode attention on the CPU: the rows of sequences with exactly one query, float32 pages.
+//
+// Registered with XLA through jax.ffi, built into the same library as cpu_qmatmul.cc (see
+// pallas_kernels/cpu_quantized_matmul.py); called by pallas_kernels/ragged_paged_attention_xla.py, whose
+// XLA code is the fallback and whose reference is ragged_paged_attention_reference. Why: XLA:CPU ran the
+// batched decode pass as a loop of small ops (~30 us an iteration, whatever the batch), which was most of a
+// batch-1 decode step's attention. Here a (sequence, KV head) work item walks its pages once: scores of the
+// group's query heads against each key, softmax, then the weighted sum of the values. Each row is computed
+// on its own, in a fixed order, so its result never depends on the rest of the batch.
+//
+//   q            [T, H, hd]            float32, H = KVH * G
+//   k/v pages    [KVH, P, ps, hd]      float32
+//   kv_lens      [S], block_tables [S, maxP], cu_q_lens [S + 1], num_seqs [1]   int32
+//   out          [T, H, hd]            decode rows filled, every other row zero
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Attention {
+  const float *q, *k, *v;
+  const int32_t *kv_lens, *tables, *cu;
+  float* out;
+  int64_t num_seqs, kv_heads, group, head_dim, pages, page_size, table_width;
+  float sm_scale;
+
+  // Sequence s, KV head h: nothing unless s decodes (one query).
+  void Item(int64_t s, int64_t h) const {
+    if (cu[s + 1] - cu[s] != 1) return;
+    const int64_t t = cu[s], hd = head_dim, G = group;
+    const int64_t len = std::min<int64_t>(kv_lens[s], table_width * page_size);
+    if (len <= 0) return;
+    std::vector<float> qs(G * hd), scores(G * len), acc(G * hd, 0.f);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < hd; ++d) qs[g * hd + d] = q[(t * kv_heads * G + h * G + g) * hd + d] * sm_scale;
+    const int32_t* table = tables + s * table_width;
+    auto row = [&](const float* pages_base, int64_t j) {
+      const int64_t page = std::clamp<int64_t>(table[j / page_size], 0, pages - 1);
+      return pages_base + ((h * pages + page) * page_size + j % page_size) * hd;
+    };
+    for (int64_t j = 0; j < len; ++j) {
+      const float* kr = row(k, j);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qs.data() + g * hd;
+        float dot = 0.f;
+        for (int64_t d = 0; d < hd; ++d) dot += qg[d] * kr[d];
+        scores[g * len + j] = dot;
+      }
+    }
+    std::vector<float> inv_sum(G);
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = scores.data() + g * len;
+      const float m = *std::max_element(sg, sg + len);
+      float sum = 0.f;
+      for (int64_t j = 0; j < len; ++j) sum += (sg[j] = std::exp(sg[j] - m));
+      inv_sum[g] = 1.f / sum;
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      const float* vr = row(v, j);
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = scores[g * len + j];
+        float* ag = acc.data() + g * hd;
+        for (int64_t d = 0; d < hd; ++d) ag[d] += p * vr[d];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < hd; ++d) out[(t * kv_heads * G + h * G + g) * hd + d] = acc[g * hd + d] * inv_sum[g];
+  }
+};
+
+struct AttentionJob {
+  Attention a;
+  int64_t num_items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Work() {
+    int64_t finished = 0;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished)
+      a.Item(i / a.kv_heads, i % a.kv_heads);
+    done.fetch_add(finished, std::memory_order_release);
+  }
+};
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q, ffi::Buffer<ffi::F32, 4> k_pages,
+                               ffi::Buffer<ffi::F32, 4> v_pages, ffi::Buffer<ffi::S32, 1> kv_lens,
+                               ffi::Buffer<ffi::S32, 2> block_tables, ffi::Buffer<ffi::S32, 1> cu_q_lens,
+                               ffi::Buffer<ffi::S32, 1> num_seqs, ffi::ResultBuffer<ffi::F32, 3> out, float sm_scale) {
+  const int64_t T = q.dimensions()[0], H = q.dimensions()[1], hd = q.dimensions()[2];
+  const int64_t KVH = k_pages.dimensions()[0], P = k_pages.dimensions()[1], ps = k_pages.dimensions()[2];
+  const int64_t S = block_tables.dimensions()[0], width = block_tables.dimensions()[1];
+  if (k_pages.dimensions()[3] != hd || KVH == 0 || H % KVH)
+    return ffi::Error::InvalidArgument("k pages must be [KVH, P, ps, hd] with KVH dividing the query heads");
+  for (int i = 0; i < 4; ++i)
+    if (v_pages.dimensions()[i] != k_pages.dimensions()[i])
+      return ffi::Error::InvalidArgument("v pages must have the k pages' shape");
+  if (kv_lens.dimensions()[0] != S || cu_q_lens.dimensions()[0] != S + 1)
+    return ffi::Error::InvalidArgument("kv_lens must be [S] and cu_q_lens [S + 1]");
+  std::fill(out->typed_data(), out->typed_data() + T * H * hd, 0.f);
+  const int32_t* cu = cu_q_lens.typed_data();
+  const int64_t seqs = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, S);
+  for (int64_t s = 0; s < seqs; ++s)
+    if (cu[s] < 0 || cu[s + 1] < cu[s] || cu[s + 1] > T)
+      return ffi::Error::InvalidArgument("cu_q_lens must be non-decreasing within [0, T]");
+  auto job = std::make_shared<AttentionJob>();
+  job->a = Attention{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), kv_lens.typed_data(),
+                     block_tables.typed_data(), cu, out->typed_data(), seqs, KVH, H / KVH, hd, P, ps, width,
+                     sm_scale};
+  job->num_items = seqs * KVH;
+  if (job->num_items == 0) return ffi::Error::Success();
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), job->num_items);
+  for (int64_t i = 1; i < threads; ++i) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->num_items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Aliases: template arguments with commas cannot appear in the handler macro.
+using F32Rank3 = ffi::Buffer<ffi::F32, 3>;
+using F32Rank4 = ffi::Buffer<ffi::F32, 4>;
+using S32Vector = ffi::Buffer<ffi::S32, 1>;
+using S32Matrix = ffi::Buffer<ffi::S32, 2>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RidgelineDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Rank3>()   // q [T, H, hd]
+                                  .Arg<F32Rank4>()   // k pages [KVH, P, ps, hd]
+                                  .Arg<F32Rank4>()   // v pages
+                                  .Arg<S32Vector>()  // kv_lens [S]
+                                  .Arg<S32Matrix>()  // block_tables [S, maxP]
+                                  .Arg<S32Vector>()  // cu_q_lens [S + 1]
+                                  .Arg<S32Vector>()  // num_seqs [1]
+                                  .Ret<F32Rank3>()   // out [T, H, hd]
+                                  .Attr<float>("sm_scale"));
