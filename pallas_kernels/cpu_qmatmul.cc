@@ -129,10 +129,10 @@ struct Problem {
 // (and as many group sums) stay in registers. The first K block of a sum (`first`) starts from zero, later
 // ones from the partial sums in `out`; the last (`last`) applies the per-channel scale.
 //
-// kFromTile: the weights come already converted to float from `wt` (ConvertTile: rows [k0, k1) of this
-// column tile, NV * 16 floats a row, in input-row order), so many rows pay the conversion once per tile
-// instead of once per register tile (see ColumnTile). The arithmetic is the same text either way, so a row gets the
-// same bits on both paths.
+// kFromTile (int4 only): the weights come already converted to float from `wt` (ConvertTile: rows
+// [k0, k1) of this column tile, NV * 16 floats a row, in input-row order), so many rows pay the nibble
+// unpacking once per tile instead of once per register tile (see ColumnTile). The arithmetic is the same
+// text either way, so a row gets the same bits on both paths.
 template <int MR, int NV, bool kFromTile>
 void Tile(const Problem& p, int64_t r0, int64_t c0, int64_t k0, int64_t k1, bool first, bool last,
           const float* wt) {
@@ -143,17 +143,17 @@ void Tile(const Problem& p, int64_t r0, int64_t c0, int64_t k0, int64_t k1, bool
   VecF acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = first ? VecF{} : LoadF(out + r * N + v * kLanes);
+  // An int8 weight row of this column tile (int8 never comes from a float tile: see ColumnTile).
+  auto load_int8_row = [&](int64_t kk, VecF* w) {
+    const int8_t* q = static_cast<const int8_t*>(p.q) + c0 + kk * N;
+    __builtin_prefetch(q + p.prefetch);
+    for (int v = 0; v < NV; ++v) w[v] = LoadS8(q + v * kLanes);
+  };
 
   if (p.bits == 8 && G == 0) {
-    const int8_t* q = static_cast<const int8_t*>(p.q) + c0;
     for (int64_t kk = k0; kk < k1; ++kk) {
       VecF w[NV];
-      if (kFromTile) {
-        for (int v = 0; v < NV; ++v) w[v] = LoadF(wt + (kk - k0) * TW + v * kLanes);
-      } else {
-        __builtin_prefetch(q + kk * N + p.prefetch);
-        for (int v = 0; v < NV; ++v) w[v] = LoadS8(q + kk * N + v * kLanes);
-      }
+      load_int8_row(kk, w);
       for (int r = 0; r < MR; ++r) {
         const VecF xv = Splat(x[r * K + kk]);
         for (int v = 0; v < NV; ++v) acc[r][v] += xv * w[v];
@@ -166,19 +166,13 @@ void Tile(const Problem& p, int64_t r0, int64_t c0, int64_t k0, int64_t k1, bool
       }
     }
   } else if (p.bits == 8) {
-    const int8_t* q = static_cast<const int8_t*>(p.q) + c0;
     for (int64_t g = k0 / G; g < k1 / G; ++g) {
       VecF part[MR][NV];
       for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) part[r][v] = VecF{};
       for (int64_t kk = g * G; kk < (g + 1) * G; ++kk) {
         VecF w[NV];
-        if (kFromTile) {
-          for (int v = 0; v < NV; ++v) w[v] = LoadF(wt + (kk - k0) * TW + v * kLanes);
-        } else {
-          __builtin_prefetch(q + kk * N + p.prefetch);
-          for (int v = 0; v < NV; ++v) w[v] = LoadS8(q + kk * N + v * kLanes);
-        }
+        load_int8_row(kk, w);
         for (int r = 0; r < MR; ++r) {
           const VecF xv = Splat(x[r * K + kk]);
           for (int v = 0; v < NV; ++v) part[r][v] += xv * w[v];
@@ -261,19 +255,12 @@ void ScalarColumns(const Problem& p, int64_t c0, int64_t c1) {
   }
 }
 
-// Rows [k0, k1) of the weight's columns [c0, c0 + NV * 16) as floats, NV * 16 a row, in input-row order.
+// Rows [k0, k1) of an int4 weight's columns [c0, c0 + NV * 16) as floats, NV * 16 a row, in input-row order.
 template <int NV>
 void ConvertTile(const Problem& p, int64_t c0, int64_t k0, int64_t k1, float* wt) {
   constexpr int64_t TW = NV * kLanes;
-  const int64_t N = p.n;
-  if (p.bits == 8) {
-    const int8_t* q = static_cast<const int8_t*>(p.q) + c0;
-    for (int64_t kk = k0; kk < k1; ++kk)
-      for (int v = 0; v < NV; ++v) StoreF(wt + (kk - k0) * TW + v * kLanes, LoadS8(q + kk * N + v * kLanes));
-    return;
-  }
+  const int64_t N = p.n, G = p.group, half = G / 2;
   const uint8_t* q = static_cast<const uint8_t*>(p.q) + c0;
-  const int64_t G = p.group, half = G / 2;
   for (int64_t g = k0 / G; g < k1 / G; ++g)
     for (int64_t j = 0; j < half; ++j)
       for (int v = 0; v < NV; ++v) {
