@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None, help="a .gguf file, an HF directory, a `ridgeline convert` checkpoint "
                                                   "(default: SmolLM2-135M-Instruct, downloaded on first use)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "gguf"],
                    help="weight-only quantization; 'gguf' keeps the file's own Q8_0/Q4_0/Q4_1 blocks; 'auto' "
                         "(default): 'int8' on CPU with --dtype auto, else none")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])

@@ -124,8 +124,10 @@ class LLM:
         # largest of 128/64/32 dividing every projection's input dim) of the projections, or "gguf": the
         # GGUF's own Q8_0/Q4_0/Q4_1 blocks. From a GGUF, tensors already in the requested width are kept
         # as they are (no float round trip); see model.gguf_loader.load_gguf. "auto": see _auto_quantization.
-        if quantization not in ("auto", None, "int8", "int4", "gguf"):
-            raise ValueError(f"quantization={quantization!r} must be 'auto', None, 'int8', 'int4' or 'gguf'")
+        # "w8a8": int8 weights as "int8" and int8 activations (one scale per 64 inputs, computed per step):
+        # integer dot products, which the CPU runs at twice its float rate (pallas_kernels/cpu_int8_dot.cc).
+        if quantization not in ("auto", None, "int8", "int4", "gguf", "w8a8"):
+            raise ValueError(f"quantization={quantization!r} must be 'auto', None, 'int8', 'int4', 'w8a8' or 'gguf'")
         t0 = time.perf_counter()
         weights_given = _loaded is not None
         if quantization == "auto":
@@ -157,9 +159,9 @@ class LLM:
         # accelerator only its shards (never a whole float or quantized weight).
         quantize_on = (jax.default_device(jax.devices("cpu")[0]) if tensor_parallel_size > 1
                        else contextlib.nullcontext())
-        if quantization == "int8":
+        if quantization in ("int8", "w8a8"):
             with quantize_on:
-                params = quantize_params(params, "int8")
+                params = quantize_params(params, quantization)
         elif quantization == "int4":
             group_size = quantization_group_size or default_int4_group_size(params)
             with quantize_on:
@@ -170,11 +172,11 @@ class LLM:
             # float one, measured 15-20% off a batch-1 decode step (BENCHMARKS.md, issue 17). "gguf" takes
             # the file's own head blocks when it has them (model.gguf_loader). Not measured on accelerators
             # or with tensor parallelism, so off there.
-            quantize_lm_head = (quantization in ("int8", "int4") and jax.default_backend() == "cpu"
+            quantize_lm_head = (quantization in ("int8", "int4", "w8a8") and jax.default_backend() == "cpu"
                                 and tensor_parallel_size == 1)
         if quantize_lm_head:
             with quantize_on:
-                params = with_int8_lm_head(params)
+                params = with_int8_lm_head(params, int8_activations=quantization == "w8a8")
         self.config = cfg
         self.tokenizer = tokenizer
         self.quantization = quantization

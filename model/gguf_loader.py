@@ -34,7 +34,8 @@ _LAYER_BIASES = {"attn_q": "bq", "attn_k": "bk", "attn_v": "bv"}
 
 # load_gguf(quantization=...) -> GGUF tensor types kept as QuantizedWeights (no float round trip).
 # "int8" / "int4" keep only the formats of that width; the rest load as float for quantize_params.
-KEEP_QUANTIZED = {None: (), "gguf": ("Q8_0", "Q4_0", "Q4_1"), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1")}
+KEEP_QUANTIZED = {None: (), "gguf": ("Q8_0", "Q4_0", "Q4_1"), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1"),
+                  "w8a8": ("Q8_0",)}
 
 
 def unpermute_qk_rows(w_out_in: np.ndarray, num_heads: int) -> np.ndarray:

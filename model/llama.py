@@ -14,6 +14,7 @@ matmuls, norms and embeddings stay with GSPMD, which splits them by the weights'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple, Optional
 
@@ -261,8 +262,8 @@ def _project(x, w, axes: tuple, ks, rows=None):
 
     def local(x, w):
         # Static sizes of the local block: the arrays arrive split, the dataclass fields still say global.
-        w = QuantizedWeight(w.values, w.scales, w.zeros, w.bits, w.group_size,
-                            w.in_features // ks.parts(in_axis), w.out_features // ks.parts(out_axis))
+        w = dataclasses.replace(w, in_features=w.in_features // ks.parts(in_axis),
+                                out_features=w.out_features // ks.parts(out_axis))
         y = dense(x, w)
         return y if in_axis is None else jax.lax.psum(y, in_axis)
 

@@ -35,7 +35,11 @@ from pallas_kernels.quantized_matmul import (
 
 # Projection weights of a layer (params["layers"], stacked [L, in, out]); see docs/DESIGN.md.
 PROJECTION_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "w8a8")
+# Inputs per activation scale of a W8A8 per-channel weight (QuantizedWeight.act_block). Perplexity of the
+# default model (int8 weights and head; HF float32 24.43): weight-only 24.48, activations per block of 64
+# 24.67 (+1.0%), 32 24.75, 192 25.51, one scale per row 25.42 (+4%: outlier inputs flatten the rest).
+W8A8_ACT_BLOCK = 64
 HEAD_GROUP_SIZE = 32  # inputs per int8 scale of a quantized LM head (see quantize_params)
 
 
@@ -46,6 +50,9 @@ class QuantizedWeight:
     values: int8 [..., in, out] (bits=8) or packed uint8 [..., in/2, out] (bits=4).
     scales: [..., out] (int8, group_size None) or [..., in/group_size, out]; float32 or bfloat16.
     zeros:  None (int8) or [..., in/group_size, out] additive offsets (int4: w = scales * q + zeros).
+    act_block: None (weight-only: activations stay float) or, for int8 weights, W8A8: the matmul quantizes
+      its input to int8 with one scale per act_block inputs (= group_size for grouped weights) and sums
+      integer products (pallas_kernels.quantized_matmul.quantize_activations).
     """
 
     values: Any
@@ -55,6 +62,7 @@ class QuantizedWeight:
     group_size: Optional[int]
     in_features: int
     out_features: int
+    act_block: Optional[int] = None
 
     @property
     def shape(self) -> tuple:
@@ -75,7 +83,7 @@ class QuantizedWeight:
 jax.tree_util.register_dataclass(
     QuantizedWeight,
     data_fields=["values", "scales", "zeros"],
-    meta_fields=["bits", "group_size", "in_features", "out_features"],
+    meta_fields=["bits", "group_size", "in_features", "out_features", "act_block"],
 )
 
 
@@ -193,7 +201,9 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
     """Returns params with the layer projections (PROJECTION_KEYS) replaced by QuantizedWeights.
 
     mode "int8": per-output-channel symmetric (group_size unused); "int4": asymmetric, group_size
-    inputs per group. Norms and biases are left alone.
+    inputs per group; "w8a8": int8 as "int8", plus int8 activations (act_block = W8A8_ACT_BLOCK inputs per
+    scale, or the largest multiple of 4 below it dividing the input dim; an int8 grouped weight already
+    there keeps its groups as the activation blocks). Norms and biases are left alone.
 
     quantize_lm_head: the LM head becomes an int8 QuantizedWeight in either mode, with a scale per vocab
     row and group of HEAD_GROUP_SIZE inputs (per vocab row only when the groups do not divide d). int8, not
@@ -211,8 +221,10 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
 
     def quantize(name: str, w):
         if isinstance(w, QuantizedWeight):
-            return w
+            return with_int8_activations(w) if mode == "w8a8" and w.bits == 8 else w
         try:
+            if mode == "w8a8":
+                return with_int8_activations(quantize_int8(w, scale_dtype=scale_dtype))
             if mode == "int8":
                 return quantize_int8(w, scale_dtype=scale_dtype)
             return quantize_int4(w, group_size, scale_dtype=scale_dtype)
@@ -224,17 +236,38 @@ def quantize_params(params: dict, mode: str, group_size: int = 64, *, quantize_l
         if key in layers:
             layers[key] = quantize(f"layers.{key}", layers[key])
     out = dict(params, layers=layers)
-    return with_int8_lm_head(out, scale_dtype=scale_dtype) if quantize_lm_head else out
+    if quantize_lm_head:
+        out = with_int8_lm_head(out, scale_dtype=scale_dtype, int8_activations=mode == "w8a8")
+    return out
 
 
-def with_int8_lm_head(params: dict, *, scale_dtype=jnp.float32) -> dict:
-    """params with an int8 "lm_head" (see quantize_params' quantize_lm_head); the layers are left alone."""
+def with_int8_activations(qw: QuantizedWeight) -> QuantizedWeight:
+    """An int8 QuantizedWeight made W8A8 (act_block set): grouped weights take their groups as activation
+    blocks, per-channel ones W8A8_ACT_BLOCK inputs (or the largest multiple of 4 below it dividing K)."""
+    if qw.bits != 8:
+        raise ValueError(f"int8 activations need int8 weights, got bits={qw.bits}")
+    if qw.act_block is not None:
+        return qw
+    block = qw.group_size
+    if block is None:
+        block = next((b for b in range(W8A8_ACT_BLOCK, 0, -4) if qw.in_features % b == 0), None)
+        if block is None:
+            raise ValueError(f"in_features={qw.in_features} has no divisor that is a multiple of 4 "
+                             f"(W8A8 activation blocks)")
+    return dataclasses.replace(qw, act_block=block)
+
+
+def with_int8_lm_head(params: dict, *, scale_dtype=jnp.float32, int8_activations: bool = False) -> dict:
+    """params with an int8 "lm_head" (see quantize_params' quantize_lm_head), W8A8 with int8_activations;
+    the layers are left alone."""
     head = params["lm_head"] if "lm_head" in params else jnp.asarray(params["embed"]).T  # [d, vocab]
-    if isinstance(head, QuantizedWeight):
+    if not isinstance(head, QuantizedWeight):
+        d = np.shape(head)[0]
+        group = HEAD_GROUP_SIZE if d % HEAD_GROUP_SIZE == 0 else None
+        head = quantize_int8(head, group_size=group, scale_dtype=scale_dtype)
+    elif not int8_activations or head.bits != 8:
         return params
-    d = np.shape(head)[0]
-    group = HEAD_GROUP_SIZE if d % HEAD_GROUP_SIZE == 0 else None
-    return dict(params, lm_head=quantize_int8(head, group_size=group, scale_dtype=scale_dtype))
+    return dict(params, lm_head=with_int8_activations(head) if int8_activations else head)
 
 
 def default_int4_group_size(params: dict) -> int:
@@ -253,10 +286,11 @@ def stack_quantized(qws: Sequence[QuantizedWeight]) -> QuantizedWeight:
     if not qws:
         raise ValueError("stack_quantized needs at least one QuantizedWeight")
     first = qws[0]
-    meta = lambda q: (q.bits, q.group_size, q.in_features, q.out_features)  # noqa: E731
+    meta = lambda q: (q.bits, q.group_size, q.in_features, q.out_features, q.act_block)  # noqa: E731
     for i, q in enumerate(qws):
         if meta(q) != meta(first) or tuple(q.values.shape) != tuple(first.values.shape):
-            raise ValueError(f"qws[{i}] (bits, group_size, in, out)={meta(q)} differs from qws[0]={meta(first)}")
+            raise ValueError(f"qws[{i}] (bits, group_size, in, out, act_block)={meta(q)} differs from "
+                             f"qws[0]={meta(first)}")
     host = all(isinstance(a, np.ndarray) for a in jax.tree.leaves(list(qws)))
     stack = np.stack if host else jnp.stack
     return jax.tree.map(lambda *xs: stack(xs), *qws)
@@ -284,8 +318,7 @@ def quantized_logical_axes(qw: QuantizedWeight, axes: tuple) -> QuantizedWeight:
     if len(axes) != qw.ndim:
         raise ValueError(f"axes={axes} must name all {qw.ndim} dims of a weight of shape {qw.shape}")
     scale_axes = axes[:-2] + axes[-1:] if qw.group_size is None else axes
-    return QuantizedWeight(axes, scale_axes, None if qw.zeros is None else scale_axes, qw.bits, qw.group_size,
-                           qw.in_features, qw.out_features)
+    return dataclasses.replace(qw, values=axes, scales=scale_axes, zeros=None if qw.zeros is None else scale_axes)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,9 +48,9 @@ import numpy as np
 
 from pallas_kernels.quantized_matmul import check_quantized_weight, quantized_matmul_reference
 
-# One library of CPU kernels: the quantized matmul (here) and the paged decode attention (called by
-# pallas_kernels/ragged_paged_attention_xla.py).
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_qmatmul.cc", "cpu_attention.cc"))
+# One library of CPU kernels: the weight-only quantized matmul and the W8A8 int8-dot matmul (here), and the
+# paged decode attention (called by pallas_kernels/ragged_paged_attention_xla.py).
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_qmatmul.cc", "cpu_attention.cc", "cpu_int8_dot.cc"))
 ENV_DISABLE = "RIDGELINE_CPU_FFI"  # "0" turns the kernel off (XLA path)
 # Largest M that quantized_matmul(impl="auto") sends to the matmul kernel, per weight bits; above it the
 # product is compute-bound and XLA's dot does the math (grouped formats dequantized by cpu_dequantize).
@@ -62,6 +62,8 @@ _DEQUANT_TARGETS = {8: "ridgeline_dequant_int8", 4: "ridgeline_dequant_int4"}
 _SYMBOLS = {"ridgeline_qmatmul_int8": "RidgelineQMatmulInt8", "ridgeline_qmatmul_int4": "RidgelineQMatmulInt4",
             "ridgeline_dequant_int8": "RidgelineDequantInt8", "ridgeline_dequant_int4": "RidgelineDequantInt4",
             "ridgeline_decode_attention": "RidgelineDecodeAttention"}
+# Registered only where the library was built with AVX-512 VNNI (RidgelineHasInt8Dot() says so).
+_INT8_DOT_TARGET, _INT8_DOT_SYMBOL = "ridgeline_int8_dot", "RidgelineInt8Dot"
 _CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -160,7 +162,7 @@ def available() -> bool:
     with _lock:
         if "ok" in _state:
             return _state["ok"]
-        why, disabled = None, os.environ.get(ENV_DISABLE, "1").strip() == "0"
+        why, disabled, int8_dot = None, os.environ.get(ENV_DISABLE, "1").strip() == "0", False
         if disabled:  # asked for: no warning
             why = f"${ENV_DISABLE}=0"
         elif (compiler := _compiler()) is None:
@@ -168,7 +170,9 @@ def available() -> bool:
         else:
             try:
                 lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-                for target, symbol in _SYMBOLS.items():
+                int8_dot = bool(lib.RidgelineHasInt8Dot())
+                symbols = dict(_SYMBOLS, **({_INT8_DOT_TARGET: _INT8_DOT_SYMBOL} if int8_dot else {}))
+                for target, symbol in symbols.items():
                     if target not in _registered:
                         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                         _registered.add(target)
@@ -177,8 +181,13 @@ def available() -> bool:
         if why is not None and not disabled:
             warnings.warn(f"ridgeline: the CPU quantized-matmul kernel is unavailable ({why}); quantized matmuls "
                           f"use the slower XLA path", RuntimeWarning, stacklevel=2)
-        _state.update(ok=why is None, why=why)
+        _state.update(ok=why is None, why=why, int8_dot=why is None and int8_dot)
         return _state["ok"]
+
+
+def int8_dot_available() -> bool:
+    """Whether the W8A8 kernel (cpu_int8_dot.cc: AVX-512 VNNI integer dots) is built and registered."""
+    return available() and _state["int8_dot"]
 
 
 def _reset_for_tests() -> None:
@@ -246,6 +255,55 @@ def cpu_quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, ro
         layer = 0
     rows = x2.shape[0] if rows is None else rows
     return _ffi_matmul(x2, qw, jnp.asarray(layer, jnp.int32), jnp.asarray(rows, jnp.int32), config).reshape(*lead, n)
+
+
+@jax.jit
+def cpu_int8_dot_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None,
+                        rows: Optional[jax.Array] = None) -> jax.Array:
+    """W8A8: x [..., K] quantized to int8 per block of qw.act_block inputs, times the int8 weight, as integer
+    dots (cpu_int8_dot.cc, AVX-512 VNNI) -> float32 [..., N]. Any M (decode and prefill).
+
+    qw: an int8 QuantizedWeight with act_block set (per channel, or grouped with group_size = act_block), 2-D
+    or stacked [L, K, N] with `layer` (read in place). rows: as cpu_quantized_matmul's.
+    Raises RuntimeError when the kernel is unavailable (see int8_dot_available()).
+    """
+    check_quantized_weight(qw, allow_stacked=layer is not None)
+    if qw.bits != 8 or qw.act_block is None:
+        raise ValueError(f"cpu_int8_dot_matmul needs int8 weights with act_block set, got bits={qw.bits}, "
+                         f"act_block={qw.act_block}")
+    k, n = qw.in_features, qw.out_features
+    if layer is not None and qw.values.ndim != 3:
+        raise ValueError(f"a layer index needs weights stacked [L, K, N], got values.shape={tuple(qw.values.shape)}")
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x.shape={tuple(x.shape)} must end in in_features K={k}")
+    if not int8_dot_available():
+        raise RuntimeError("the CPU int8-dot kernel is unavailable: "
+                           + (_state["why"] or "this CPU (or compiler target) lacks AVX-512 VNNI"))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).astype(jnp.float32)                   # [M, K]
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, n), jnp.float32)
+    if layer is None:
+        qw, layer = jax.tree.map(lambda a: a[None], qw), 0     # a stack of one: bitcasts, no copies
+    values, scales = qw.values, qw.scales                       # [L, K, N], [L, N] or [L, K/G, N]
+    if scales.dtype != jnp.float32:                             # a cast copies the stack: slice first
+        values = jax.lax.dynamic_index_in_dim(values, layer)
+        scales = jax.lax.dynamic_index_in_dim(scales, layer).astype(jnp.float32)
+        layer = 0
+    scales = scales.reshape(scales.shape[0], -1)                # [L, N] or [L, K/G * N]
+    rows = x2.shape[0] if rows is None else rows
+    out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
+    y = jax.ffi.ffi_call(_INT8_DOT_TARGET, out)(
+        x2, values, scales, jnp.asarray(layer, jnp.int32), jnp.asarray(rows, jnp.int32),
+        act_block=np.int64(qw.act_block), grouped=np.int64(qw.group_size is not None))
+    return y.reshape(*lead, n)
+
+
+def cpu_int8_dot_matmul_reference(x: jax.Array, qw) -> jax.Array:
+    """Ground truth of cpu_int8_dot_matmul: the dequantized int8 activations @ dequantize(qw), float32 HIGHEST."""
+    from pallas_kernels.quantized_matmul import fake_quantize_activations
+
+    return quantized_matmul_reference(fake_quantize_activations(x, qw.act_block), qw)
 
 
 @jax.jit

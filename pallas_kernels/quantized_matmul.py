@@ -99,6 +99,37 @@ def check_quantized_weight(qw: Any, *, allow_stacked: bool = True) -> None:
                          f"group_size={g})")
     if tuple(scales.shape) != want_scales or not jnp.issubdtype(scales.dtype, jnp.floating):
         raise ValueError(f"scales must be float {want_scales}, got {scales.dtype} {tuple(scales.shape)}")
+    act_block = getattr(qw, "act_block", None)
+    if act_block is not None:
+        if bits != 8:
+            raise ValueError(f"act_block={act_block} (int8 activations) needs int8 weights, got bits={bits}")
+        if not isinstance(act_block, int) or act_block <= 0 or act_block % 4 or k % act_block:
+            raise ValueError(f"act_block={act_block!r} must be a positive multiple of 4 dividing in_features={k}")
+        if g is not None and g != act_block:
+            raise ValueError(f"act_block={act_block} must equal group_size={g} for grouped weights")
+
+
+def quantize_activations(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """Dynamic symmetric int8 quantization of activations, one scale per block of `block` inputs.
+
+    x [..., K] float -> (qa int8 [..., K], sa float32 [..., K/block]) with sa = amax / 127 and
+    qa = round_half_even(x * (127 / amax)) (0 where amax = 0): the W8A8 kernel's formula (cpu_int8_dot.cc).
+    """
+    *lead, k = x.shape
+    if k % block:
+        raise ValueError(f"{block=} must divide in_features K={k}")
+    xb = x.astype(jnp.float32).reshape(*lead, k // block, block)
+    amax = jnp.max(jnp.abs(xb), axis=-1)                                # [..., K/B]
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    qa = jnp.clip(jnp.round(xb * inv[..., None]), -127, 127).astype(jnp.int8)
+    return qa.reshape(*lead, k), amax / 127.0
+
+
+def fake_quantize_activations(x: jax.Array, block: int) -> jax.Array:
+    """x [..., K] -> float32 [..., K]: qa * sa of quantize_activations (what a W8A8 matmul multiplies)."""
+    qa, sa = quantize_activations(x, block)
+    *lead, k = x.shape
+    return (qa.reshape(*lead, k // block, block).astype(jnp.float32) * sa[..., None]).reshape(*lead, k)
 
 
 def dequantize_arrays(values: jax.Array, scales: jax.Array, zeros: Optional[jax.Array], *, bits: int,
@@ -377,6 +408,13 @@ def _resolve_impl(impl: str) -> str:
     return impl if impl == CPU_FFI else resolve_impl(impl)
 
 
+def _cpu_int8_dot_for(qw) -> bool:
+    """Whether impl="auto" runs this W8A8 matmul (qw.act_block set) on the CPU int8-dot kernel."""
+    from pallas_kernels import cpu_quantized_matmul as cpu
+
+    return jax.default_backend() == "cpu" and cpu.int8_dot_available()
+
+
 def _cpu_ffi_for(m: int, bits: int) -> bool:
     """Whether impl="auto" runs this M-row matmul on the CPU kernel (builds it on first use)."""
     from pallas_kernels import cpu_quantized_matmul as cpu
@@ -397,6 +435,9 @@ def quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, rows: 
     in place; every other impl slices it out first (what lax.scan over the stack would do).
     rows: an int32 scalar, how many leading rows of x are real (the rest pad a compiled step shape). The CPU
     kernel skips the others (they come out zero); other impls compute every row.
+    A weight with act_block set (W8A8) multiplies x quantized to int8 per block of act_block inputs
+    (quantize_activations): on CPU with AVX-512 VNNI as integer dots (cpu_int8_dot.cc), elsewhere as
+    fake_quantize_activations(x) through the weight-only impls.
     impl: "auto" | "pallas" | "pallas_interpret" | "xla" | "cpu_ffi" | "reference" (see the module docstring).
     block_sizes: Pallas tiles; None picks QuantizedMatmulBlockSizes.get_default for this shape.
     """
@@ -418,6 +459,14 @@ def quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, rows: 
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
 
+    act_block = getattr(qw, "act_block", None)
+    if act_block is not None:  # W8A8: int8 activations too
+        if requested == "auto" and impl == "xla" and _cpu_int8_dot_for(qw):
+            from pallas_kernels.cpu_quantized_matmul import cpu_int8_dot_matmul
+
+            return cpu_int8_dot_matmul(x2, qw, layer, rows).astype(x.dtype).reshape(*lead, n)
+        # Elsewhere the same math with float products: the quantized activations times the weight.
+        x2 = fake_quantize_activations(x2, act_block).astype(x.dtype)
     if requested == "auto" and impl == "xla" and _cpu_ffi_for(m, qw.bits):
         impl = CPU_FFI
     if impl == CPU_FFI:

@@ -16,7 +16,8 @@ and 1536x576 (down); 576x49152 is its (tied) LM head's shape.
 --model-step: one decode step of the default model (batch --rows, 64 tokens of context), float32 weights
 (layers unrolled, the CPU default) vs int8 weights (layer scan, the CPU default for quantized models) on the
 XLA path vs on the kernel, and int8 unrolled on the kernel, all with the float (tied embedding) LM head;
---int8-head adds the kernel variants with an int8 head (quantize_params(..., quantize_lm_head=True)).
+--int8-head adds the kernel variants with an int8 head (quantize_params(..., quantize_lm_head=True)), and
+W8A8 (quantize_params(..., "w8a8", quantize_lm_head=True): int8 activations, pallas_kernels/cpu_int8_dot.cc).
 Each variant is traced with the kernel on or off and AOT-compiled, then all are timed round-robin like the
 matmuls.
 """
@@ -111,8 +112,10 @@ def bench_model_step(batch: int, rounds: int, context: int = 64, page_size: int 
                 "int8, scan, ffi": (int8, True), "int8, unrolled, ffi": (unstack_layers(int8), True)}
     if int8_head:
         int8_h = jax.device_put(quantize_params(params, "int8", quantize_lm_head=True))
+        w8a8_h = jax.device_put(quantize_params(params, "w8a8", quantize_lm_head=True))
         variants.update({"int8+head, scan, ffi": (int8_h, True),
-                         "int8+head, unr., ffi": (unstack_layers(int8_h), True)})
+                         "int8+head, unr., ffi": (unstack_layers(int8_h), True),
+                         "w8a8+head, scan, ffi": (w8a8_h, True)})
     steps = {}
     saved = os.environ.get(cpu.ENV_DISABLE)
     try:

@@ -43,6 +43,7 @@ PRESETS = {
     "default": {},  # what LLM() picks on this backend
     "float32": {"dtype": "float32"},
     "int8": {"dtype": "float32", "quantization": "int8"},
+    "w8a8": {"dtype": "float32", "quantization": "w8a8"},
     "int4": {"dtype": "float32", "quantization": "int4"},
     "gguf": {"dtype": "float32", "quantization": "gguf"},
 }

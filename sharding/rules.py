@@ -147,7 +147,7 @@ def _quantized_specs(qw: QuantizedWeight, axes: tuple, rules: dict, mesh: AnyMes
     scale_axes = lead + ((out_name,) if qw.group_size is None else (in_name, out_name))
     scales = _spec(scale_axes, qw.scales.shape, in_rules, mesh)
     zeros = None if qw.zeros is None else _spec(scale_axes, qw.zeros.shape, in_rules, mesh)
-    return QuantizedWeight(values, scales, zeros, qw.bits, qw.group_size, qw.in_features, qw.out_features)
+    return dataclasses.replace(qw, values=values, scales=scales, zeros=zeros)
 
 
 def param_specs(params, cfg: LlamaConfig, mesh: AnyMesh):

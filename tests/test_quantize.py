@@ -201,7 +201,7 @@ def test_quantize_params(mode, group_size):
 
 
 def test_quantize_params_errors():
-    with pytest.raises(ValueError, match=r"mode='fp8' must be one of \('int8', 'int4'\)"):
+    with pytest.raises(ValueError, match=r"mode='fp8' must be one of \('int8', 'int4', 'w8a8'\)"):
         quantize_params(_params(), "fp8")
     # w_down has in = 96, not a multiple of 64: the message names the weight.
     with pytest.raises(ValueError, match=r"cannot quantize layers\.w_down \(shape \(2, 96, 64\)\) to int4: "
