@@ -54,9 +54,9 @@ constexpr int64_t kTileCols = 64;         // one 64-byte weight line per input r
 constexpr int64_t kFewRows = 8;           // up to this many rows: the slice split (memory-bound)
 constexpr int64_t kRowChunk = 64;         // rows per work item of the many-row split
 constexpr int64_t kMinBytesPerSlice = 384 << 10;
-// Software prefetch of the few-row sweep: the same place one block ahead (that block's rows are contiguous),
-// or, for rows so wide that this is too far ahead to stay cached, kRowPrefetchBytes further along the row.
-constexpr int64_t kMaxBlockPrefetchBytes = 64 << 10, kRowPrefetchBytes = 512;
+// Columns per panel of the few-row sweep: a wide weight (the LM head's 49152) is swept panel by panel, so
+// that a pass over `step` rows of a panel stays small (see FewRowsStep) and its sums stay in L1/L2.
+constexpr int64_t kPanelCols = 4096;
 constexpr int64_t kStripPrefetchRows = 32;  // many rows: weight rows ahead when interleaving a tile's strip
 
 struct Problem {
@@ -69,7 +69,7 @@ struct Problem {
   int64_t m, k, n, block;
   bool grouped;
   int64_t slice_rows, num_slices;  // K slices (whole blocks)
-  int64_t prefetch;                // bytes ahead of a direct weight load to prefetch (few rows)
+  int64_t prefetch;                // bytes ahead of a direct weight load to prefetch (few rows: one pass)
 };
 
 // Rows k .. k+3 of the weight at columns [c, c + 64), biased to unsigned and interleaved for vpdpbusd.
@@ -130,7 +130,7 @@ inline __m512i z4(bool used, Load& load, int r, int j) {
 // Weight rows per pass of the few-row sweep (every column tile in turn over these rows): the largest whole
 // number of quads dividing the block whose bytes stay within ~20 KiB. Measured at M = 1 on DRAM-resident
 // weights: 576 x 1536 best with 8 rows (12 KiB; 16 rows 25% slower), 1536 x 576 with 32 (18 KiB; 8 rows 50%
-// slower).
+// slower), the 576 x 49152 head with 4 rows in 4096-column panels (32 rows of the whole width: 1.6x slower).
 inline int64_t FewRowsStep(int64_t block, int64_t n) {
   int64_t step = 4;
   for (int64_t s = 8; s <= block; s += 4)
@@ -250,6 +250,7 @@ void ScalarColumns(const Problem& p, int64_t c0, int64_t c1) {
 struct Job {
   Problem p;
   int64_t vec_cols, col_tiles, row_chunks, num_items;
+  int64_t panel, step;  // few rows: columns per panel, weight rows per pass
   bool few;
   std::unique_ptr<float[]> scratch;  // few rows: [num_slices - 1, M, N]
   std::atomic<int64_t> next{0};
@@ -260,12 +261,14 @@ struct Job {
   void Slice(int64_t s, float* fsum, int32_t* isum) {
     const int64_t k0 = s * p.slice_rows, k1 = std::min(p.k, (s + 1) * p.slice_rows);
     float* dst = s == 0 ? p.out : scratch.get() + (s - 1) * p.m * p.n;
-    std::fill(fsum, fsum + p.m * vec_cols, 0.f);
-    const int64_t step = FewRowsStep(p.block, p.n);
-    for (int64_t kb = k0; kb < k1; kb += step)
-      for (int64_t c = 0; c < vec_cols; c += kTileCols)
-        BlockRows<false>(p, 0, p.m, c, kb, kb + step, nullptr, fsum + c * p.m, isum + c * p.m);
-    for (int64_t c = 0; c < vec_cols; c += kTileCols) Emit(p, 0, p.m, c, fsum + c * p.m, dst, false);
+    for (int64_t c0 = 0; c0 < vec_cols; c0 += panel) {
+      const int64_t c1 = std::min(vec_cols, c0 + panel);
+      std::fill(fsum, fsum + p.m * (c1 - c0), 0.f);
+      for (int64_t kb = k0; kb < k1; kb += step)
+        for (int64_t c = c0; c < c1; c += kTileCols)
+          BlockRows<false>(p, 0, p.m, c, kb, kb + step, nullptr, fsum + (c - c0) * p.m, isum + (c - c0) * p.m);
+      for (int64_t c = c0; c < c1; c += kTileCols) Emit(p, 0, p.m, c, fsum + (c - c0) * p.m, dst, false);
+    }
   }
 
   // Many rows: one column tile x one row chunk, every slice in order, the tile's weight strip interleaved
@@ -298,8 +301,8 @@ struct Job {
     thread_local int64_t isum_size = 0;
     thread_local std::unique_ptr<__m512i[]> wt;
     thread_local int64_t wt_size = 0;
-    const int64_t need_f = few ? p.m * vec_cols : kRowChunk * kTileCols, need_w = few ? 0 : p.slice_rows;
-    const int64_t need_i = few ? p.m * vec_cols : 0;
+    const int64_t need_f = few ? p.m * panel : kRowChunk * kTileCols, need_w = few ? 0 : p.slice_rows;
+    const int64_t need_i = few ? p.m * panel : 0;
     if (need_f > fsum_size) fsum.reset(new float[fsum_size = need_f]);
     if (need_i > isum_size) isum.reset(new int32_t[isum_size = need_i]);
     if (need_w > wt_size) wt.reset(new __m512i[wt_size = need_w]);  // operator new[] honours alignas(64)
@@ -409,8 +412,6 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Bu
   Problem& p = job->p;
   p = Problem{qa.get(), sa.get(), bias.get(), q.typed_data() + l * k * n, scales.typed_data() + l * per_layer, o,
               m, k, n, block, grouped != 0, 0, 0, 0};
-  const int64_t step_bytes = FewRowsStep(block, n) * n;
-  p.prefetch = step_bytes <= kMaxBlockPrefetchBytes ? step_bytes : kRowPrefetchBytes;
   // Slices: whole blocks, from the weight's size and the pool only (never from M: batch invariance).
   const int64_t slices = std::max<int64_t>(1, std::min({4 * threads, nb, k * n / kMinBytesPerSlice}));
   p.slice_rows = (nb + slices - 1) / slices * block;
@@ -418,6 +419,10 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Bu
   job->vec_cols = n / kTileCols * kTileCols;
   job->col_tiles = job->vec_cols / kTileCols;
   job->few = m <= kFewRows;
+  // Few rows: a pass covers `step` weight rows of a panel; the prefetch fetches the same columns one pass ahead.
+  job->panel = job->vec_cols <= 2 * kPanelCols ? job->vec_cols : kPanelCols;
+  job->step = FewRowsStep(block, job->panel);
+  p.prefetch = job->step * n;
   job->row_chunks = (m + kRowChunk - 1) / kRowChunk;
   job->num_items = job->few ? p.num_slices : job->col_tiles * job->row_chunks;
   if (job->vec_cols > 0) {
