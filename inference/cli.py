@@ -23,8 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser):
                                                   "(default: SmolLM2-135M-Instruct, downloaded on first use)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "gguf"],
-                   help="weight-only quantization; 'gguf' keeps the file's own Q8_0/Q4_0/Q4_1 blocks; 'auto' "
-                        "(default): 'int8' on CPU with --dtype auto, else none")
+                   help="weight quantization ('w8a8': int8 weights and int8 activations); 'gguf' keeps the file's "
+                        "own Q8_0/Q4_0/Q4_1 blocks; 'auto' (default): 'w8a8' on CPU with --dtype auto ('int8' "
+                        "without AVX-512 VNNI), else none")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "pallas_interpret", "reference"])
     p.add_argument("--max-num-seqs", type=int, default=32)

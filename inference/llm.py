@@ -48,18 +48,21 @@ def _token_ids(ids) -> list[int]:
 
 
 def _auto_quantization(dtype: str, weights_given: bool, devices: int) -> Optional[str]:
-    """quantization="auto": "int8" on CPU with dtype="auto", else None (float weights).
+    """quantization="auto": "w8a8" on CPU with dtype="auto" where the int8-dot kernel runs (AVX-512 VNNI),
+    "int8" on other CPUs, else None (float weights).
 
-    On CPU decode is memory-bound and the C++ kernels read int8 weights in place: against float32 on
-    llama-batched-bench's workload int8 (with its int8 LM head) was 2.1x faster at batch 1, 1.7x at 4, 1.15x
-    at 16 and 0.96x at 64 sequences (BENCHMARKS.md, issue 17), and it was the fastest configuration at
-    batch 1-16 (the GGUF's own Q4_1 blocks, quantization="gguf", read fewer bytes but unpack slower when
-    batched). Outputs change slightly (int8 per channel: perplexity within 2% of float32); an explicit
-    dtype asks for float weights (dtype="float32" for exact reference runs), and weights passed in, sharded
-    models and accelerators keep them (not measured there)."""
+    On CPU decode is memory-bound and the C++ kernels read int8 weights in place; W8A8 also multiplies int8
+    activations as integer dots, at twice the CPU's float rate. On llama-batched-bench's workload (BENCHMARKS.md,
+    issue 17) W8A8 was the fastest configuration at every batch size measured (1-64 sequences: 1.0-1.9x
+    weight-only int8, itself 2.1x float32 at batch 1). Outputs change slightly (perplexity within 1% of float32
+    for int8 weights, +1% more for the int8 activations); an explicit dtype asks for float weights
+    (dtype="float32" for exact reference runs), and weights passed in, sharded models and accelerators keep
+    them (not measured there)."""
     if jax.default_backend() != "cpu" or dtype != "auto" or weights_given or devices > 1:
         return None
-    return "int8"
+    from pallas_kernels.cpu_quantized_matmul import int8_dot_available
+
+    return "w8a8" if int8_dot_available() else "int8"
 
 
 def _auto_dtype(model: Optional[str], params, *, from_loaded: bool) -> str:

@@ -162,7 +162,7 @@ def test_llm_explicit_group_size_and_gguf_mode(tiny_gguf, tiny_float):
         assert first_layer(llm)["w_down"].group_size == 32
     with pytest.raises(ValueError, match=r"quantization='gguf' needs a GGUF model"):
         LLM(_loaded=tiny_float, quantization="gguf")  # float params: nothing to keep
-    with pytest.raises(ValueError, match=r"quantization='fp8' must be 'auto', None, 'int8', 'int4' or 'gguf'"):
+    with pytest.raises(ValueError, match=r"quantization='fp8' must be 'auto', None, 'int8', 'int4', 'w8a8' or 'gguf'"):
         LLM(_loaded=tiny_float, quantization="fp8")
 
 
@@ -182,16 +182,23 @@ def test_llm_quantized_on_cpu_gets_an_int8_lm_head_unless_told_not_to(tiny_float
         assert not isinstance(llm.engine.runner.params.get("lm_head"), QuantizedWeight)
 
 
-def test_auto_quantization_is_int8_on_cpu_unless_a_dtype_is_asked_for(tiny_gguf, tiny_float):
-    """quantization="auto" (the default) on CPU: int8 weights and an int8 LM head; dtype="float32" or weights
-    passed in keep float weights."""
+def test_auto_quantization_is_w8a8_on_cpu_unless_a_dtype_is_asked_for(tiny_gguf, tiny_float):
+    """quantization="auto" (the default) on CPU: int8 weights and an int8 LM head, with int8 activations (W8A8)
+    where the int8-dot kernel runs, weight-only int8 elsewhere; dtype="float32" or weights passed in keep float
+    weights."""
+    from pallas_kernels.cpu_quantized_matmul import int8_dot_available
+
     kw = dict(num_pages=8, max_num_seqs=2, max_num_batched_tokens=32)
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompt = {"prompt_token_ids": [5, 6, 7, 8]}
+    want = "w8a8" if int8_dot_available() else "int8"
     with LLM(str(tiny_gguf), **kw) as llm:
         wq, head = first_layer(llm)["wq"], llm.engine.runner.params["lm_head"]
-        assert llm.quantization == "int8" and wq.bits == 8 and head.bits == 8
+        assert llm.quantization == want and wq.bits == 8 and head.bits == 8
+        assert (wq.act_block is not None) == (want == "w8a8") and (head.act_block is not None) == (want == "w8a8")
         assert len(llm.generate(prompt, sp)[0].outputs[0].token_ids) == 6
+    with LLM(str(tiny_gguf), quantization="int8", **kw) as llm:
+        assert first_layer(llm)["wq"].act_block is None
     with LLM(str(tiny_gguf), dtype="float32", **kw) as llm:
         assert llm.quantization is None and not isinstance(first_layer(llm)["wq"], QuantizedWeight)
     with LLM(_loaded=tiny_float, **kw) as llm:
