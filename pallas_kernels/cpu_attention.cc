@@ -17,6 +17,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <memory>
 #include <thread>
 #include <vector>
@@ -26,6 +29,66 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+#if defined(__AVX512F__)
+// q . k over hd floats: 16-lane partial sums, then one reduction; the same order for every call.
+inline float Dot(const float* q, const float* k, int64_t hd) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+  float dot = _mm512_reduce_add_ps(acc);
+  for (; d < hd; ++d) dot += q[d] * k[d];
+  return dot;
+}
+
+// exp(x) for x <= 0 (scores minus their max), 16 at a time: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2,
+// p a degree-6 Taylor polynomial (relative error ~2e-7); below -87 the result flushes to zero.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), 0);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split: hi + lo
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// s[j] = exp(s[j] - m) for j < len; returns their sum (16-lane partial sums, then one reduction).
+inline float ExpShiftedAndSum(float* s, int64_t len, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+    _mm512_storeu_ps(s + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (j < len) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (len - j)) - 1);
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), mv));
+    _mm512_mask_storeu_ps(s + j, tail, e);
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(tail, e));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#else
+inline float Dot(const float* q, const float* k, int64_t hd) {
+  float dot = 0.f;
+  for (int64_t d = 0; d < hd; ++d) dot += q[d] * k[d];
+  return dot;
+}
+
+inline float ExpShiftedAndSum(float* s, int64_t len, float m) {
+  float sum = 0.f;
+  for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - m));
+  return sum;
+}
+#endif
 
 struct Attention {
   const float *q, *k, *v;
@@ -50,20 +113,13 @@ struct Attention {
     };
     for (int64_t j = 0; j < len; ++j) {
       const float* kr = row(k, j);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qs.data() + g * hd;
-        float dot = 0.f;
-        for (int64_t d = 0; d < hd; ++d) dot += qg[d] * kr[d];
-        scores[g * len + j] = dot;
-      }
+      for (int64_t g = 0; g < G; ++g) scores[g * len + j] = Dot(qs.data() + g * hd, kr, hd);
     }
     std::vector<float> inv_sum(G);
     for (int64_t g = 0; g < G; ++g) {
       float* sg = scores.data() + g * len;
       const float m = *std::max_element(sg, sg + len);
-      float sum = 0.f;
-      for (int64_t j = 0; j < len; ++j) sum += (sg[j] = std::exp(sg[j] - m));
-      inv_sum[g] = 1.f / sum;
+      inv_sum[g] = 1.f / ExpShiftedAndSum(sg, len, m);
     }
     for (int64_t j = 0; j < len; ++j) {
       const float* vr = row(v, j);
