@@ -90,6 +90,34 @@ inline float ExpShiftedAndSum(float* s, int64_t len, float m) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// acc[g] = sum_j p[g, j] * v_j for the group's heads, hd = 16 * NV: the sums of a few heads at a time stay
+// in registers while the value rows stream by (the same FMAs, in the same order, as the scalar loop).
+template <int NV, typename ForEachPage>
+void WeightedValues(ForEachPage& for_each_page, const float* scores, int64_t len, int64_t G, float* acc) {
+  constexpr int kHeads = NV <= 4 ? 4 : 2;  // kHeads * NV accumulators + NV value vectors in registers
+  for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+    const int heads = static_cast<int>(std::min<int64_t>(kHeads, G - g0));
+    __m512 sum[kHeads][NV];
+    for (int g = 0; g < kHeads; ++g)
+      for (int i = 0; i < NV; ++i) sum[g][i] = _mm512_setzero_ps();
+    for_each_page([&](int64_t j0, int64_t n, const float* vr) {
+      for (int64_t o = 0; o < n; ++o, vr += 16 * NV) {
+        __m512 val[NV];
+        for (int i = 0; i < NV; ++i) val[i] = _mm512_loadu_ps(vr + 16 * i);
+        for (int g = 0; g < kHeads; ++g) {
+          if (g >= heads) break;
+          const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + j0 + o]);
+          for (int i = 0; i < NV; ++i) sum[g][i] = _mm512_fmadd_ps(p, val[i], sum[g][i]);
+        }
+      }
+    });
+    for (int g = 0; g < heads; ++g)
+      for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + (g0 + g) * 16 * NV + 16 * i, sum[g][i]);
+  }
+}
+#endif
+
 struct Attention {
   const float *q, *k, *v;
   const int32_t *kv_lens, *tables, *cu;
@@ -103,32 +131,51 @@ struct Attention {
     const int64_t t = cu[s], hd = head_dim, G = group;
     const int64_t len = std::min<int64_t>(kv_lens[s], table_width * page_size);
     if (len <= 0) return;
-    std::vector<float> qs(G * hd), scores(G * len), acc(G * hd, 0.f);
+    // Per-thread scratch (an item runs on one thread): no allocation per item.
+    thread_local std::vector<float> qs, scores, acc, inv_sum;
+    qs.resize(G * hd);
+    scores.resize(G * len);
+    acc.assign(G * hd, 0.f);
+    inv_sum.resize(G);
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < hd; ++d) qs[g * hd + d] = q[(t * kv_heads * G + h * G + g) * hd + d] * sm_scale;
     const int32_t* table = tables + s * table_width;
-    auto row = [&](const float* pages_base, int64_t j) {
-      const int64_t page = std::clamp<int64_t>(table[j / page_size], 0, pages - 1);
-      return pages_base + ((h * pages + page) * page_size + j % page_size) * hd;
+    // Keys j0 .. j0 + n - 1 of one page, walked page by page (no division per key).
+    auto for_each_page = [&](auto&& fn) {
+      for (int64_t j0 = 0, i = 0; j0 < len; j0 += page_size, ++i) {
+        const int64_t page = std::clamp<int64_t>(table[i], 0, pages - 1);
+        fn(j0, std::min(page_size, len - j0), ((h * pages + page) * page_size) * hd);
+      }
     };
-    for (int64_t j = 0; j < len; ++j) {
-      const float* kr = row(k, j);
-      for (int64_t g = 0; g < G; ++g) scores[g * len + j] = Dot(qs.data() + g * hd, kr, hd);
-    }
-    std::vector<float> inv_sum(G);
+    for_each_page([&](int64_t j0, int64_t n, int64_t offset) {
+      const float* kr = k + offset;
+      for (int64_t o = 0; o < n; ++o, kr += hd)
+        for (int64_t g = 0; g < G; ++g) scores[g * len + j0 + o] = Dot(qs.data() + g * hd, kr, hd);
+    });
     for (int64_t g = 0; g < G; ++g) {
       float* sg = scores.data() + g * len;
       const float m = *std::max_element(sg, sg + len);
       inv_sum[g] = 1.f / ExpShiftedAndSum(sg, len, m);
     }
-    for (int64_t j = 0; j < len; ++j) {
-      const float* vr = row(v, j);
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = scores[g * len + j];
-        float* ag = acc.data() + g * hd;
-        for (int64_t d = 0; d < hd; ++d) ag[d] += p * vr[d];
-      }
-    }
+#if defined(__AVX512F__)
+    auto for_each_value_page = [&](auto&& fn) {
+      for_each_page([&](int64_t j0, int64_t n, int64_t offset) { fn(j0, n, v + offset); });
+    };
+    if (hd == 64) {
+      WeightedValues<4>(for_each_value_page, scores.data(), len, G, acc.data());
+    } else if (hd == 128) {
+      WeightedValues<8>(for_each_value_page, scores.data(), len, G, acc.data());
+    } else
+#endif
+    for_each_page([&](int64_t j0, int64_t n, int64_t offset) {
+      const float* vr = v + offset;
+      for (int64_t o = 0; o < n; ++o, vr += hd)
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * len + j0 + o];
+          float* ag = acc.data() + g * hd;
+          for (int64_t d = 0; d < hd; ++d) ag[d] += p * vr[d];
+        }
+    });
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < hd; ++d) out[(t * kv_heads * G + h * G + g) * hd + d] = acc[g * hd + d] * inv_sum[g];
   }

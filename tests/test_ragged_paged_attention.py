@@ -329,12 +329,14 @@ def decode_path(request, monkeypatch):
     jax.clear_caches()
 
 
-def test_cpu_decode_kernel_equals_the_reference_beside_prefill_rows(decode_path):
-    """Decode rows (GQA 4, odd lengths, shuffled pages, an empty slot) next to prefill sequences: the C++ kernel
-    (in the compiled program) and the XLA pass both equal the reference."""
+@pytest.mark.parametrize("group,head_dim", [(4, 64), (5, 64), (3, 128), (2, 32)])
+def test_cpu_decode_kernel_equals_the_reference_beside_prefill_rows(decode_path, group, head_dim):
+    """Decode rows (GQA groups of 2-5, odd lengths, shuffled pages, an empty slot) next to prefill sequences: the
+    C++ kernel (in the compiled program; head_dim 64 / 128 take its register-blocked value sums, 4 / 2 heads at a
+    time, other sizes the plain loop) and the XLA pass both equal the reference."""
     import importlib
     module = importlib.import_module("pallas_kernels.ragged_paged_attention_xla")
-    batch = make_batch([1, 7, 1, 0, 1, 19], [1, 30, 77, 4, 40, 19], page_size=16, group=4, head_dim=64)
+    batch = make_batch([1, 7, 1, 0, 1, 19], [1, 30, 77, 4, 40, 19], page_size=16, group=group, head_dim=head_dim)
     fn = jax.jit(functools.partial(module.ragged_paged_attention_xla, sm_scale=0.125))
     assert ("ridgeline_decode_attention" in fn.lower(*batch).as_text()) == (decode_path == "cpu_kernel")
     got, expected = fn(*batch), ragged_paged_attention_reference(*batch, sm_scale=0.125)
