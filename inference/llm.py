@@ -131,6 +131,9 @@ class LLM:
         # integer dot products, which the CPU runs at twice its float rate (pallas_kernels/cpu_int8_dot.cc).
         if quantization not in ("auto", None, "int8", "int4", "gguf", "w8a8"):
             raise ValueError(f"quantization={quantization!r} must be 'auto', None, 'int8', 'int4', 'w8a8' or 'gguf'")
+        if quantization == "w8a8" and tensor_parallel_size > 1:
+            raise ValueError(f"quantization='w8a8' runs on one device (its activation blocks span the whole input "
+                             f"dim); got tensor_parallel_size={tensor_parallel_size}: use 'int8'")
         t0 = time.perf_counter()
         weights_given = _loaded is not None
         if quantization == "auto":

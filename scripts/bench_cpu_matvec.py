@@ -9,7 +9,7 @@ implementations run one after another, so a busy shared machine slows them alike
 the bytes each implementation must read (its stored weight: float32 4 B/weight, int8 1 B + scales, int4
 0.5 B + scales and zeros) divided by that time. "speedup" is float32 XLA time / this time: what batch-1 decode
 gains per weight matrix. Implementations: "f32 xla" (x @ w), "<format> xla" (quantized_matmul impl="xla":
-dequantize then dot), "<format> ffi" (pallas_kernels/cpu_quantized_matmul.py), and with --threads1 the
+dequantize then dot), "<format> ffi" (pallas_kernels/cpu_quantized_matmul.py; for w8a8 the int8-dot kernel), and with --threads1 the
 kernel on one thread. The SmolLM2-135M projections are 576x576 (q, o), 576x192 (k, v), 576x1536 (gate, up)
 and 1536x576 (down); 576x49152 is its (tied) LM head's shape.
 
@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model.quantize import quantize_int4, quantize_int8  # noqa: E402
+from model.quantize import quantize_int4, quantize_int8, with_int8_activations  # noqa: E402
 from pallas_kernels import cpu_quantized_matmul as cpu  # noqa: E402
 from pallas_kernels.quantized_matmul import quantized_matmul  # noqa: E402
 
@@ -45,6 +45,7 @@ QUANTIZERS = {
     "int8": lambda w: quantize_int8(w),                    # per channel (LLM(quantization="int8"))
     "q8_0": lambda w: quantize_int8(w, group_size=32),     # GGUF Q8_0's layout
     "q4_1": lambda w: quantize_int4(w, group_size=32),     # GGUF Q4_1's layout
+    "w8a8": lambda w: with_int8_activations(quantize_int8(w)),  # int8 activations too (cpu_int8_dot.cc)
 }
 
 
@@ -62,7 +63,10 @@ def bench_shape(rows: int, k: int, n: int, formats, rounds: int, threads1: bool,
     for fmt in formats:
         qw = jax.device_put(QUANTIZERS[fmt](w))
         cases.append((f"{fmt} xla", jax.jit(lambda x, q: quantized_matmul(x, q, impl="xla")), qw, qw.nbytes))
-        if cpu.available():
+        if fmt == "w8a8":
+            if cpu.int8_dot_available():
+                cases.append((f"{fmt} ffi", jax.jit(lambda x, q: cpu.cpu_int8_dot_matmul(x, q)), qw, qw.nbytes))
+        elif cpu.available():
             cases.append((f"{fmt} ffi", jax.jit(lambda x, q: cpu.cpu_quantized_matmul(x, q)), qw, qw.nbytes))
             if threads1:
                 one = cpu.CpuMatmulConfig(tile_vecs=cpu.CpuMatmulConfig.get_default(n=n).tile_vecs, max_threads=1)

@@ -93,7 +93,6 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
 
 
 def test_layer_of_a_stack_read_in_place_and_padding_rows():
-    rng = np.random.default_rng(3)
     layers = [_weight(128, 200, group=32, seed=s) for s in range(3)]
     stacked = stack_quantized(layers)
     assert stacked.act_block == 32
@@ -109,7 +108,6 @@ def test_layer_of_a_stack_read_in_place_and_padding_rows():
         part = np.asarray(at(x, stacked, jnp.int32(i), jnp.int32(4)))
         np.testing.assert_array_equal(part[:4], full[:4])
         assert not part[4:].any()
-    del rng
 
 
 def test_quantized_matmul_dispatch_and_the_xla_path():
@@ -143,6 +141,10 @@ def test_bad_inputs():
         cpu.cpu_int8_dot_matmul(_x(1, 127), qw)
     with pytest.raises(ValueError, match=r"in_features=6 has no divisor that is a multiple of 4"):
         with_int8_activations(quantize_int8(np.ones((6, 16), np.float32)))
+    from inference.llm import LLM
+
+    with pytest.raises(ValueError, match=r"quantization='w8a8' runs on one device.*tensor_parallel_size=2"):
+        LLM(quantization="w8a8", tensor_parallel_size=2)
 
 
 def test_default_model_w8a8(default_model):
