@@ -166,6 +166,22 @@ def test_llm_explicit_group_size_and_gguf_mode(tiny_gguf, tiny_float):
         LLM(_loaded=tiny_float, quantization="fp8")
 
 
+def test_llm_w8a8_from_a_gguf_keeps_its_q8_0_blocks_as_activation_blocks(tiny_gguf, tiny_float):
+    """quantization="w8a8" from a GGUF: Q8_0 projections stay as they are (group 32) and quantize their activations
+    per the same 32 inputs, the rest become per-channel int8 with 64-input (here: the largest multiple of 4
+    dividing the input dim, at most 64) activation blocks, the head too; the model generates."""
+    kw = dict(num_pages=8, max_num_seqs=2, max_num_batched_tokens=32)
+    with LLM(str(tiny_gguf), quantization="w8a8", **kw) as llm:
+        layers = first_layer(llm)
+        assert (layers["wq"].group_size, layers["wq"].act_block) == (32, 32)  # Q8_0 kept
+        assert layers["w_up"].group_size is None and layers["w_up"].act_block is not None
+        assert all(layers[k].bits == 8 for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+        assert llm.engine.runner.params["lm_head"].act_block is not None
+        out = llm.generate({"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(temperature=0, max_tokens=6,
+                                                                              ignore_eos=True))[0]
+        assert len(out.outputs[0].token_ids) == 6
+
+
 def test_llm_quantized_on_cpu_gets_an_int8_lm_head_unless_told_not_to(tiny_float):
     """On CPU a quantized LLM also quantizes its LM head (the CPU kernel reads it faster than XLA's float head);
     quantize_lm_head=False keeps the float head, and both generate."""
