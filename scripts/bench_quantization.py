@@ -44,8 +44,8 @@ GREEDY_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """weights: float32 | bfloat16 | int8 (per channel) | int4 (asymmetric, group_size) | gguf (the file's
-    own Q4_1 blocks, group 32); kv: float32 | bfloat16 | int8."""
+    """weights: float32 | bfloat16 | int8 (per channel) | w8a8 (int8 weights and activations) | int4
+    (asymmetric, group_size) | gguf (the file's own Q4_1 blocks, group 32); kv: float32 | bfloat16 | int8."""
 
     weights: str
     kv: str
@@ -59,9 +59,9 @@ class Variant:
 
 BASELINE = Variant("float32", "float32")
 SPEED_VARIANTS = (BASELINE, Variant("float32", "int8"), Variant("int8", "float32"), Variant("int8", "int8"),
-                  Variant("int4", "int8"), Variant("gguf", "int8"), Variant("bfloat16", "bfloat16"))
+                  Variant("w8a8", "float32"), Variant("int4", "int8"), Variant("gguf", "int8"), Variant("bfloat16", "bfloat16"))
 QUALITY_VARIANTS = (BASELINE, Variant("float32", "int8"), Variant("int8", "float32"), Variant("int8", "int8"),
-                    Variant("int4", "float32"), Variant("int4", "int8"), Variant("int4", "int8", 32),
+                    Variant("w8a8", "float32"), Variant("int4", "float32"), Variant("int4", "int8"), Variant("int4", "int8", 32),
                     Variant("gguf", "int8"))
 
 
@@ -93,7 +93,7 @@ class Models:
             is_q = lambda a: isinstance(a, QuantizedWeight)  # noqa: E731
             dtype = jnp.bfloat16 if weights == "bfloat16" else float_dtype
             params = jax.tree.map(lambda a: a if is_q(a) else jnp.asarray(a, dtype), src, is_leaf=is_q)
-            if weights in ("int8", "int4"):
+            if weights in ("int8", "w8a8", "int4"):
                 params = quantize_params(params, weights, group_size)
             self._cache[key] = jax.device_put(params)
         return self._cache[key]
