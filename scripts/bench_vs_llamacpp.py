@@ -18,7 +18,9 @@ Both use the same thread count (`--threads`, 2 by default: ridgeline's XLA:CPU u
 process, so pin it with `taskset` on a bigger machine). `--llama-bench` adds llama-bench's pp512 / tg128.
 
 Roofline share: the job's FLOPs (inference.roofline.step_cost: the prefill plus every decode step at its
-context length) over the time, as a fraction of the float32 matmul peak measured in this process.
+context length) over the time, as a fraction of the float32 matmul peak measured in this process, and of the
+W8A8 kernel's own rate on a large compute-bound product (the ceiling of int8-dot configurations, ~2x the f32
+peak on AVX-512 VNNI), when that kernel is available.
 
 Configurations (`--configs`, comma separated): a preset name below, or NAME:JSON with LLM keyword
 arguments, e.g. `'int8-64:{"quantization": "int8", "max_num_seqs": 64}'`.
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 # LLM keyword arguments of each preset (on top of enable_prefix_caching=False).
 PRESETS = {
-    "default": {},  # what LLM() picks on this backend
+    "default": {},  # what LLM() picks on this backend (W8A8 on a CPU with AVX-512 VNNI)
     "float32": {"dtype": "float32"},
     "int8": {"dtype": "float32", "quantization": "int8"},
     "w8a8": {"dtype": "float32", "quantization": "w8a8"},
@@ -168,17 +170,51 @@ def job_flops(model: str, batch: int, prompt_tokens: int, new_tokens: int) -> fl
     return flops
 
 
-def format_table(results: Sequence[Result], flops: dict[int, float], peak_flops: Optional[float]) -> str:
-    """Markdown: one row per (system, B) with seconds, llama.cpp / it, GFLOP/s and share of the peak."""
+def measure_int8_dot_peak(seconds: float = 2.0) -> Optional[float]:
+    """Integer-dot operations per second of the W8A8 CPU kernel (pallas_kernels/cpu_int8_dot.cc) on a large
+    compute-bound product (1024 x 2048 @ 2048 x 2048), best of the calls in `seconds`; None without the kernel."""
+    import dataclasses as dc
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from model.quantize import quantize_int8
+    from pallas_kernels import cpu_quantized_matmul as cpu
+
+    if not cpu.int8_dot_available():
+        return None
+    m, k, n = 1024, 2048, 2048
+    rng = np.random.default_rng(0)
+    qw = dc.replace(quantize_int8(rng.standard_normal((k, n), dtype=np.float32)), act_block=64)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    jax.block_until_ready(cpu.cpu_int8_dot_matmul(x, qw))
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        jax.block_until_ready(cpu.cpu_int8_dot_matmul(x, qw))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best
+
+
+def format_table(results: Sequence[Result], flops: dict[int, float], peak_flops: Optional[float],
+                 int8_peak: Optional[float] = None) -> str:
+    """Markdown: one row per (system, B) with seconds, llama.cpp / it, GFLOP/s and share of the peak (and of
+    the int8-dot kernel's measured rate, when given: the ceiling of W8A8 configurations)."""
     reference = {r.batch: r.seconds for r in results if r.system == "llama.cpp"}
-    lines = ["| system | B | seconds | llama.cpp / this | device wait s | GFLOP/s | % f32 matmul peak |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    extra = int8_peak is not None
+    lines = ["| system | B | seconds | llama.cpp / this | device wait s | GFLOP/s | % f32 matmul peak |"
+             + (" % int8-dot peak |" if extra else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if extra else "")]
     for r in sorted(results, key=lambda r: (r.batch, r.system != "llama.cpp", r.system)):
         ratio = f"{reference[r.batch] / r.seconds:.2f}x" if r.batch in reference else "–"
         wait = "–" if r.device_wait_seconds is None else f"{r.device_wait_seconds:.2f}"
         rate = flops[r.batch] / r.seconds
         share = "–" if peak_flops is None else f"{100 * rate / peak_flops:.0f}%"
-        lines.append(f"| {r.system} | {r.batch} | {r.seconds:.2f} | {ratio} | {wait} | {rate / 1e9:.0f} | {share} |")
+        line = f"| {r.system} | {r.batch} | {r.seconds:.2f} | {ratio} | {wait} | {rate / 1e9:.0f} | {share} |"
+        if extra:
+            line += f" {100 * rate / int8_peak:.0f}% |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -225,16 +261,19 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Result]:
         from inference.roofline import measure_machine
 
         peak = measure_machine(seconds=3.0).flops_per_s
+    int8_peak = measure_int8_dot_peak() if args.peak_gflops is None else None
     flops = {b: job_flops(model, b, args.prompt_tokens, args.new_tokens) for b in batches}
     print(f"\nB x {args.prompt_tokens} prompt + {args.new_tokens} new tokens, total seconds"
-          + ("" if peak is None else f"; f32 matmul peak {peak / 1e9:.0f} GFLOP/s"))
-    print(format_table(results, flops, peak))
+          + ("" if peak is None else f"; f32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+          + ("" if int8_peak is None else f"; int8-dot kernel {int8_peak / 1e9:.0f} GOP/s"))
+    print(format_table(results, flops, peak, int8_peak))
     if llama_bench:
         print("llama-bench: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in llama_bench.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": [dataclasses.asdict(r) for r in results], "llama_bench": llama_bench,
-                       "peak_flops": peak, "job_flops": flops, "threads": args.threads, "cores": cores}, f, indent=1)
+                       "peak_flops": peak, "int8_dot_peak": int8_peak, "job_flops": flops, "threads": args.threads,
+                       "cores": cores}, f, indent=1)
     return results
 
 
