@@ -149,8 +149,11 @@ def test_bad_inputs():
 
 def test_default_model_w8a8(default_model):
     """The default model in W8A8 (int8 weights and head, int8 activations per 64 inputs / the head's 32-input
-    groups): perplexity within 2% of HF float32, and the kernel (CPU) and the XLA path agree on the greedy
-    tokens."""
+    groups): perplexity within 2% of HF float32 on the kernel (CPU) and on the XLA path, and within 0.5% of each
+    other; per token the two paths differ by noise only (measured mean |d logprob| 0.07, max 0.45: an activation
+    on a rounding boundary rounds the other way when the float sums before it ran in another order, and such
+    flips compound over 30 requantized layers; a single matmul agrees to 2e-6, test_kernel_matches_reference);
+    and the model still knows the capital of France."""
     import json
     from pathlib import Path
 
@@ -160,20 +163,24 @@ def test_default_model_w8a8(default_model):
     fixtures = Path(__file__).parent / "fixtures"
     hf = json.loads((fixtures / "smollm2_hf_reference.json").read_text())["perplexity"]
     cfg, params, tok = default_model
+    ids = tok.encode((fixtures / hf["file"]).read_text())
     w8a8 = quantize_params(params, "w8a8", quantize_lm_head=True)
     assert w8a8["layers"]["wq"].act_block == 64 and w8a8["lm_head"].act_block == 32
-    ppl = perplexity(-token_logprobs(w8a8, cfg, tok.encode((fixtures / hf["file"]).read_text())))
-    print(f"\nW8A8 perplexity {ppl:.3f} vs HF float32 {hf['ppl']:.3f} ({100 * (ppl / hf['ppl'] - 1):+.2f}%)")
-    assert abs(ppl / hf["ppl"] - 1) < 0.02
-    prompts = [tok.encode(p) for p in ("The capital of France is", "def fibonacci(n):")]
-    kernel = greedy_tokens(w8a8, cfg, prompts, 10)
+    kernel = np.asarray(token_logprobs(w8a8, cfg, ids))
+    greedy = greedy_tokens(w8a8, cfg, [tok.encode("The capital of France is")], 4)
     saved = cpu._state.copy()
     try:
         cpu._state.update(int8_dot=False)  # as on a CPU without VNNI: the XLA path
         jax.clear_caches()
-        xla = greedy_tokens(w8a8, cfg, prompts, 10)
+        xla = np.asarray(token_logprobs(w8a8, cfg, ids))
     finally:
         cpu._state.update(saved)
         jax.clear_caches()
-    np.testing.assert_array_equal(kernel, xla)
-    assert "Paris" in tok.decode(kernel[0].tolist())
+    for name, logprobs in (("kernel", kernel), ("xla", xla)):
+        ppl = perplexity(-logprobs)
+        print(f"\nW8A8 perplexity ({name}) {ppl:.3f} vs HF float32 {hf['ppl']:.3f} ({100 * (ppl / hf['ppl'] - 1):+.2f}%)")
+        assert abs(ppl / hf["ppl"] - 1) < 0.02
+    diff = np.abs(kernel - xla)
+    print(f"kernel vs xla log-probs: mean |diff| {diff.mean():.2e}, max {diff.max():.2e}")
+    assert abs(perplexity(-kernel) / perplexity(-xla) - 1) < 0.005 and diff.mean() < 0.15
+    assert "Paris" in tok.decode(greedy[0].tolist())
