@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization: the `QuantizedWeight` pytree, quantizers, GGUF import, `dense`.
+"""int8 / int4 weight quantization: the `QuantizedWeight` pytree, quantizers, GGUF import, `dense`.
 
 The storage layout (and the fused dequantizing matmul) is defined in `pallas_kernels/quantized_matmul.py`:
 
@@ -12,6 +12,9 @@ even when a group is skewed, so the rounding step is (max - min) / 15 instead of
 (a symmetric code must cover [-absmax, absmax]); and the same format holds imported Q4_1 weights, so
 one kernel serves both. The price is one more [in/G, out] array (~0.5 bit/weight at G = 64 in f32) and
 an FMA instead of a multiply when dequantizing, which is free in a memory-bound matmul.
+
+W8A8 (`act_block` set, `with_int8_activations`): an int8 weight whose matmul also quantizes its input to int8
+per block of `act_block` inputs, so the products are integer dots (the CPU runs them at twice its float rate).
 
 Leading dims are stacked layers: `jax.lax.scan` over a stacked `QuantizedWeight` slices every array
 leaf along axis 0 and keeps the static metadata, giving a valid per-layer weight.
