@@ -71,30 +71,40 @@ class StopChecker:
 
     def append(self, token_id: int) -> Optional[str]:
         """Adds one generated token; returns the finish reason, or None to keep generating."""
+        if self._take(token_id):
+            self._check_stop_strings(self._stable_text())
+        return self._end_append()
+
+    def _take(self, token_id: int) -> bool:
+        """`append`'s first part: the token itself (eos / stop ids). Returns whether its stop strings
+        must be checked on the text (`_check_stop_strings`), before `_end_append`."""
         if self.finished:
             raise RuntimeError(f"request already finished ({self.finish_reason}); cannot append")
         token_id = int(token_id)
         self.token_ids.append(token_id)
         p = self.params
-        may_stop = len(self.token_ids) > p.min_tokens
-
-        if may_stop and (token_id in self._eos_ids or token_id in self._stop_ids):
+        if len(self.token_ids) > p.min_tokens and (token_id in self._eos_ids or token_id in self._stop_ids):
             # The stop token is not part of the visible text unless explicitly asked for.
             ids = self.token_ids if p.include_stop_str_in_output else self.token_ids[:-1]
             reason = None if token_id in self._eos_ids else token_id
             self._finish(FINISH_STOP, reason, self._text_of_first(len(ids)))
-        elif p.stop:
-            text = self._stable_text()
-            if may_stop:
-                hit = self._find_stop_string(text)
-                if hit is not None:
-                    start, s = hit
-                    end = start + len(s) if p.include_stop_str_in_output else start
-                    self._finish(FINISH_STOP, s, text[:end])
-            # Occurrences completed inside the min_tokens window are skipped for good, like vLLM.
-            self._checked_len = len(text)
+            return False
+        return bool(p.stop)
 
-        if not self.finished and len(self.token_ids) >= p.max_tokens:
+    def _check_stop_strings(self, text: str) -> None:
+        """`append`'s second part (with stop strings): `text` is the stable text after the token."""
+        p = self.params
+        if len(self.token_ids) > p.min_tokens:
+            hit = self._find_stop_string(text)
+            if hit is not None:
+                start, s = hit
+                end = start + len(s) if p.include_stop_str_in_output else start
+                self._finish(FINISH_STOP, s, text[:end])
+        # Occurrences completed inside the min_tokens window are skipped for good, like vLLM.
+        self._checked_len = len(text)
+
+    def _end_append(self) -> Optional[str]:
+        if not self.finished and len(self.token_ids) >= self.params.max_tokens:
             self._finish(FINISH_LENGTH, None, self._text_of_first(len(self.token_ids)))
         return self.finish_reason
 
@@ -139,19 +149,31 @@ class StopChecker:
     def _stable_text(self) -> str:
         """Text of all ids so far without an incomplete trailing character (which the next token may
         complete): the same as decoding every id and stripping trailing U+FFFD."""
-        ids = self.token_ids
-        if self._num_decoded < len(ids):
-            window = self._decode(ids[self._prefix_offset:])
-            if window.endswith(_REPLACEMENT) or len(window) <= len(self._prefix_text):
-                # Wait for more ids; the complete characters already decoded still count.
-                self._pending = window.rstrip(_REPLACEMENT)[len(self._prefix_text):]
-            else:
-                self._text += window[len(self._prefix_text):]
-                self._pending = ""
-                self._prefix_offset, self._read_offset = self._read_offset, len(ids)
-                self._prefix_text = self._decode(ids[self._prefix_offset:self._read_offset])
-            self._num_decoded = len(ids)
+        window = self._window()
+        if window is not None:
+            prefix = self._take_window(self._decode(window))
+            if prefix is not None:
+                self._prefix_text = self._decode(prefix)
         return self._text + self._pending if self._pending else self._text
+
+    # _stable_text in steps, so that `append_batch` can decode many checkers' ids in one call.
+    def _window(self) -> Optional[list[int]]:
+        """The ids to decode for the stable text (None: it is up to date)."""
+        return self.token_ids[self._prefix_offset:] if self._num_decoded < len(self.token_ids) else None
+
+    def _take_window(self, window: str) -> Optional[list[int]]:
+        """Takes the decoded `_window()`; returns the ids whose text becomes `_prefix_text` (to decode and
+        store there), or None when the window waits for more ids."""
+        ids = self.token_ids
+        self._num_decoded = len(ids)
+        if window.endswith(_REPLACEMENT) or len(window) <= len(self._prefix_text):
+            # Wait for more ids; the complete characters already decoded still count.
+            self._pending = window.rstrip(_REPLACEMENT)[len(self._prefix_text):]
+            return None
+        self._text += window[len(self._prefix_text):]
+        self._pending = ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        return ids[self._prefix_offset:self._read_offset]
 
     def _text_of_first(self, n: int) -> str:
         """Full text of token_ids[:n] (an incomplete trailing character included, as decoded)."""
@@ -182,3 +204,32 @@ class StopChecker:
 
 
 _get_state = operator.attrgetter(*StopChecker._STATE)
+
+
+def append_batch(checkers: Sequence[StopChecker], token_ids: Sequence[int],
+                 decode_batch: Callable[[list[list[int]], bool], list[str]]) -> list[Optional[str]]:
+    """`checker.append(token)` for each (checker, token) pair (distinct checkers), with the text the
+    stop-string checks need decoded for all of them at once: decode_batch(id lists, skip_special_tokens)
+    -> their texts, as each checker's own decode would give (so a step costs two batched decodes, not
+    two decodes per row). Returns the finish reasons."""
+    texts = [c for c, t in zip(checkers, token_ids) if c._take(t)]
+    windows = [(c, w) for c, w in zip(texts, [c._window() for c in texts]) if w is not None]
+    prefixes = [(c, ids) for (c, _), text in zip(windows, _decode_pairs(windows, decode_batch))
+                for ids in [c._take_window(text)] if ids is not None]
+    for (c, _), text in zip(prefixes, _decode_pairs(prefixes, decode_batch)):
+        c._prefix_text = text
+    for c in texts:
+        c._check_stop_strings(c._text + c._pending if c._pending else c._text)
+    return [c._end_append() for c in checkers]
+
+
+def _decode_pairs(pairs: list[tuple[StopChecker, list[int]]], decode_batch: Callable) -> list[str]:
+    """Texts of the (checker, ids) pairs' ids: one decode_batch call per skip_special_tokens value."""
+    texts: list = [None] * len(pairs)
+    groups: dict[bool, list[int]] = {}
+    for i, (c, _) in enumerate(pairs):
+        groups.setdefault(c.params.skip_special_tokens, []).append(i)
+    for skip, rows in groups.items():
+        for i, text in zip(rows, decode_batch([pairs[i][1] for i in rows], skip)):
+            texts[i] = text
+    return texts
