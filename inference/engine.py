@@ -576,16 +576,18 @@ class Engine:
             # max_tokens) in the middle of an accepted block discards the tokens after it, and the
             # scheduler is told only the kept ones (it rolls back the KV of the rest).
             # (A request the scheduler ended out of pool while its last step was pending keeps that token.)
-            seq = self.scheduler.find_request(rid)
-            room = tokens_left(seq, max_model_len) if seq is not None else 1
+            n = num_output[row]
+            if n > 1:  # (room is at least 1)
+                seq = self.scheduler.find_request(rid)
+                n = min(n, tokens_left(seq, max_model_len) if seq is not None else 1)
             kept = []
-            for i in range(min(num_output[row], room)):
+            for i in range(n):
                 token, chosen = tokens[row][i], chosen_logprobs[row][i]
                 kept.append(token)
                 if state.raw_logprobs is not None:  # made into {token: logprob} by _output
                     state.raw_logprobs += token, chosen, out, row, i
                 state.cumulative_logprob += chosen
-                if i == 0 and state.matcher is None and (num_output[row] == 1 or room == 1):
+                if n == 1 and state.matcher is None:
                     batch.append((rid, state, token))  # its only token: nothing after it to discard
                     break
                 reason = state.stop.append(token)
