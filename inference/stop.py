@@ -14,7 +14,9 @@ its text is complete (no trailing U+FFFD, i.e. no half of a multi-byte character
 starts on a character boundary and decoding a window agrees with decoding the whole output. Each step
 therefore decodes a few ids however long the output is, and stop strings are searched only in the
 newly decoded text (reaching back len(stop) - 1 characters for a match that straddles the boundary).
-Without stop strings nothing is decoded until the text is asked for.
+Without stop strings nothing is decoded until the text is asked for. The text is kept in pieces (a
+token copies nothing however long the output), and `append_batch` does the appends of a whole step
+with two batched decode calls for all of its rows (windows, then new prefixes) instead of two per row.
 """
 from __future__ import annotations
 
