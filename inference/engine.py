@@ -66,7 +66,7 @@ from inference.scheduler import Scheduler, SchedulerOutput, Sequence as SchedSeq
 from inference.runner import ModelRunner, SpecBatch, pow2_bucket
 from inference.spec_runner import DraftRow, DraftRunner, SpeculativeConfig, load_draft
 from inference.speculative import AdaptiveK, NgramProposer, SpecDecodeStats
-from inference.stop import StopChecker
+from inference.stop import StopChecker, append_batch
 from inference.structured_output import StructuredOutputManager
 from model.config import KV_CACHE_DTYPES, LlamaConfig
 from model.llama import kv_bytes_per_token_elem, safe_pool_pages
@@ -544,6 +544,16 @@ class Engine:
         return results
 
     # ------------------------------------------------------------------ step results
+    def _decode_batch(self, seqs: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        """Texts of many id lists in one tokenizer call (the stop checks of a step's rows); the same
+        texts as a decode of each."""
+        tok = self.tokenizer
+        if tok is None:
+            return [""] * len(seqs)
+        if hasattr(tok, "decode_batch"):
+            return tok.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+        return [tok.decode(ids, skip_special_tokens=skip_special_tokens) for ids in seqs]
+
     def _take_results(self, layout: list, out, checkpoints: dict[str, dict]) -> tuple[dict, dict]:
         """Feeds each row's emitted tokens to its request's stop checks; returns the kept tokens and the
         stop reasons by request id. Rows of requests that ended meanwhile (aborted, or stopped while
@@ -554,6 +564,7 @@ class Engine:
         tokens, chosen_logprobs = out.tokens.tolist(), out.chosen_logprob.tolist()
         num_output = out.num_output.tolist()
         max_model_len = self.engine_cfg.max_model_len
+        batch: list[tuple[str, _RequestState, int]] = []  # rows of one token: stop checks batched below
         for row, (rid, num_rows) in enumerate(layout):
             state = self._requests.get(rid)
             if state is None:
@@ -565,15 +576,20 @@ class Engine:
             # max_tokens) in the middle of an accepted block discards the tokens after it, and the
             # scheduler is told only the kept ones (it rolls back the KV of the rest).
             # (A request the scheduler ended out of pool while its last step was pending keeps that token.)
-            seq = self.scheduler.find_request(rid)
-            room = tokens_left(seq, max_model_len) if seq is not None else 1
+            n = num_output[row]
+            if n > 1:  # (room is at least 1)
+                seq = self.scheduler.find_request(rid)
+                n = min(n, tokens_left(seq, max_model_len) if seq is not None else 1)
             kept = []
-            for i in range(min(num_output[row], room)):
+            for i in range(n):
                 token, chosen = tokens[row][i], chosen_logprobs[row][i]
                 kept.append(token)
                 if state.raw_logprobs is not None:  # made into {token: logprob} by _output
                     state.raw_logprobs += token, chosen, out, row, i
                 state.cumulative_logprob += chosen
+                if n == 1 and state.matcher is None:
+                    batch.append((rid, state, token))  # its only token: nothing after it to discard
+                    break
                 reason = state.stop.append(token)
                 if state.matcher is not None and self.structured.advance(state.matcher, token) and reason is None:
                     reason = state.stop.finish_stop()  # the grammar is complete: nothing but EOS could follow
@@ -583,6 +599,12 @@ class Engine:
             sampled[rid] = kept
             if state.spec is not None:
                 self._record_spec(state, num_rows - 1, int(out.num_accepted[row]), len(kept))
+        if batch:
+            reasons = append_batch([state.stop for _, state, _ in batch], [token for _, _, token in batch],
+                                   self._decode_batch)
+            for (rid, _, _), reason in zip(batch, reasons):
+                if reason is not None:
+                    finished[rid] = reason
         return sampled, finished
 
     def _emit(self, done: list[SchedSequence], sampled: dict, results: list[RequestOutput]) -> None:

@@ -488,12 +488,12 @@ def _first_logits_rows(sched: SchedulerOutput, num_rows: int) -> np.ndarray:
     """[num_rows] logits row of each sampling sequence's last real token (before any draft tokens);
     padding rows use row 0."""
     rows = np.zeros(num_rows, np.int32)
-    offset, b = 0, 0
-    for s in sched.scheduled:
+    first, offset = [], 0
+    for s in sched.scheduled:  # (num_new_tokens and num_logits_rows inlined: every sequence, every step)
+        offset += len(s.token_ids)
         if s.samples:
-            rows[b] = offset + s.num_new_tokens - s.num_logits_rows
-            b += 1
-        offset += s.num_new_tokens
+            first.append(offset - 1 - s.num_draft_tokens)
+    rows[:len(first)] = first
     return rows
 
 

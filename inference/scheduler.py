@@ -373,16 +373,19 @@ class Scheduler:
 
         # 1+2) Running sequences: decodes first (latency), then continuing chunked prefills, FCFS in each.
         by_arrival = sorted(self.running, key=operator.attrgetter("arrival"))
-        decodes = [s for s in by_arrival if s.is_decoding]
-        order = decodes + [s for s in by_arrival if not s.is_decoding]
-        for idx, seq in enumerate(order):
+        decodes, prefills = [], []
+        for s in by_arrival:  # (Sequence.is_decoding, inlined: this runs for every sequence every step)
+            (decodes if s.num_computed_tokens >= len(s._tokens) - 1 else prefills).append(s)
+        running, ps, max_len = SequenceStatus.RUNNING, self.page_size, self.max_model_len
+        for idx, seq in enumerate(decodes + prefills):
             if budget <= 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue  # preempted earlier in this loop
-            if self._length_reason(seq):
-                continue  # its last token is a placeholder: it finishes when that is resolved
-            if not seq.draft_token_ids and seq.num_computed_tokens == len(seq._tokens) - 1:
+            num_tokens = len(seq._tokens)
+            if num_tokens >= max_len or (seq.max_tokens is not None and len(seq.output_token_ids) >= seq.max_tokens):
+                continue  # (_length_reason) its last token is a placeholder: it finishes when that is resolved
+            if not seq.draft_token_ids and seq.num_computed_tokens == num_tokens - 1:
                 n, k = 1, 0  # a plain decode (what _num_new_tokens gives it)
             else:
                 # Leave one token for each decode still to come, so drafts cannot starve other decodes.
@@ -390,7 +393,9 @@ class Scheduler:
                 n, k = self._num_new_tokens(seq, seq.num_computed_tokens, budget, reserve)
                 if n == 0:
                     continue
-            while self._pages_needed(seq, n) and self._pages_needed(seq, n) > self.allocator.num_free:
+            # (_pages_needed: preempting others does not change it)
+            needed = max(0, -(-(seq.num_computed_tokens + n) // ps) - len(seq.block_table))
+            while needed and needed > self.allocator.num_free:
                 victim = max(self.running, key=lambda s: s.arrival)
                 if victim is seq:
                     if len(self.running) == 1:
@@ -405,9 +410,10 @@ class Scheduler:
                     budget += plan.pop(victim.request_id)[1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue
-            self._allocate_pages(seq, n)
+            if needed:
+                seq._add_pages(self.allocator.allocate_many(needed))
             plan[seq.request_id] = (seq, n, k)
             budget -= n
 
@@ -441,14 +447,17 @@ class Scheduler:
             budget -= n
 
         scheduled = []
+        in_flight = self._in_flight
+        num_batched = 0
         for seq, n, k in plan.values():
             s = self._make_scheduled(seq, n, k)
-            if s.samples:
+            if s.samples and seq.draft_token_ids:
                 seq.draft_token_ids = []  # consumed (or stale once this step's token is appended)
             scheduled.append(s)
-            self._in_flight.append((seq, s))
+            in_flight.append((seq, s))
+            num_batched += len(s.token_ids)
         self.num_steps += 1
-        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(s.num_new_tokens for s in scheduled),
+        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_batched,
                                page_size=self.page_size, preempted_request_ids=preempted, failed=failed,
                                out_of_pool=out_of_pool)
 
@@ -601,6 +610,9 @@ class Scheduler:
             if s.samples:
                 if tokens is None:
                     raise ValueError(f"no sampled token for request {seq.request_id!r}, which sampled this step")
+                if type(tokens) is list and len(tokens) == 1 and type(tokens[0]) is int and not placeholders:
+                    new_tokens[seq.request_id] = tokens  # the engine's usual form: one token, valid as is
+                    continue
                 if isinstance(tokens, list):  # the engine's form; np.ndim would convert it to an array
                     tokens = [int(t) for t in tokens]
                 elif isinstance(tokens, int):  # a placeholder
@@ -619,8 +631,9 @@ class Scheduler:
 
         in_flight, self._in_flight = self._in_flight, []
         done: list[Sequence] = []
+        running, max_len = SequenceStatus.RUNNING, self.max_model_len
         for seq, s in in_flight:
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue
             seq.num_computed_tokens += len(s.token_ids)
             if s.samples:
@@ -640,7 +653,10 @@ class Scheduler:
                 self._register_full_pages(seq)
             if placeholders:
                 continue
-            reason = reasons.pop(seq.request_id, None) or self._length_reason(seq)
+            reason = reasons.pop(seq.request_id, None) if reasons else None
+            if not reason and (len(seq._tokens) >= max_len or (seq.max_tokens is not None and
+                                                                len(seq.output_token_ids) >= seq.max_tokens)):
+                reason = "length"  # (_length_reason)
             if reason:
                 self._finish(seq, reason)
                 done.append(seq)

@@ -103,6 +103,13 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, seqs: Sequence[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """`decode` of each id list (lists of ints), in one call. A loop over the backend's decode, not its
+        decode_batch: that one fans the rows out to a thread pool, which for the few ids of each row costs
+        more wall time than it saves (measured on 2 cores: 0.17 vs 0.12 ms for 256 rows of 1-3 ids)."""
+        decode = self.backend.decode
+        return [decode(ids, skip_special_tokens=skip_special_tokens) for ids in seqs]
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
             raise ValueError("this model has no chat template; pass plain prompts instead of chat messages")

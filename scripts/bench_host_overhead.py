@@ -18,6 +18,12 @@ so a step costs its host work (inputs packed, results copied back) but no progra
 2,048-token outputs at 256 sequences fit in a short run (the check that host cost is flat in the
 output length); the probe jobs then run the synchronous loop only.
 
+Host time includes the step program's launch (the jitted call: argument handling and the input copy,
+thread CPU, reported on its own as "launch"). On XLA:CPU the program runs on worker threads, not in the
+calling thread, but on the same cores: after blocking on its results the host's caches are cold, so the
+same host Python costs more per step than with --stub-program (measured: ~3x at 64 sequences; a stub
+step that sleeps as long as the device would, --stub-wait-ms, reproduces most of it).
+
 Part 2 (skip with --skip-default-model) runs the default model at 64 sequences and reports tokens/s, in
 one run: the synchronous loop, overlapped dispatch, and multi-step decode (--decode-steps per program).
 
@@ -81,13 +87,31 @@ class StubProgram:
         return jax.device_put(packed)
 
 
-def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool = False) -> dict:
+def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool = False,
+              stub_wait_ms: float = 0.0) -> dict:
     cfg, params, tok = loaded
     max_len = PROMPT_TOKENS + output_tokens
     with LLM(_loaded=(cfg, params, tok), max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs,
              max_model_len=max_len, page_size=16, num_pages=num_seqs * -(-max_len // 16),
              async_scheduling=async_scheduling) as llm:
         engine = llm.engine
+        runner = engine.runner
+        launch_s = [0.0]  # thread CPU of the step programs' jitted calls (ModelRunner._run)
+
+        def timed_run(*args, _run=runner._run, **kwargs):
+            c = time.thread_time()
+            try:
+                return _run(*args, **kwargs)
+            finally:
+                launch_s[0] += time.thread_time() - c
+        runner._run = timed_run
+        if stub_wait_ms:  # the stub's results are read after an idle wait as long as a device step
+            def waiting_fetch(out, _fetch=runner._fetch):
+                t = time.perf_counter()
+                time.sleep(stub_wait_ms / 1e3)
+                runner.device_wait_seconds += time.perf_counter() - t
+                return _fetch(out)
+            runner._fetch = waiting_fetch
         t0 = time.perf_counter()
         with count_xla_compiles() as warm:
             llm.warmup(logprobs=True, penalties=True)
@@ -96,11 +120,11 @@ def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool 
         for i in range(num_seqs):
             engine.add_request(f"r{i}", rng.integers(0, cfg.vocab_size, PROMPT_TOKENS).tolist(),
                                sampling(i, output_tokens), stream=False)
-        host_ms, cpu_ms, wait_ms = [], [], []
+        host_ms, cpu_ms, wait_ms, launch_ms = [], [], [], []
         with count_xla_compiles() as job:
             t_start = time.perf_counter()
             while engine.has_unfinished_requests():
-                w0, t, c = engine.runner.device_wait_seconds, time.perf_counter(), time.thread_time()
+                w0, l0, t, c = engine.runner.device_wait_seconds, launch_s[0], time.perf_counter(), time.thread_time()
                 engine.step()
                 dt, dc = time.perf_counter() - t, time.thread_time() - c
                 wait = engine.runner.device_wait_seconds - w0
@@ -109,6 +133,7 @@ def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool 
                 # (a blocked wait uses none). On a CPU backend it includes the program launch.
                 cpu_ms.append(dc * 1e3)
                 wait_ms.append(wait * 1e3)
+                launch_ms.append((launch_s[0] - l0) * 1e3)
             total_s = time.perf_counter() - t_start
     decode_start = -(-num_seqs * PROMPT_TOKENS // engine.engine_cfg.max_num_batched_tokens)  # prefill steps
     host, cpu = np.array(host_ms[decode_start:]), np.array(cpu_ms[decode_start:])
@@ -119,6 +144,7 @@ def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool 
         "steps": len(host_ms), "tokens_per_s": num_seqs * output_tokens / total_s,
         "host_ms_per_step": float(np.median(host)), "host_ms_mean": float(host.mean()),
         "host_cpu_ms_per_step": float(np.median(cpu)),
+        "launch_cpu_ms_per_step": float(np.median(launch_ms[decode_start:])),
         "device_wait_ms_per_step": float(np.median(wait_ms[decode_start:])),
         "host_cpu_ms_at_output_token": at, "wall_s": total_s, "warmup_s": warmup_s,
         "warmup_compiles": warm.count, "compiles_after_warmup": job.count,
@@ -149,6 +175,9 @@ def main():
     ap.add_argument("--probe-overlap", choices=["both", "off", "on"], default="both")
     ap.add_argument("--stub-program", action="store_true",
                     help="host Python alone: replace the step program by ready-made results (not the real figure)")
+    ap.add_argument("--stub-wait-ms", type=float, default=0.0,
+                    help="with --stub-program: sleep this long before reading each step's results (an idle wait "
+                         "like a device step's, which leaves the host's caches cold)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -165,12 +194,14 @@ def main():
         overlaps = (False,)  # the stub's results do not feed placeholders
         args.skip_default_model = True
     for S, overlap in ((S, o) for S in args.seqs for o in overlaps):
-        r = probe_job(probe, S, args.output_tokens, overlap)
+        r = probe_job(probe, S, args.output_tokens, overlap, args.stub_wait_ms if args.stub_program else 0.0)
         report["probe"].append(r)
         print(f"[probe {S} seqs x {args.output_tokens} tokens, async_scheduling={overlap}"
-              f"{', STUB PROGRAM (host Python alone)' if args.stub_program else ''}] "
+              f"{', STUB PROGRAM (host Python alone)' if args.stub_program else ''}"
+              f"{f', stub wait {args.stub_wait_ms:g} ms' if args.stub_program and args.stub_wait_ms else ''}] "
               f"{r['tokens_per_s']:.0f} tok/s, host {r['host_ms_per_step']:.2f} ms/step wall "
-              f"(mean {r['host_ms_mean']:.2f}), {r['host_cpu_ms_per_step']:.2f} ms/step thread CPU, device wait "
+              f"(mean {r['host_ms_mean']:.2f}), {r['host_cpu_ms_per_step']:.2f} ms/step thread CPU "
+              f"(of which launch {r['launch_cpu_ms_per_step']:.2f}), device wait "
               f"{r['device_wait_ms_per_step']:.2f} ms/step, host CPU ms near output token "
               f"{r['host_cpu_ms_at_output_token']}, {r['steps']} steps in {r['wall_s']:.1f} s; "
               f"compiles: warm-up {r['warmup_compiles']}, after warm-up {r['compiles_after_warmup']}", flush=True)

@@ -115,7 +115,8 @@ FAULT_POINTS = {
     "before_device": (lambda e: e.runner, "_run", False),
     "after_device": (lambda e: e.runner, "_run", True),
     "cache_lost": (lambda e: e.runner, "_run", True),
-    "output_processing": (lambda e: sys.modules["inference.engine"], "tokens_left", False),
+    # Each emitted token's stop checks (also inside the batched checks of a step's one-token rows).
+    "output_processing": (lambda e: sys.modules["inference.stop"].StopChecker, "_take", False),
     "before_commit": (lambda e: e.scheduler, "update_from_output", False),
     "after_commit": (lambda e: e.scheduler, "update_from_output", True),
 }

@@ -1,7 +1,7 @@
 import pytest
 
 from inference.sampling_params import SamplingParams
-from inference.stop import StopChecker
+from inference.stop import StopChecker, append_batch
 
 # A tiny byte-level tokenizer: ids 8/9 are the two bytes of "é" (U+00E9 = C3 A9).
 EOS, STOP_TOK = 0, 11
@@ -187,6 +187,38 @@ def test_incremental_detok_real_tokenizer(default_model):
         _check_against_full_decode(decode, ids, [])
         if stop:
             _check_against_full_decode(decode, ids, [stop])
+
+
+def test_append_batch_equals_append_one_by_one():
+    """The engine's batched stop checks (all rows' decodes in one call) give what `append` gives row by
+    row: reasons, stop reasons and texts, on split UTF-8, stop ids, eos, min_tokens and skip flags."""
+    rng = __import__("random").Random(1)
+    calls = []
+
+    def decode_batch(seqs, skip):
+        calls.append(len(seqs))
+        return [make_decode(skip)(ids) for ids in seqs]
+
+    for _ in range(40):
+        kws = [dict(stop=rng.sample(["é", "lo", "o w", "#é", "##", "ENDH"], rng.randint(0, 2)) or None,
+                    max_tokens=rng.randint(3, 20), min_tokens=rng.choice([0, 0, 3]),
+                    stop_token_ids=rng.choice([[], [STOP_TOK]]), skip_special_tokens=rng.random() < 0.7,
+                    include_stop_str_in_output=rng.random() < 0.3, ignore_eos=rng.random() < 0.5)
+               for _ in range(6)]
+        single = [StopChecker(SamplingParams(**kw), EOS, make_decode(kw["skip_special_tokens"])) for kw in kws]
+        batched = [StopChecker(SamplingParams(**kw), EOS, make_decode(kw["skip_special_tokens"])) for kw in kws]
+        for _ in range(20):
+            live = [i for i, c in enumerate(single) if not c.finished]
+            if not live:
+                break
+            tokens = [rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 8, 10, 11]) for _ in live]
+            expected = [single[i].append(t) for i, t in zip(live, tokens)]
+            assert append_batch([batched[i] for i in live], tokens, decode_batch) == expected
+            for i in live:
+                a, b = single[i], batched[i]
+                assert (a.finish_reason, a.stop_reason, a.text, a.token_ids) == \
+                       (b.finish_reason, b.stop_reason, b.text, b.token_ids)
+    assert max(calls) > 1  # several rows per decode call
 
 
 @pytest.mark.parametrize("cut", range(6))
