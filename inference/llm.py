@@ -56,8 +56,8 @@ def _auto_quantization(dtype: str, weights_given: bool, devices: int) -> Optiona
     issue 17) W8A8 was the fastest configuration at every batch size measured: 1.4x / 1.7x / 2.0x / 2.4x
     weight-only int8 at 1 / 4 / 16 / 64 sequences, 1.23x llama.cpp at batch 1. Outputs change slightly
     (perplexity +0.2% over float32 for int8 weights, +1.0% with the int8 activations); an explicit dtype asks
-    for float weights (dtype="float32" for exact reference runs), and weights passed in, sharded models and accelerators keep
-    them (not measured there)."""
+    for float weights (dtype="float32" for exact reference runs), and weights passed in, sharded models and
+    accelerators keep them (not measured there)."""
     if jax.default_backend() != "cpu" or dtype != "auto" or weights_given or devices > 1:
         return None
     from pallas_kernels.cpu_quantized_matmul import int8_dot_available
