@@ -128,7 +128,7 @@ def cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """Compiles cpu_qmatmul.cc (once per key) and returns the shared library's path."""
+    """Compiles SOURCES into one shared library (once per key) and returns its path."""
     import jaxlib
 
     include = Path(jax.ffi.include_dir())
