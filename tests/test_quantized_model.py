@@ -331,8 +331,10 @@ def test_greedy_agreement_with_float(default_model):
     base = greedy_tokens(params, cfg, prompts, 32)
     results = {}
     for name, p, kv in (("int8 + int8 KV", quantize_params(params, "int8"), jnp.int8),
+                        ("w8a8", quantize_params(params, "w8a8", quantize_lm_head=True), jnp.float32),
                         ("float + int8 KV", params, jnp.int8),
                         ("int4-g64 + int8 KV", quantize_params(params, "int4", 64), jnp.int8)):
         results[name] = agreement(greedy_tokens(p, cfg, prompts, 32, kv), base)
     print("\ngreedy agreement (same tokens, common prefix):", results)
     assert results["float + int8 KV"][1] >= 0.5 and results["int8 + int8 KV"][1] >= 0.2
+    assert results["w8a8"][1] >= 0.2
