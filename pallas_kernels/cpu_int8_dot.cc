@@ -253,8 +253,6 @@ struct Job {
   int64_t panel, step;  // few rows: columns per panel, weight rows per pass
   bool few;
   std::unique_ptr<float[]> scratch;  // few rows: [num_slices - 1, M, N]
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   // Few rows: slice s into out (s = 0) or its scratch rows. Block by block, every column tile in turn, so
   // the block's weight rows are read left to right; fsum holds the slice's float sums, [tile][row][64].
@@ -294,7 +292,8 @@ struct Job {
     }
   }
 
-  void Work() {
+  // Work item i on whichever thread takes it (see ParallelFor), with that thread's scratch buffers.
+  void Run(int64_t i) {
     thread_local std::unique_ptr<float[]> fsum;
     thread_local int64_t fsum_size = 0;
     thread_local std::unique_ptr<int32_t[]> isum;
@@ -306,12 +305,8 @@ struct Job {
     if (need_f > fsum_size) fsum.reset(new float[fsum_size = need_f]);
     if (need_i > isum_size) isum.reset(new int32_t[isum_size = need_i]);
     if (need_w > wt_size) wt.reset(new __m512i[wt_size = need_w]);  // operator new[] honours alignas(64)
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished) {
-      if (few) Slice(i, fsum.get(), isum.get());
-      else Item(i, fsum.get(), wt.get());
-    }
-    done.fetch_add(finished, std::memory_order_release);
+    if (few) Slice(i, fsum.get(), isum.get());
+    else Item(i, fsum.get(), wt.get());
   }
 };
 
@@ -408,36 +403,34 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Bu
                  bias.get());
   });
 
-  auto job = std::make_shared<Job>();
-  Problem& p = job->p;
+  Job job;
+  Problem& p = job.p;
   p = Problem{qa.get(), sa.get(), bias.get(), q.typed_data() + l * k * n, scales.typed_data() + l * per_layer, o,
               m, k, n, block, grouped != 0, 0, 0, 0};
   // Slices: whole blocks, from the weight's size and the pool only (never from M: batch invariance).
   const int64_t slices = std::max<int64_t>(1, std::min({4 * threads, nb, k * n / kMinBytesPerSlice}));
   p.slice_rows = (nb + slices - 1) / slices * block;
   p.num_slices = (k + p.slice_rows - 1) / p.slice_rows;
-  job->vec_cols = n / kTileCols * kTileCols;
-  job->col_tiles = job->vec_cols / kTileCols;
-  job->few = m <= kFewRows;
+  job.vec_cols = n / kTileCols * kTileCols;
+  job.col_tiles = job.vec_cols / kTileCols;
+  job.few = m <= kFewRows;
   // Few rows: a pass covers `step` weight rows of a panel; the prefetch fetches the same columns one pass ahead.
-  job->panel = job->vec_cols <= 2 * kPanelCols ? job->vec_cols : kPanelCols;
-  job->step = FewRowsStep(block, job->panel);
-  p.prefetch = job->step * n;
-  job->row_chunks = (m + kRowChunk - 1) / kRowChunk;
-  job->num_items = job->few ? p.num_slices : job->col_tiles * job->row_chunks;
-  if (job->vec_cols > 0) {
-    if (job->few && p.num_slices > 1) job->scratch.reset(new float[(p.num_slices - 1) * m * n]);
-    for (int64_t i = 1; i < std::min(threads, job->num_items); ++i) pool.Schedule([job] { job->Work(); });
-    job->Work();
-    while (job->done.load(std::memory_order_acquire) < job->num_items) std::this_thread::yield();
-    if (job->few)
+  job.panel = job.vec_cols <= 2 * kPanelCols ? job.vec_cols : kPanelCols;
+  job.step = FewRowsStep(block, job.panel);
+  p.prefetch = job.step * n;
+  job.row_chunks = (m + kRowChunk - 1) / kRowChunk;
+  job.num_items = job.few ? p.num_slices : job.col_tiles * job.row_chunks;
+  if (job.vec_cols > 0) {
+    if (job.few && p.num_slices > 1) job.scratch.reset(new float[(p.num_slices - 1) * m * n]);
+    ParallelFor(pool, threads, job.num_items, [&job](int64_t i) { job.Run(i); });
+    if (job.few)
       for (int64_t s = 1; s < p.num_slices; ++s) {
-        const float* part = job->scratch.get() + (s - 1) * m * n;
+        const float* part = job.scratch.get() + (s - 1) * m * n;
         for (int64_t r = 0; r < m; ++r)
-          for (int64_t c = 0; c < job->vec_cols; ++c) o[r * n + c] += part[r * n + c];
+          for (int64_t c = 0; c < job.vec_cols; ++c) o[r * n + c] += part[r * n + c];
       }
   }
-  if (job->vec_cols < n) ScalarColumns(p, job->vec_cols, n);
+  if (job.vec_cols < n) ScalarColumns(p, job.vec_cols, n);
   return ffi::Error::Success();
 }
 
