@@ -219,6 +219,18 @@ def _ffi_matmul(x: jax.Array, qw, layer: jax.Array, rows: jax.Array, config: Cpu
     return jax.ffi.ffi_call(_TARGETS[4], out)(x, qw.values, qw.scales, qw.zeros, layer, rows, **attrs)
 
 
+def _check_operands(x: jax.Array, qw, layer: Optional[jax.Array]) -> None:
+    """The checks both matmul kernels' wrappers share: the weight's arrays, a stack for a layer index, x [..., K]
+    floating."""
+    check_quantized_weight(qw, allow_stacked=layer is not None)
+    if layer is not None and qw.values.ndim != 3:
+        raise ValueError(f"a layer index needs weights stacked [L, K, N], got values.shape={tuple(qw.values.shape)}")
+    if x.ndim < 1 or x.shape[-1] != qw.in_features:
+        raise ValueError(f"x.shape={tuple(x.shape)} must end in in_features K={qw.in_features}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x.dtype={x.dtype} must be floating")
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def cpu_quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, rows: Optional[jax.Array] = None, *,
                          config: Optional[CpuMatmulConfig] = None) -> jax.Array:
@@ -230,14 +242,8 @@ def cpu_quantized_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None, ro
     of a compiled step shape, are not computed and come out zero. None: all.
     Raises RuntimeError when the kernel is unavailable (see available()); quantized_matmul falls back.
     """
-    check_quantized_weight(qw, allow_stacked=layer is not None)
+    _check_operands(x, qw, layer)
     k, n = qw.in_features, qw.out_features
-    if layer is not None and qw.values.ndim != 3:
-        raise ValueError(f"a layer index needs weights stacked [L, K, N], got values.shape={tuple(qw.values.shape)}")
-    if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(f"x.shape={tuple(x.shape)} must end in in_features K={k}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x.dtype={x.dtype} must be floating")
     if not available():
         raise RuntimeError(f"the CPU quantized-matmul kernel is unavailable: {_state['why']}")
     config = config or CpuMatmulConfig.get_default(n=n)
@@ -267,15 +273,11 @@ def cpu_int8_dot_matmul(x: jax.Array, qw, layer: Optional[jax.Array] = None,
     or stacked [L, K, N] with `layer` (read in place). rows: as cpu_quantized_matmul's.
     Raises RuntimeError when the kernel is unavailable (see int8_dot_available()).
     """
-    check_quantized_weight(qw, allow_stacked=layer is not None)
+    _check_operands(x, qw, layer)
     if qw.bits != 8 or qw.act_block is None:
         raise ValueError(f"cpu_int8_dot_matmul needs int8 weights with act_block set, got bits={qw.bits}, "
                          f"act_block={qw.act_block}")
     k, n = qw.in_features, qw.out_features
-    if layer is not None and qw.values.ndim != 3:
-        raise ValueError(f"a layer index needs weights stacked [L, K, N], got values.shape={tuple(qw.values.shape)}")
-    if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(f"x.shape={tuple(x.shape)} must end in in_features K={k}")
     if not int8_dot_available():
         raise RuntimeError("the CPU int8-dot kernel is unavailable: "
                            + (_state["why"] or "this CPU (or compiler target) lacks AVX-512 VNNI"))
