@@ -129,7 +129,7 @@ class _RequestState:
     # Tokens not yet in `logprobs`, flat: token, chosen logprob, StepResult, row, i for each (no object
     # per token that outlives the step: the cyclic GC would walk every one of them again and again).
     raw_logprobs: Optional[list] = None
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: Optional[float] = None  # summed when logprobs are requested (as vLLM: else None)
     stream: bool = True  # report every step's progress (else only the final output)
     uses_penalties: bool = False
     sampling_fits: bool = False  # SamplingRows.fits(params): its rows can come from Engine.sampling_rows
@@ -336,7 +336,8 @@ class Engine:
             stop=StopChecker(params, self.eos_token_id, decode), fallback_seed=next_engine_seed(),
             metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)),
             logprobs=[] if params.logprobs is not None else None,
-            raw_logprobs=[] if params.logprobs is not None else None, stream=stream,
+            raw_logprobs=[] if params.logprobs is not None else None,
+            cumulative_logprob=0.0 if params.logprobs is not None else None, stream=stream,
             uses_penalties=(params.repetition_penalty != 1.0 or bool(params.presence_penalty)
                             or bool(params.frequency_penalty)), sampling_fits=SamplingRows.fits(params),
             speculate=speculate,
@@ -490,8 +491,9 @@ class Engine:
         steps = [len(r.stop.token_ids) + (r.request_id in pending_ids) for r in rows]
         bitmask = self.structured.bitmask([r.matcher for r in rows], S) if self.structured is not None else None
         tensors = self._sampling_tensors(rows, steps, S, bitmask)
-        # One logprobs width for all: a per-request k would be another program to compile.
-        num_logprobs = MAX_LOGPROBS if any(r.params.logprobs for r in rows) else 0
+        # One logprobs width for all: a per-request k would be another program to compile. None: no
+        # request wants logprobs, and the program skips the vocab-wide log-softmax.
+        num_logprobs = MAX_LOGPROBS if any(r.params.logprobs is not None for r in rows) else None
         spec_batch = None if multi_step else self._spec_batch(sched, rows, steps, S)
         if multi_step:
             out = self.runner.execute_decode_steps(sched, tensors, slots, num_logprobs,
@@ -586,7 +588,7 @@ class Engine:
                 kept.append(token)
                 if state.raw_logprobs is not None:  # made into {token: logprob} by _output
                     state.raw_logprobs += token, chosen, out, row, i
-                state.cumulative_logprob += chosen
+                    state.cumulative_logprob += chosen
                 if n == 1 and state.matcher is None:
                     batch.append((rid, state, token))  # its only token: nothing after it to discard
                     break
@@ -763,7 +765,7 @@ class Engine:
         and structured-output (token mask) variants, up to `max_seq_len` tokens per sequence (default
         max_model_len); returns the number of programs run. Speculative verify programs are not covered."""
         max_len = min(max_seq_len or self.engine_cfg.max_model_len, self.engine_cfg.max_model_len)
-        widths = sorted({MAX_LOGPROBS if lp else 0 for lp in logprobs})
+        widths = [None] * (False in logprobs) + [MAX_LOGPROBS] * (True in logprobs)
         return self.runner.warmup(widths, sorted(set(penalties)), max_len, self.eos_token_id,
                                   masked=sorted(set(structured_output)))
 

@@ -65,7 +65,7 @@ def _write_penalty_row(state: PenaltyState, slot, counts_row, mask_row) -> Penal
 
 
 @functools.lru_cache(maxsize=None)
-def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
+def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: Optional[int]):
     """Jitted forward + sample with the cache (and penalty state) donated. Module-level so that engines
     with the same config share compiled programs (params are arguments, never closed over).
 
@@ -131,7 +131,7 @@ def _feed_back(tokens: jax.Array, fed_back: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int):
+def _verify_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: Optional[int]):
     """Jitted forward + speculative verify: logits_indices come grouped as [S * (k+1)] (row-major)."""
 
     def step(params, cache, penalties: Optional[PenaltyState], inputs: StepInputs, tensors: SamplingTensors,
@@ -161,7 +161,7 @@ class DecodeBatch(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: int, num_steps: int):
+def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: Optional[int], num_steps: int):
     """Jitted `num_steps` decode steps in one lax.scan: step i feeds the tokens step i - 1 sampled.
     Returns SamplerOutput fields stacked [num_steps, S, ...]; rows past their num_steps write nothing."""
 
@@ -317,7 +317,7 @@ class ModelRunner:
         return self.bucket(sched)[1]
 
     def execute(self, sched: SchedulerOutput, tensors: SamplingTensors, slots: Optional[np.ndarray],
-                num_logprobs: int, spec: Optional[SpecBatch] = None) -> StepResult:
+                num_logprobs: Optional[int], spec: Optional[SpecBatch] = None) -> StepResult:
         """Runs the step (with `spec`: forward + verify of the drafts); returns host results per sampling
         row. slots [S] i32: each row's penalty slot (num_slots = none), or None for a step without penalties.
 
@@ -422,7 +422,7 @@ class ModelRunner:
         self.device_wait_seconds += time.perf_counter() - t0
         return out
 
-    def warmup(self, num_logprobs: Sequence[int], penalties: Sequence[bool], max_seq_len: int,
+    def warmup(self, num_logprobs: Sequence[Optional[int]], penalties: Sequence[bool], max_seq_len: int,
                eos_token_id=None, masked: Sequence[bool] = (False,)) -> int:
         """Runs every (tokens, pages) bucket a job with sequences up to max_seq_len tokens can use, for
         each logprobs width, penalty variant and with / without a structured-output token mask (`masked`),

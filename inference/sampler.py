@@ -560,18 +560,41 @@ def apply_logits_processors(logits: jax.Array, tensors: SamplingTensors) -> jax.
     return logits
 
 
+def raw_logprobs(logits: jax.Array, tokens: jax.Array, num_logprobs: Optional[int]):
+    """(chosen [N], top values [N, k], top ids [N, k] i32): the raw (unprocessed) log-softmax of logits
+    [N, V] f32 at tokens [N] and its top k = num_logprobs entries.
+
+    num_logprobs None (no request asked for logprobs) skips the vocab-wide exp pass: zeros, [N, 0].
+    The [N, V] log-softmax is never materialised: one reduction gives the normaliser, values are
+    gathered (jax.nn.log_softmax's formula, so the same values)."""
+    rows = logits.shape[0]
+    if num_logprobs is None:
+        return jnp.zeros(rows, jnp.float32), jnp.zeros((rows, 0), jnp.float32), jnp.zeros((rows, 0), jnp.int32)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    log_norm = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True))
+
+    def at(ids):  # [N, m] -> log-softmax values there
+        return jnp.take_along_axis(logits, ids, axis=-1) - row_max - log_norm
+
+    chosen = at(tokens[:, None])[:, 0]
+    if num_logprobs == 0:
+        return chosen, jnp.zeros((rows, 0), jnp.float32), jnp.zeros((rows, 0), jnp.int32)
+    top_ids = jax.lax.top_k(logits, num_logprobs)[1]  # log-softmax is monotone in the logits
+    return chosen, at(top_ids), top_ids.astype(jnp.int32)
+
+
 @partial(jax.jit, static_argnames=("num_logprobs",))
 def sample(logits: jax.Array, tensors: SamplingTensors,
            token_counts: Optional[jax.Array] = None, prompt_mask: Optional[jax.Array] = None,
-           num_logprobs: int = 0) -> SamplerOutput:
+           num_logprobs: Optional[int] = 0) -> SamplerOutput:
     """Samples one token per row.
 
     logits [B, V] (cast to f32); token_counts [B, V] i32 counts of each token in the row's output so
     far; prompt_mask [B, V] bool tokens present in the prompt. Pass None for both to skip penalties.
-    num_logprobs (static): k of the returned top-k raw logprobs (0 gives [B, 0] arrays).
+    num_logprobs (static): k of the returned top-k raw logprobs (0 gives [B, 0] arrays; None also
+    skips the chosen tokens' logprobs, returned as zeros).
     """
     logits = logits.astype(jnp.float32)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
 
     x = apply_logits_processors(logits, tensors)
     x = apply_penalties(x, tensors, token_counts, prompt_mask)
@@ -590,10 +613,4 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
     # All-greedy batches (common in evals/benchmarks) skip the filtering and the draw entirely.
     tokens = jax.lax.cond(jnp.all(greedy), lambda: greedy_tokens, sample_rows)
 
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    if num_logprobs > 0:
-        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
-    else:
-        top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
-        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
-    return SamplerOutput(tokens, chosen, top_logprobs, top_ids.astype(jnp.int32))
+    return SamplerOutput(tokens, *raw_logprobs(logits, tokens, num_logprobs))

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inference.sampler import (BAN_PAD, SamplingTensors, apply_logits_processors, apply_penalties,
-                               categorical, filter_mask, row_keys)
+                               categorical, filter_mask, raw_logprobs, row_keys)
 from inference.sampling_params import SAMPLING_EPS
 
 # Padding value of `VerifyOutput.output_tokens` beyond `num_output`.
@@ -157,7 +157,7 @@ def _expand_rows(tensors: SamplingTensors, positions: int, ban_len: Optional[jax
 def verify(target_logits: jax.Array, draft_tokens: jax.Array, draft_probs: Optional[jax.Array],
            num_draft: jax.Array, tensors: SamplingTensors, keys: Optional[jax.Array] = None, *,
            token_counts: Optional[jax.Array] = None, prompt_mask: Optional[jax.Array] = None,
-           ban_len: Optional[jax.Array] = None, num_logprobs: int = 0) -> VerifyOutput:
+           ban_len: Optional[jax.Array] = None, num_logprobs: Optional[int] = 0) -> VerifyOutput:
     """Exact speculative verification of a batch whose rows have different numbers of guesses.
 
     target_logits [B, K+1, V]: row b's position i is the target's distribution after guess i-1
@@ -173,12 +173,11 @@ def verify(target_logits: jax.Array, draft_tokens: jax.Array, draft_probs: Optio
         `sample` (None/None: no penalties). Guesses are added to the counts of later positions.
     ban_len [B] i32: number of leading positions the min_tokens ban (`tensors.banned_ids`)
         applies to, i.e. max(min_tokens - step, 0); None: all positions.
-    num_logprobs (static): n of the returned raw top-n logprobs.
+    num_logprobs (static): n of the returned raw top-n logprobs (None: no logprobs at all, as `sample`).
     """
     B, K1, V = target_logits.shape
     K = K1 - 1
     logits = target_logits.astype(jnp.float32).reshape(B * K1, V)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1).reshape(B, K1, V)
     num_draft = jnp.clip(jnp.asarray(num_draft, jnp.int32), 0, K)
     valid = jnp.arange(K)[None, :] < num_draft[:, None]            # [B, K] real guesses
     guesses = jnp.clip(draft_tokens.astype(jnp.int32), 0, V - 1)   # safe gather index for padding
@@ -258,15 +257,10 @@ def verify(target_logits: jax.Array, draft_tokens: jax.Array, draft_probs: Optio
     out = jnp.where(pos < n_acc[:, None], jnp.pad(guesses, ((0, 0), (0, 1))), PAD_TOKEN)
     out = jnp.where(pos == n_acc[:, None], final[:, None], out).astype(jnp.int32)
     emitted = pos <= n_acc[:, None]
-    chosen = jnp.take_along_axis(raw_logprobs, jnp.maximum(out, 0)[..., None], axis=-1)[..., 0]
-    chosen = jnp.where(emitted, chosen, 0.0)
-    if num_logprobs > 0:
-        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
-    else:
-        top_logprobs = jnp.zeros((B, K1, 0), jnp.float32)
-        top_ids = jnp.zeros((B, K1, 0), jnp.int32)
+    chosen, top_logprobs, top_ids = raw_logprobs(logits, jnp.maximum(out, 0).reshape(B * K1), num_logprobs)
+    chosen = jnp.where(emitted, chosen.reshape(B, K1), 0.0)
     return VerifyOutput(n_acc.astype(jnp.int32), out, (n_acc + 1).astype(jnp.int32), chosen,
-                        top_logprobs, top_ids.astype(jnp.int32))
+                        top_logprobs.reshape(B, K1, -1), top_ids.reshape(B, K1, -1))
 
 
 # ============================================================================ adaptive k (host)

@@ -78,7 +78,8 @@ class StubProgram:
             return ring[0], cache, penalties, fed_back
         return step
 
-    def _result(self, S: int, k: int):
+    def _result(self, S: int, num_logprobs):
+        k = num_logprobs or 0
         tokens = self.rng.integers(0, self.vocab_size, (S, 1 + k)).astype(np.int32)
         logprobs = -self.rng.random((S, 1 + k), np.float32) * 5
         # The runner's packed layout: token, chosen logprob, k top ids, k top logprobs (float bits).

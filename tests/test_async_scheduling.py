@@ -64,7 +64,8 @@ def logprobs(out):
         for d in c.logprobs or []:
             ids.append(sorted(d))
             values += [d[k] for k in sorted(d)]
-        values.append(c.cumulative_logprob)
+        if c.cumulative_logprob is not None:  # with logprobs requested (as in vLLM)
+            values.append(c.cumulative_logprob)
     return ids, np.array(values)
 
 

@@ -26,6 +26,12 @@ def test_logprobs_topk_per_generated_token(default_llm):
         assert tok in entry and len(entry) >= 3
         assert entry[tok] == max(entry.values())  # greedy picks the top-1
         assert all(v <= 0 for v in entry.values())
+    # The cumulative logprob sums the chosen tokens' entries; without logprobs it is None (as in vLLM)
+    # and the step program skips the log-softmax, with the same tokens.
+    c = out.outputs[0]
+    assert c.cumulative_logprob == pytest.approx(sum(e[t] for e, t in zip(lps, c.token_ids)), abs=1e-4)
+    plain = default_llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4))[0].outputs[0]
+    assert plain.cumulative_logprob is None and plain.logprobs is None and plain.token_ids == c.token_ids
 
 
 def test_empty_prompt_fails_alone(default_llm):

@@ -455,6 +455,11 @@ def test_logprobs_are_raw_sorted_top_k():
 
     none = sample(logits, SamplingTensors.from_params(params), num_logprobs=0)
     assert none.top_logprobs.shape == (b, 0) and none.top_ids.shape == (b, 0)
+    np.testing.assert_allclose(np.asarray(none.chosen_logprob), ref[np.arange(b), np.asarray(none.tokens)], atol=1e-5)
+    # No logprobs at all: the same tokens (the draw never reads them), chosen logprobs not computed.
+    skipped = sample(logits, SamplingTensors.from_params(params), num_logprobs=None)
+    np.testing.assert_array_equal(np.asarray(skipped.tokens), np.asarray(none.tokens))
+    assert skipped.top_ids.shape == (b, 0) and not np.asarray(skipped.chosen_logprob).any()
 
 
 # ---------------------------------------------------------------------------------------------
