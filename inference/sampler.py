@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inference.sampling_params import SAMPLING_EPS, SamplingParams
+from pallas_kernels import cpu_top_k
 
 # Padding value for `banned_ids`; out of range for any vocab, so the scatter drops it.
 # (Not -1: JAX normalises negative indices, which would ban the last token.)
@@ -378,6 +379,21 @@ def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, flo
     return jax.lax.cond(jnp.all(top_p >= 1.0), lambda: kth, nucleus_cutoff)
 
 
+def _selection_kernels() -> bool:
+    """Whether the CPU kernels (pallas_kernels/cpu_top_k.py) pick the candidates and the exact cut-offs
+    (read at trace time; elsewhere lax.top_k and the bisection do)."""
+    return cpu_top_k.kernel_available()
+
+
+def _top_values(scaled: jax.Array, width: int) -> jax.Array:
+    """[B, width] the largest values of each row of scaled [B, V], descending."""
+    if _selection_kernels():
+        return cpu_top_k.cpu_top_values(scaled, width)
+    # The barrier keeps XLA from folding later slices into top_k's sort + slice, which would stop
+    # XLA:CPU from rewriting it into its partial-selection TopK (a full sort instead).
+    return jax.lax.optimization_barrier(jax.lax.top_k(scaled, width)[0])
+
+
 def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, floor: jax.Array,
                          width: int):
     """[B] (cut-off, settled, kth, kth_known) of min-p, top-k then top-p from the top `width` values.
@@ -391,9 +407,7 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     """
     vocab = scaled.shape[-1]
     width = min(width, vocab)
-    # The barrier keeps XLA from folding later slices into top_k's sort + slice, which would stop
-    # XLA:CPU from rewriting it into its partial-selection TopK (a full sort instead).
-    cand = jax.lax.optimization_barrier(jax.lax.top_k(scaled, width)[0])  # [B, width] descending
+    cand = _top_values(scaled, width)  # [B, width] descending
     k_known = (top_k <= width) | (top_k >= vocab)
     kth = jnp.take_along_axis(cand, (jnp.minimum(top_k, width) - 1)[:, None], axis=-1)[:, 0]
     kth = jnp.where((top_k >= vocab) | ~k_known, -jnp.inf, kth)          # [B]
@@ -426,6 +440,9 @@ def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
     rows = scaled.shape[0]
     threshold, settled, kth, kth_known = _candidate_threshold(scaled, top_k, top_p, floor, width)
     unsettled = active & ~settled
+    if _selection_kernels():  # the same rule, one quickselect per unsettled row
+        exact = cpu_top_k.cpu_filter_cutoff(scaled, top_k, top_p, floor, kth, kth_known, unsettled)
+        return jnp.where(active, jnp.where(unsettled, exact, threshold), -jnp.inf)
     # Unsettled rows first, bisected in chunks of `chunk_rows`: the cost follows their number, and
     # a row's cut-off depends only on its own logits (never on the batch or its chunk).
     order = jnp.pad(jnp.argsort(~unsettled, stable=True), (0, chunk_rows), constant_values=rows)
@@ -599,7 +616,6 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
     x = apply_logits_processors(logits, tensors)
     x = apply_penalties(x, tensors, token_counts, prompt_mask)
     greedy = tensors.temperature < SAMPLING_EPS
-    greedy_tokens = first_argmax(x)
 
     def sample_rows():
         # Greedy rows divide by 1 to stay finite; their result is replaced by argmax below.
@@ -608,9 +624,11 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
         # Same draw as categorical(keys, masked): the row maximum is never filtered out.
         masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
         sampled = _draw(row_keys(tensors), masked, jnp.max(scaled, axis=-1))
+        greedy_tokens = jax.lax.cond(jnp.any(greedy), first_argmax, lambda _: jnp.zeros_like(sampled), x)
         return jnp.where(greedy, greedy_tokens, sampled)
 
-    # All-greedy batches (common in evals/benchmarks) skip the filtering and the draw entirely.
-    tokens = jax.lax.cond(jnp.all(greedy), lambda: greedy_tokens, sample_rows)
+    # All-greedy batches (common in evals/benchmarks) skip the filtering and the draw entirely, and
+    # batches without greedy rows the argmax.
+    tokens = jax.lax.cond(jnp.all(greedy), first_argmax, lambda _: sample_rows(), x)
 
     return SamplerOutput(tokens, *raw_logprobs(logits, tokens, num_logprobs))

@@ -24,13 +24,17 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using ridgeline::ParallelFor;
 
 namespace {
 
 #if defined(__AVX512F__)
+using ridgeline::Exp;
+
 // q . k over hd floats: 16-lane partial sums, then one reduction; the same order for every call.
 inline float Dot(const float* q, const float* k, int64_t hd) {
   __m512 acc = _mm512_setzero_ps();
@@ -39,23 +43,6 @@ inline float Dot(const float* q, const float* k, int64_t hd) {
   float dot = _mm512_reduce_add_ps(acc);
   for (; d < hd; ++d) dot += q[d] * k[d];
   return dot;
-}
-
-// exp(x) for x <= 0 (scores minus their max), 16 at a time: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2,
-// p a degree-6 Taylor polynomial (relative error ~2e-7); below -87 the result flushes to zero.
-inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), 0);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split: hi + lo
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
 }
 
 // s[j] = exp(s[j] - m) for j < len; returns their sum (16-lane partial sums, then one reduction).
@@ -181,20 +168,6 @@ struct Attention {
   }
 };
 
-struct AttentionJob {
-  Attention a;
-  int64_t num_items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished)
-      a.Item(i / a.kv_heads, i % a.kv_heads);
-    done.fetch_add(finished, std::memory_order_release);
-  }
-};
-
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q, ffi::Buffer<ffi::F32, 4> k_pages,
                                ffi::Buffer<ffi::F32, 4> v_pages, ffi::Buffer<ffi::S32, 1> kv_lens,
                                ffi::Buffer<ffi::S32, 2> block_tables, ffi::Buffer<ffi::S32, 1> cu_q_lens,
@@ -215,16 +188,11 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
   for (int64_t s = 0; s < seqs; ++s)
     if (cu[s] < 0 || cu[s + 1] < cu[s] || cu[s + 1] > T)
       return ffi::Error::InvalidArgument("cu_q_lens must be non-decreasing within [0, T]");
-  auto job = std::make_shared<AttentionJob>();
-  job->a = Attention{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), kv_lens.typed_data(),
-                     block_tables.typed_data(), cu, out->typed_data(), seqs, KVH, H / KVH, hd, P, ps, width,
-                     sm_scale};
-  job->num_items = seqs * KVH;
-  if (job->num_items == 0) return ffi::Error::Success();
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), job->num_items);
-  for (int64_t i = 1; i < threads; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_items) std::this_thread::yield();
+  const Attention a{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), kv_lens.typed_data(),
+                    block_tables.typed_data(), cu, out->typed_data(), seqs, KVH, H / KVH, hd, P, ps, width,
+                    sm_scale};
+  ParallelFor(pool, std::max<int64_t>(1, pool.num_threads()), seqs * KVH,
+              [&a](int64_t i) { a.Item(i / a.kv_heads, i % a.kv_heads); });
   return ffi::Error::Success();
 }
 

@@ -35,9 +35,11 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using ridgeline::ParallelFor;
 
 extern "C" int RidgelineHasInt8Dot() {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -346,27 +348,6 @@ void QuantizeRows(const float* x, int64_t r0, int64_t r1, int64_t k, int64_t blo
     sa[i] = amax / 127.f;
     bias[i] = 128 * sum;
   }
-}
-
-// Runs fn(i) for i in [0, n) on the calling thread and the pool (at most `threads` in all).
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t n, Fn fn) {
-  struct State {
-    State(Fn f, int64_t count) : fn(std::move(f)), n(count) {}
-    Fn fn;
-    int64_t n;
-    std::atomic<int64_t> next{0}, done{0};
-    void Work() {
-      int64_t finished = 0;
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n; ++finished) fn(i);
-      done.fetch_add(finished, std::memory_order_release);
-    }
-  };
-  auto state = std::make_shared<State>(fn, n);
-  // Workers hold the state through their shared_ptr: one that starts after we return finds no item left.
-  for (int64_t i = 1; i < std::min(threads, n); ++i) pool.Schedule([state] { state->Work(); });
-  state->Work();
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::S8, 3> q,

@@ -48,9 +48,12 @@ import numpy as np
 
 from pallas_kernels.quantized_matmul import check_quantized_weight, quantized_matmul_reference
 
-# One library of CPU kernels: the weight-only quantized matmul and the W8A8 int8-dot matmul (here), and the
-# paged decode attention (called by pallas_kernels/ragged_paged_attention_xla.py).
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_qmatmul.cc", "cpu_attention.cc", "cpu_int8_dot.cc"))
+# One library of CPU kernels: the weight-only quantized matmul and the W8A8 int8-dot matmul (here), the
+# paged decode attention (called by pallas_kernels/ragged_paged_attention_xla.py) and the sampler's top-k
+# values (pallas_kernels/cpu_top_k.py). HEADERS are included by the sources (and hashed into the build key).
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("cpu_qmatmul.cc", "cpu_attention.cc", "cpu_int8_dot.cc", "cpu_top_k.cc"))
+HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 ENV_DISABLE = "RIDGELINE_CPU_FFI"  # "0" turns the kernel off (XLA path)
 # Largest M that quantized_matmul(impl="auto") sends to the matmul kernel, per weight bits; above it the
 # product is compute-bound and XLA's dot does the math (grouped formats dequantized by cpu_dequantize).
@@ -61,7 +64,8 @@ _TARGETS = {8: "ridgeline_qmatmul_int8", 4: "ridgeline_qmatmul_int4"}
 _DEQUANT_TARGETS = {8: "ridgeline_dequant_int8", 4: "ridgeline_dequant_int4"}
 _SYMBOLS = {"ridgeline_qmatmul_int8": "RidgelineQMatmulInt8", "ridgeline_qmatmul_int4": "RidgelineQMatmulInt4",
             "ridgeline_dequant_int8": "RidgelineDequantInt8", "ridgeline_dequant_int4": "RidgelineDequantInt4",
-            "ridgeline_decode_attention": "RidgelineDecodeAttention"}
+            "ridgeline_decode_attention": "RidgelineDecodeAttention", "ridgeline_top_values": "RidgelineTopValues",
+            "ridgeline_filter_cutoff": "RidgelineFilterCutoff"}
 # Registered only where the library was built with AVX-512 VNNI (RidgelineHasInt8Dot() says so).
 _INT8_DOT_TARGET, _INT8_DOT_SYMBOL = "ridgeline_int8_dot", "RidgelineInt8Dot"
 _CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -135,8 +139,8 @@ def _build(compiler: str) -> Path:
     if not (include / "xla" / "ffi" / "api" / "ffi.h").is_file():
         raise RuntimeError(f"the XLA FFI headers are missing under {include}")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), jaxlib.__version__, compiler, version, *_CXXFLAGS,
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), jaxlib.__version__, compiler,
+                                    version, *_CXXFLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_qmatmul-{key}.so"
     if out.is_file():
         return out

@@ -13,6 +13,7 @@ from inference.sampler import (
     BAN_PAD, STREAM_ENGINE, SamplingTensors, apply_penalties, categorical, filter_mask, first_argmax,
     request_key, row_keys, sample)
 from inference.sampling_params import SamplingParams
+from pallas_kernels import cpu_top_k
 from test_speculative import chi2_pvalue
 
 V = 64
@@ -96,11 +97,16 @@ def ref_keep_by_value(scaled_row, top_k, top_p, min_p):
     return survivors & (scaled_row >= s[max(int((in_k & in_p).sum()), 1) - 1])
 
 
-@pytest.fixture
-def shrink_candidates(monkeypatch):
+@pytest.fixture(params=["bisection", "cpu_kernel"])
+def shrink_candidates(request, monkeypatch):
     """shrink(width, chunk_rows): narrows the top-k/top-p candidates (and the fallback chunk) so that
-    most rows of a small vocab need the exact bisection fallback; returns a fresh jit of `sample`
-    traced with them."""
+    most rows of a small vocab need the exact fallback; returns a fresh jit of `sample` traced with
+    them. Each test runs with both fallbacks: the bisection (XLA, every backend) and the CPU kernels
+    (pallas_kernels/cpu_top_k.py: candidates and cut-offs), which must give the same cut-offs."""
+    kernels = request.param == "cpu_kernel"
+    if kernels and not cpu_top_k.kernel_available():
+        pytest.skip("the CPU kernel library is not available here")
+    monkeypatch.setattr(sampler, "_selection_kernels", lambda: kernels)
 
     def shrink(width=4, chunk_rows=3):
         monkeypatch.setattr(sampler, "TOP_CANDIDATES", width)
