@@ -385,15 +385,6 @@ def _selection_kernels() -> bool:
     return cpu_top_k.kernel_available()
 
 
-def _top_values(scaled: jax.Array, width: int) -> jax.Array:
-    """[B, width] the largest values of each row of scaled [B, V], descending."""
-    if _selection_kernels():
-        return cpu_top_k.cpu_top_values(scaled, width)
-    # The barrier keeps XLA from folding later slices into top_k's sort + slice, which would stop
-    # XLA:CPU from rewriting it into its partial-selection TopK (a full sort instead).
-    return jax.lax.optimization_barrier(jax.lax.top_k(scaled, width)[0])
-
-
 def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, floor: jax.Array,
                          width: int):
     """[B] (cut-off, settled, kth, kth_known) of min-p, top-k then top-p from the top `width` values.
@@ -407,7 +398,12 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     """
     vocab = scaled.shape[-1]
     width = min(width, vocab)
-    cand = _top_values(scaled, width)  # [B, width] descending
+    if _selection_kernels():  # the candidates and the survivors' mass (mass_hi below) in one pass
+        cand, kernel_mass = cpu_top_k.cpu_candidates(scaled, width, top_k, floor)  # [B, width] descending, [B]
+    else:
+        # The barrier keeps XLA from folding later slices into top_k's sort + slice, which would stop
+        # XLA:CPU from rewriting it into its partial-selection TopK (a full sort instead).
+        cand, kernel_mass = jax.lax.optimization_barrier(jax.lax.top_k(scaled, width)[0]), None
     k_known = (top_k <= width) | (top_k >= vocab)
     kth = jnp.take_along_axis(cand, (jnp.minimum(top_k, width) - 1)[:, None], axis=-1)[:, 0]
     kth = jnp.where((top_k >= vocab) | ~k_known, -jnp.inf, kth)          # [B]
@@ -421,7 +417,8 @@ def _candidate_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     # When the k-th value lies past the candidates that mass is only bounded, by the candidates'
     # mass below and that of every token >= floor above; the row is settled if both bounds give one
     # nucleus.
-    mass_hi = jnp.sum(jnp.where(scaled >= kth[:, None], jnp.exp(scaled - cand[:, :1]), 0.0), axis=-1)
+    mass_hi = kernel_mass if kernel_mass is not None else jnp.sum(
+        jnp.where(scaled >= kth[:, None], jnp.exp(scaled - cand[:, :1]), 0.0), axis=-1)
     mass_lo = jnp.where(k_known, mass_hi, jnp.sum(cand_w, axis=-1))
     mass_before = jnp.cumsum(cand_w, axis=-1) - cand_w
     n_keep = jnp.sum(in_top_k & (mass_before < (top_p * mass_hi)[:, None]), axis=-1)

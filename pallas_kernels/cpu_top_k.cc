@@ -7,13 +7,16 @@
 // XLA:CPU's TopK sorts (value, index) pairs per row, ~80 us per 49k-entry row (5 ms of a 64-row sampler
 // step), and the bisection makes 32 passes over a row per cut-off (~0.4 ms a row).
 //
-// Top values: one pass per row keeps a buffer of the values above a running threshold (the k-th largest
+// Candidates: one pass per row keeps a buffer of the values above a running threshold (the k-th largest
 // kept so far): 16 compares per instruction, and only the few values that beat it are stored; the buffer
-// is cut back to its k largest when full.
-//   x    [B, V]  float32
-//   out  [B, k]  float32, each row's k largest values in descending order, repeated values repeated
-//                (jax.lax.top_k's values); NaN is never selected, and a row with fewer than k non-NaN
-//                values is padded with -inf. Each row is computed on its own.
+// is cut back to its k largest when full. Then, while the row is in cache, the survivors' mass.
+//   x       [B, V]  float32; top_k [B] int32 (V = off); floor [B] float32 (min-p's cut-off)
+//   values  [B, k]  float32, each row's k largest values in descending order, repeated values repeated
+//                   (jax.lax.top_k's values); NaN is never selected, and a row with fewer than k non-NaN
+//                   values is padded with -inf
+//   mass    [B]     float32, sum of exp(x - values[0]) over x >= max(floor, values[top_k - 1]) (the
+//                   top_k-th value only where top_k <= k and top_k < V), summed in double; 0 for an
+//                   all -inf row. Each row is computed on its own.
 //
 // Cut-off: per selected row, kth = max(floor, the top_k-th largest value) unless given, then with top_p < 1
 // the value c with mass(x > c) < top_p * mass(x >= kth) <= mass(x >= c), masses of exp(x - max) (the
@@ -236,21 +239,33 @@ ffi::Error FilterCutoffImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> scale
   return ffi::Error::Success();
 }
 
-ffi::Error TopValuesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::ResultBuffer<ffi::F32, 2> out) {
+ffi::Error CandidatesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::S32, 1> top_k,
+                          ffi::Buffer<ffi::F32, 1> floor, ffi::ResultBuffer<ffi::F32, 2> out,
+                          ffi::ResultBuffer<ffi::F32, 1> mass) {
   const int64_t rows = x.dimensions()[0], n = x.dimensions()[1], k = out->dimensions()[1];
-  if (out->dimensions()[0] != rows) return ffi::Error::InvalidArgument("out must have x's rows");
+  if (out->dimensions()[0] != rows || top_k.dimensions()[0] != rows || floor.dimensions()[0] != rows ||
+      mass->dimensions()[0] != rows)
+    return ffi::Error::InvalidArgument("top_k, floor, out and mass must have x's rows");
   if (k < 1 || k > n)
     return ffi::Error::InvalidArgument("k=" + std::to_string(k) + " must be in [1, V=" + std::to_string(n) + "]");
   // A larger buffer shrinks less often; 4k amortises each O(cap) cut over >= 3k stored values.
   const int64_t cap = std::max<int64_t>(4 * k, 256);
   const float* src = x.typed_data();
   float* dst = out->typed_data();
+  float* mass_out = mass->typed_data();
+  const int32_t* ks = top_k.typed_data();
+  const float* floors = floor.typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   ParallelFor(pool, threads, rows, [=](int64_t r) {
     thread_local std::unique_ptr<float[]> buf;
     thread_local int64_t buf_size = 0;
     if (cap + 16 > buf_size) buf.reset(new float[buf_size = cap + 16]);
-    TopValues(src + r * n, n, k, cap, buf.get(), dst + r * k);
+    const float* row = src + r * n;
+    float* values = dst + r * k;
+    TopValues(row, n, k, cap, buf.get(), values);
+    // The survivors' mass while the row is still in cache: top-k's k-th value where the candidates hold it.
+    const float kth = std::max(floors[r], ks[r] >= 1 && ks[r] <= k && ks[r] < n ? values[ks[r] - 1] : kNegInf);
+    mass_out[r] = values[0] == kNegInf ? 0.f : static_cast<float>(SurvivorMass(row, n, kth, values[0]));
   });
   return ffi::Error::Success();
 }
@@ -259,14 +274,17 @@ ffi::Error TopValuesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::
 
 using F32Matrix = ffi::Buffer<ffi::F32, 2>;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RidgelineTopValues, TopValuesImpl,
+using S32Vector = ffi::Buffer<ffi::S32, 1>;
+using F32Vector = ffi::Buffer<ffi::F32, 1>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RidgelineCandidates, CandidatesImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32Matrix>()   // x [B, V]
-                                  .Ret<F32Matrix>());  // out [B, k]
-
-using S32Vector = ffi::Buffer<ffi::S32, 1>;
-using F32Vector = ffi::Buffer<ffi::F32, 1>;
+                                  .Arg<S32Vector>()   // top_k [B]
+                                  .Arg<F32Vector>()   // floor [B]
+                                  .Ret<F32Matrix>()   // values [B, k]
+                                  .Ret<F32Vector>());  // mass [B]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RidgelineFilterCutoff, FilterCutoffImpl,
                               ffi::Ffi::Bind()

@@ -1,12 +1,14 @@
 """The sampler's selections on the CPU, C++ kernels called through ``jax.ffi`` (``cpu_top_k.cc``, built
 with the CPU kernel library of ``pallas_kernels/cpu_quantized_matmul.py``).
 
-``cpu_top_values``: the k largest values of each row (the top-k / top-p candidates). XLA:CPU's TopK sorts
-(value, index) pairs row by row, 5 ms for [64, 49152] at k = 64 and still ~1 ms for [64, 1536]; the sampler
-needs only the values. The kernel makes one pass per row, comparing 16 values at a time against the k-th
-largest kept so far. Shapes: x [B, V] float32 -> [B, k] float32, each row's k largest values descending
-with repeats, as ``jax.lax.top_k(x, k)[0]`` (the reference, ``top_values_reference``); NaNs are never
-selected (rows with NaNs are not valid sampler input), and fewer than k non-NaN values pad with -inf.
+``cpu_candidates``: the k largest values of each row (the top-k / top-p candidates) and the mass of the
+row's top-k survivors. XLA:CPU's TopK sorts (value, index) pairs row by row, 5 ms for [64, 49152] at k = 64
+and still ~1 ms for [64, 1536]; the sampler needs only the values. The kernel makes one pass per row,
+comparing 16 values at a time against the k-th largest kept so far, then sums the survivors' exp while the
+row is in cache (the XLA path's separate vocab-wide pass). Shapes: x [B, V] float32 -> values [B, k]
+float32, each row's k largest values descending with repeats, as ``jax.lax.top_k(x, k)[0]``, and mass [B];
+reference ``candidates_reference``. NaNs are never selected (rows with NaNs are not valid sampler input),
+and fewer than k non-NaN values pad with -inf.
 
 ``cpu_filter_cutoff``: the exact min-p -> top-k -> top-p cut-off of the rows the candidates leave open, the
 twin of the sampler's bisection (``inference.sampler._bisect_threshold``, its reference): a quickselect on
@@ -32,18 +34,28 @@ def kernel_available() -> bool:
     return cpu_quantized_matmul.available()
 
 
-def cpu_top_values(x: jax.Array, k: int) -> jax.Array:
-    """[B, k] float32: the k largest values of each row of x [B, V] (cast to float32), descending."""
+def cpu_candidates(x: jax.Array, k: int, top_k: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(values [B, k], mass [B]) f32 for rows x [B, V]: each row's k largest values, descending, and the
+    mass sum(exp(x - values[:, 0])) of its tokens >= max(floor [B], the top_k [B]-th value where
+    top_k <= k and top_k < V) -- the sampler's top-k survivors as far as the candidates know them."""
     if x.ndim != 2:
         raise ValueError(f"x.shape={x.shape} must be [B, V]")
     if not 1 <= k <= x.shape[1]:
         raise ValueError(f"{k=} must be in [1, V={x.shape[1]}]")
-    out = jax.ShapeDtypeStruct((x.shape[0], k), jnp.float32)
-    return jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")(x.astype(jnp.float32))
+    rows = x.shape[0]
+    out = (jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
+    return jax.ffi.ffi_call("ridgeline_candidates", out, vmap_method="broadcast_all")(
+        x.astype(jnp.float32), jnp.asarray(top_k).astype(jnp.int32), jnp.asarray(floor).astype(jnp.float32))
 
 
-def top_values_reference(x: jax.Array, k: int) -> jax.Array:
-    return jax.lax.top_k(x.astype(jnp.float32), k)[0]
+def candidates_reference(x: jax.Array, k: int, top_k: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = x.astype(jnp.float32)
+    values = jax.lax.top_k(x, k)[0]
+    inside = (top_k >= 1) & (top_k <= k) & (top_k < x.shape[1])
+    kth = jnp.take_along_axis(values, (jnp.clip(top_k, 1, k) - 1)[:, None], axis=-1)[:, 0]
+    kth = jnp.maximum(floor, jnp.where(inside, kth, -jnp.inf))
+    mass = jnp.sum(jnp.where(x >= kth[:, None], jnp.exp(x - values[:, :1]), 0.0), axis=-1)
+    return values, mass
 
 
 def cpu_filter_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, floor: jax.Array, kth: jax.Array,

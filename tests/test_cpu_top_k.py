@@ -1,5 +1,6 @@
-"""The sampler's CPU selection kernels (pallas_kernels/cpu_top_k.py) against their references: top values
-against jax.lax.top_k, the exact cut-off against the sampler's bisection (inference.sampler._bisect_threshold),
+"""The sampler's CPU selection kernels (pallas_kernels/cpu_top_k.py) against their references: candidates
+against jax.lax.top_k and candidates_reference, the exact cut-off against the sampler's bisection
+(inference.sampler._bisect_threshold),
 on odd widths, ties, -inf, NaN and distributions from peaked to flat."""
 
 import jax
@@ -24,27 +25,38 @@ def _rows(b: int, v: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("v,k", [(1, 1), (15, 4), (17, 17), (300, 64), (5000, 1), (5000, 256), (49152, 64)])
-def test_top_values_equal_lax_top_k(v, k):
-    x = _rows(9, v, seed=v + k)
-    got = jax.jit(lambda x: cpu_top_k.cpu_top_values(x, k))(x)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(cpu_top_k.top_values_reference(x, k)))
+def test_candidates_equal_reference(v, k):
+    b = 9
+    x = _rows(b, v, seed=v + k)
+    rng = np.random.default_rng(k)
+    top_k = rng.integers(1, v + 1, size=b).astype(np.int32)
+    top_k[:2] = [v, min(k, v)]  # top-k off; the k-th value the last candidate
+    floor = np.where(rng.random(b) < 0.5, -np.inf, x.max(-1) - rng.uniform(0, 5, size=b)).astype(np.float32)
+    values, mass = jax.jit(lambda *a: cpu_top_k.cpu_candidates(a[0], k, *a[1:]))(x, top_k, floor)
+    want_values, want_mass = cpu_top_k.candidates_reference(x, k, top_k, floor)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(jax.lax.top_k(x, k)[0]))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-6)
 
 
-def test_top_values_pad_with_minus_inf_and_skip_nan():
+def test_candidates_pad_with_minus_inf_and_skip_nan():
     x = np.full((3, 40), -np.inf, np.float32)
     x[0, [3, 30]] = [1.0, 2.0]
     x[1, :] = np.arange(40, dtype=np.float32)
     x[1, [5, 39]] = np.nan
     x[2, 7] = np.nan
-    got = np.asarray(cpu_top_k.cpu_top_values(x, 5))
+    values, mass = cpu_top_k.cpu_candidates(x, 5, np.full(3, 40), np.full(3, -np.inf))
+    got = np.asarray(values)
     np.testing.assert_array_equal(got[0], [2.0, 1.0, -np.inf, -np.inf, -np.inf])
     np.testing.assert_array_equal(got[1], [38.0, 37.0, 36.0, 35.0, 34.0])
     np.testing.assert_array_equal(got[2], [-np.inf] * 5)
+    np.testing.assert_allclose(np.asarray(mass)[0], 1 + np.exp(-1.0), rtol=1e-6)
+    assert np.asarray(mass)[2] == 0
 
 
-def test_top_values_bad_k_named():
+def test_candidates_bad_k_named():
     with pytest.raises(ValueError, match="k=9 must be in"):
-        cpu_top_k.cpu_top_values(jnp.zeros((2, 8)), 9)
+        cpu_top_k.cpu_candidates(jnp.zeros((2, 8)), 9, jnp.full(2, 8), jnp.zeros(2))
 
 
 def _filter_inputs(b: int, v: int, seed: int):
