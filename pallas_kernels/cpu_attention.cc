@@ -14,14 +14,11 @@
 //   out          [T, H, hd]            decode rows filled, every other row zero
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "cpu_common.h"

@@ -23,12 +23,10 @@
 // interleaved once into a buffer that every row of the chunk reuses.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <utility>
 
 #if defined(__AVX512F__)

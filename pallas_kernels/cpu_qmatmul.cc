@@ -25,19 +25,19 @@
 // one AVX-512 register, two AVX2 ones, or four NEON/SSE ones, so one source serves every host.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using ridgeline::ParallelFor;
 
 namespace {
 
@@ -334,18 +334,12 @@ struct Job {
   int tile_vecs;
   int64_t k_block, slice_rows, num_slices, vec_cols;
   std::unique_ptr<float[]> scratch;  // [num_slices - 1, M, N] (the scalar tail columns unused)
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
-  void Work() {
-    int64_t finished = 0;
-    for (int64_t s; (s = next.fetch_add(1, std::memory_order_relaxed)) < num_slices; ++finished) {
-      const int64_t k0 = s * slice_rows, k1 = std::min(problem.k, (s + 1) * slice_rows);
-      Problem slice = problem;
-      if (s > 0) slice.out = scratch.get() + (s - 1) * problem.m * problem.n;
-      RunBlock(slice, tile_vecs, k0, k1, 0, vec_cols, k_block, k0, k1);
-    }
-    done.fetch_add(finished, std::memory_order_release);
+  void Slice(int64_t s) const {
+    const int64_t k0 = s * slice_rows, k1 = std::min(problem.k, (s + 1) * slice_rows);
+    Problem slice = problem;
+    if (s > 0) slice.out = scratch.get() + (s - 1) * problem.m * problem.n;
+    RunBlock(slice, tile_vecs, k0, k1, 0, vec_cols, k_block, k0, k1);
   }
 };
 
@@ -358,13 +352,13 @@ ffi::Error Run(ffi::ThreadPool pool, Problem problem, int64_t rows, int64_t tile
   std::fill(problem.out + rows * problem.n, problem.out + problem.m * problem.n, 0.f);
   problem.m = rows;
   if (problem.m == 0 || problem.n == 0) return ffi::Error::Success();
-  auto job = std::make_shared<Job>();
-  job->problem = problem;
-  job->tile_vecs = static_cast<int>(tile_vecs);
-  job->vec_cols = problem.n / kLanes * kLanes;  // columns [vec_cols, N): the scalar tail, done at the end
-  job->k_block = KBlock(problem, problem.m <= kFewRows ? kFewRowsBlock : kManyRowsBlock);
-  const int64_t block_bytes = job->k_block * problem.n * problem.bits / 8;
-  job->problem.prefetch = block_bytes <= kMaxBlockPrefetchBytes ? block_bytes : kRowPrefetchBytes;
+  Job job;
+  job.problem = problem;
+  job.tile_vecs = static_cast<int>(tile_vecs);
+  job.vec_cols = problem.n / kLanes * kLanes;  // columns [vec_cols, N): the scalar tail, done at the end
+  job.k_block = KBlock(problem, problem.m <= kFewRows ? kFewRowsBlock : kManyRowsBlock);
+  const int64_t block_bytes = job.k_block * problem.n * problem.bits / 8;
+  job.problem.prefetch = block_bytes <= kMaxBlockPrefetchBytes ? block_bytes : kRowPrefetchBytes;
   // Slices are whole blocks of the larger size whatever k_block is, so their bounds never depend on M.
   const int64_t slice_unit = KBlock(problem, kManyRowsBlock);
   const int64_t num_units = (problem.k + slice_unit - 1) / slice_unit;
@@ -374,25 +368,22 @@ ffi::Error Run(ffi::ThreadPool pool, Problem problem, int64_t rows, int64_t tile
   if (max_threads > 0) threads = std::min(threads, max_threads);
   // About 4 slices per thread evens out a core that another process slows down.
   const int64_t slices = std::min({4 * threads, num_units, std::max<int64_t>(1, weight_bytes / kMinBytesPerThread)});
-  job->slice_rows = (num_units + slices - 1) / slices * slice_unit;
-  job->num_slices = (problem.k + job->slice_rows - 1) / job->slice_rows;
-  if (job->vec_cols > 0) {
-    if (job->num_slices > 1)
-      job->scratch.reset(new float[(job->num_slices - 1) * problem.m * problem.n]);
-    // Workers keep the Job alive through their shared_ptr, so one that starts after we return is safe.
-    for (int64_t i = 1; i < std::min(threads, job->num_slices); ++i) pool.Schedule([job] { job->Work(); });
-    job->Work();
-    while (job->done.load(std::memory_order_acquire) < job->num_slices) std::this_thread::yield();
-    for (int64_t s = 1; s < job->num_slices; ++s) {
-      const float* part = job->scratch.get() + (s - 1) * problem.m * problem.n;
+  job.slice_rows = (num_units + slices - 1) / slices * slice_unit;
+  job.num_slices = (problem.k + job.slice_rows - 1) / job.slice_rows;
+  if (job.vec_cols > 0) {
+    if (job.num_slices > 1)
+      job.scratch.reset(new float[(job.num_slices - 1) * problem.m * problem.n]);
+    ParallelFor(pool, threads, job.num_slices, [&job](int64_t s) { job.Slice(s); });
+    for (int64_t s = 1; s < job.num_slices; ++s) {
+      const float* part = job.scratch.get() + (s - 1) * problem.m * problem.n;
       for (int64_t r = 0; r < problem.m; ++r) {
         float* out = problem.out + r * problem.n;
         const float* add = part + r * problem.n;
-        for (int64_t c = 0; c < job->vec_cols; ++c) out[c] += add[c];
+        for (int64_t c = 0; c < job.vec_cols; ++c) out[c] += add[c];
       }
     }
   }
-  if (job->vec_cols < problem.n) ScalarColumns(problem, job->vec_cols, problem.n);
+  if (job.vec_cols < problem.n) ScalarColumns(problem, job.vec_cols, problem.n);
   return ffi::Error::Success();
 }
 
@@ -471,9 +462,6 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi::Buffe
 // slices; math as dequantize_arrays: q * scale (+ zero for int4).
 struct DequantJob {
   Problem problem;  // x, xsum, m unused; out is [K, N]
-  int64_t rows_per_item, num_items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   void Rows(int64_t k0, int64_t k1) const {
     const Problem& p = problem;
@@ -514,27 +502,18 @@ struct DequantJob {
       }
     }
   }
-
-  void Work() {
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished)
-      Rows(i * rows_per_item, std::min(problem.k, (i + 1) * rows_per_item));
-    done.fetch_add(finished, std::memory_order_release);
-  }
 };
 
 ffi::Error RunDequant(ffi::ThreadPool pool, const Problem& problem) {
-  auto job = std::make_shared<DequantJob>();
-  job->problem = problem;
+  const DequantJob job{problem};
   const int64_t unit = problem.group == 0 ? 1 : problem.group;
   const int64_t units = problem.k / unit;
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t items = std::min(units, 4 * threads);
-  job->rows_per_item = (units + items - 1) / items * unit;
-  job->num_items = (problem.k + job->rows_per_item - 1) / job->rows_per_item;
-  for (int64_t i = 1; i < std::min(threads, job->num_items); ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_items) std::this_thread::yield();
+  const int64_t rows_per_item = (units + items - 1) / items * unit;
+  ParallelFor(pool, threads, (problem.k + rows_per_item - 1) / rows_per_item, [&job, rows_per_item](int64_t i) {
+    job.Rows(i * rows_per_item, std::min(job.problem.k, (i + 1) * rows_per_item));
+  });
   return ffi::Error::Success();
 }
 
