@@ -15,15 +15,18 @@ as a packed [B, V / 32] bitmask, each only when some row of the batch uses it (o
 is None and the traced program has no such step). Bad words
 depend on the request's output so far; the host works out which token each word bans at this step.
 
-Cost on XLA:CPU (where a full vocab sort or a Gumbel draw over the vocab per row would dominate a
-small model's step): every filter is a per-row cut-off on values (`filter_cutoff`); top-k/top-p
-cut-offs come from one `lax.top_k` of TOP_CANDIDATES values per row, and rows whose cut-off lies
-deeper are bisected on the values' bits (no sort); the draw puts two uniforms per row through the
-inverse CDF (`categorical`). All of it is exact, not an approximation.
+Cost (where a full vocab sort or a Gumbel draw over the vocab per row would dominate a small model's
+step): every filter is a per-row cut-off on values (`filter_cutoff`); top-k/top-p cut-offs come from
+the TOP_CANDIDATES largest values per row, and rows whose cut-off lies deeper are bisected on the
+values' bits (no sort); the draw puts two uniforms per row through the inverse CDF (`categorical`).
+All of it is exact, not an approximation. On CPU, C++ kernels (pallas_kernels/cpu_top_k.py) pick the
+candidates (XLA:CPU's TopK sorts per row) and cut the open rows off by a quickselect instead of the
+bisection's 32 passes; elsewhere `lax.top_k` and the bisection run.
 
 Returned logprobs are vLLM's default "raw" logprobs: log_softmax of the logits the model produced,
 before penalties, temperature and filtering. That keeps them a property of the model (comparable
-across requests and with other engines) rather than of the sampling settings.
+across requests and with other engines) rather than of the sampling settings. A program compiled
+with num_logprobs=None (no request asked for any) computes none: no vocab-wide exp pass.
 
 Randomness: every row's key is derived on device from (seed, stream, step), where `step` is the number
 of tokens the request has generated so far. A request's samples therefore depend only on its own seed
@@ -316,9 +319,9 @@ def apply_penalties(logits: jax.Array, tensors: SamplingTensors,
     return logits
 
 
-# Top-k / top-p candidates: one `lax.top_k` of this width settles the cut-off of every row whose
-# k-th value and nucleus lie inside it (at [64, 49152] on XLA:CPU a top-64 selection takes ~5 ms,
-# a full sort ~470 ms).
+# Top-k / top-p candidates: the largest values of this width settle the cut-off of every row whose
+# k-th value and nucleus lie inside it (at [64, 49152] on XLA:CPU a top-64 `lax.top_k` takes ~5 ms,
+# a full sort ~470 ms, the CPU kernel ~0.7 ms).
 TOP_CANDIDATES = 64
 # Rows the candidates cannot settle are bisected exactly, this many rows at a time.
 FALLBACK_ROWS = 4

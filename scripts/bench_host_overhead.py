@@ -24,8 +24,9 @@ calling thread, but on the same cores: after blocking on its results the host's 
 same host Python costs more per step than with --stub-program (measured: ~3x at 64 sequences; a stub
 step that sleeps as long as the device would, --stub-wait-ms, reproduces most of it).
 
-Part 2 (skip with --skip-default-model) runs the default model at 64 sequences and reports tokens/s, in
-one run: the synchronous loop, overlapped dispatch, and multi-step decode (--decode-steps per program).
+Part 2 (skip with --skip-default-model) runs the default model (quantized as LLM() would on this machine) at
+64 sequences and reports tokens/s, in one run: the synchronous loop, overlapped dispatch, and multi-step
+decode (--decode-steps per program).
 
 Usage: python scripts/bench_host_overhead.py [--seqs 64 256] [--output-tokens 2048] [--json out.json]
 """
@@ -46,7 +47,7 @@ import jax  # noqa: E402
 
 import inference.runner as runner_module  # noqa: E402
 from inference.runner import count_xla_compiles  # noqa: E402
-from inference.llm import LLM  # noqa: E402
+from inference.llm import LLM, _auto_quantization  # noqa: E402
 from inference.sampling_params import SamplingParams  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.config import LlamaConfig  # noqa: E402
@@ -156,14 +157,17 @@ def default_model_tokens_per_s(loaded, num_seqs: int, output_tokens: int, **engi
     cfg, params, tok = loaded
     prompts = [{"prompt_token_ids": tok.encode(f"Write a short story about the number {i}.")} for i in range(num_seqs)]
     sp = [SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True) for _ in range(num_seqs)]
+    # What LLM() picks for the default model on this machine (weights passed in stay as they are otherwise).
+    quantization = _auto_quantization("auto", weights_given=False, devices=1)
     with LLM(_loaded=loaded, max_num_seqs=num_seqs, max_num_batched_tokens=max(num_seqs, 512),
-             max_model_len=256, **engine_kw) as llm:
+             max_model_len=256, quantization=quantization, **engine_kw) as llm:
         llm.generate(prompts, sp)  # compiles every program the timed run uses (block-table widths grow with it)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp)
         dt = time.perf_counter() - t0
     n = sum(len(o.token_ids) for o in outs)
-    return {"num_seqs": num_seqs, "output_tokens": output_tokens, "tokens_per_s": n / dt, "seconds": dt}
+    return {"num_seqs": num_seqs, "output_tokens": output_tokens, "tokens_per_s": n / dt, "seconds": dt,
+            "quantization": quantization}
 
 
 def main():
@@ -213,7 +217,8 @@ def main():
             r = default_model_tokens_per_s(default, 64, args.default_model_tokens, **kw)
             name = ", ".join(f"{k}={v}" for k, v in kw.items()) or "synchronous"
             report["default_model"][name] = r
-            print(f"[default model 64 seqs x {r['output_tokens']} tokens, {name}] {r['tokens_per_s']:.1f} tok/s "
+            print(f"[default model ({r['quantization']}) 64 seqs x {r['output_tokens']} tokens, {name}] "
+                  f"{r['tokens_per_s']:.1f} tok/s "
                   f"({r['tokens_per_s'] / report['default_model']['synchronous']['tokens_per_s']:.2f}x synchronous)",
                   flush=True)
     if args.json:
