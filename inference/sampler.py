@@ -323,7 +323,8 @@ def apply_penalties(logits: jax.Array, tensors: SamplingTensors,
 # k-th value and nucleus lie inside it (at [64, 49152] on XLA:CPU a top-64 `lax.top_k` takes ~5 ms,
 # a full sort ~470 ms, the CPU kernel ~0.7 ms).
 TOP_CANDIDATES = 64
-# Rows the candidates cannot settle are bisected exactly, this many rows at a time.
+# Rows the candidates cannot settle are bisected exactly, this many rows at a time (on CPU the
+# quickselect kernel takes them all in one call).
 FALLBACK_ROWS = 4
 # Block width of the two-level inverse-CDF draw in `categorical`.
 DRAW_BLOCK = 256
