@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.host_memory import keep_scratch_mapped
 from inference.sampler import SamplingTensors, sample
 from inference.scheduler import SchedulerOutput
 from inference.speculative import verify
@@ -259,8 +258,6 @@ class ModelRunner:
         self.cfg = cfg
         self.engine_cfg = engine_cfg
         self.num_pages = num_pages  # pages the scheduler allocates
-        if jax.default_backend() == "cpu":
-            keep_scratch_mapped()  # XLA:CPU's per-step scratch reused, not mapped and faulted in afresh
         self.params = params
         # A draft model's runner (spec_runner.DraftRunner): its own pool follows every step's tokens.
         self.draft = draft

@@ -15,9 +15,10 @@ alone, and the sampler's share of the step. Steps are timed as (a 34-token job -
 pair repeated --engine-repeats times with the cases interleaved (min of each), so that prefill and
 admission cancel and the machine's noise is shared.
 
-On CPU the engine raises glibc's mmap and trim thresholds (`inference.host_memory`) so that XLA:CPU's
-per-call scratch is reused instead of mapped and faulted in afresh each call; this does the same, and
---default-malloc shows the sampler under glibc's defaults (the page faults then count as CPU time).
+With glibc's default malloc, XLA:CPU's per-call temporaries above its mmap threshold (32 MB at
+most) can be mapped afresh every call, and the page faults then show up here as CPU time;
+MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000 shows the cost without them (the
+engine's step no longer gains from them: BENCHMARKS.md, issue 12).
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from inference.host_memory import keep_scratch_mapped  # noqa: E402
 from inference.sampler import SamplingTensors, sample  # noqa: E402
 from inference.sampling_params import SamplingParams  # noqa: E402
 
@@ -86,12 +86,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=list(CASES), help="subset of: " + ", ".join(CASES))
     ap.add_argument("--engine-step", action="store_true", help="also time the default model's decode step per case")
     ap.add_argument("--engine-repeats", type=int, default=3)
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="keep glibc's malloc thresholds (the engine raises them on CPU)")
     args = ap.parse_args()
-    malloc = "glibc defaults"
-    if not args.default_malloc and jax.default_backend() == "cpu":
-        malloc = "scratch kept mapped" if keep_scratch_mapped() else "glibc defaults (thresholds not applied)"
 
     logits = zipf_logits(args.rows, args.vocab, tuple(args.zipf), seed=0)
     for top_p in (0.9, 0.95):
@@ -99,7 +94,7 @@ def main() -> None:
         print(f"nucleus at T=0.8, top_p={top_p}: min {n.min()}, median {int(np.median(n))}, max {n.max()}")
     device_logits = jax.device_put(logits)
     alone = {}
-    print(f"\n| case ({args.rows} rows, vocab {args.vocab}, {jax.default_backend()}, malloc: {malloc}) | wall ms | CPU ms |")
+    print(f"\n| case ({args.rows} rows, vocab {args.vocab}, {jax.default_backend()}) | wall ms | CPU ms |")
     print("|---|---|---|")
     for name in args.cases:
         params = [SamplingParams(seed=i, **CASES[name]) for i in range(args.rows)]
