@@ -385,7 +385,7 @@ def _bisect_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, flo
 
 def _selection_kernels() -> bool:
     """Whether the CPU kernels (pallas_kernels/cpu_top_k.py) pick the candidates and the exact cut-offs
-    (read at trace time; elsewhere lax.top_k and the bisection do)."""
+    and make `sample`'s draw (read at trace time; elsewhere lax.top_k, the bisection and `_draw` do)."""
     return cpu_top_k.kernel_available()
 
 
@@ -508,6 +508,11 @@ def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
     return _draw(keys, logits, jnp.max(logits, axis=-1))
 
 
+def draw_uniforms(keys: jax.Array) -> jax.Array:
+    """[B, 2] f32 in [0, 1): the two uniforms of each row's draw (keys [B])."""
+    return jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)
+
+
 def _draw(keys: jax.Array, logits: jax.Array, row_max: jax.Array) -> jax.Array:
     """`categorical` given row_max [B] = the rows' maxima (saves a pass when the caller knows it).
 
@@ -521,7 +526,7 @@ def _draw(keys: jax.Array, logits: jax.Array, row_max: jax.Array) -> jax.Array:
     weights = jnp.exp(logits - row_max[:, None])
     weights = jnp.pad(weights, ((0, 0), (0, n_blocks * block - vocab)))
     weights = weights.reshape(rows, n_blocks, block)                      # [B, n_blocks, block]
-    u = jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)  # [B, 2]
+    u = draw_uniforms(keys)  # [B, 2]
     block_index = _inverse_cdf(jnp.sum(weights, axis=-1), u[:, 0])
     in_block = jnp.take_along_axis(weights, block_index[:, None, None], axis=1)[:, 0]
     return (block_index * block + _inverse_cdf(in_block, u[:, 1])).astype(jnp.int32)
@@ -622,9 +627,12 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
         # Greedy rows divide by 1 to stay finite; their result is replaced by argmax below.
         scaled = x / jnp.where(greedy, 1.0, tensors.temperature)[:, None]
         cutoff = filter_cutoff(scaled, tensors, skip_rows=greedy)
-        # Same draw as categorical(keys, masked): the row maximum is never filtered out.
-        masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
-        sampled = _draw(row_keys(tensors), masked, jnp.max(scaled, axis=-1))
+        row_max = jnp.max(scaled, axis=-1)  # never filtered out
+        if _selection_kernels():  # the same draw, fused: no [B, V] masked logits or weights
+            sampled = cpu_top_k.cpu_draw(scaled, cutoff, row_max, draw_uniforms(row_keys(tensors)))
+        else:  # categorical(keys, masked)
+            masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
+            sampled = _draw(row_keys(tensors), masked, row_max)
         greedy_tokens = jax.lax.cond(jnp.any(greedy), first_argmax, lambda _: jnp.zeros_like(sampled), x)
         return jnp.where(greedy, greedy_tokens, sampled)
 

@@ -65,7 +65,7 @@ _DEQUANT_TARGETS = {8: "ridgeline_dequant_int8", 4: "ridgeline_dequant_int4"}
 _SYMBOLS = {"ridgeline_qmatmul_int8": "RidgelineQMatmulInt8", "ridgeline_qmatmul_int4": "RidgelineQMatmulInt4",
             "ridgeline_dequant_int8": "RidgelineDequantInt8", "ridgeline_dequant_int4": "RidgelineDequantInt4",
             "ridgeline_decode_attention": "RidgelineDecodeAttention", "ridgeline_candidates": "RidgelineCandidates",
-            "ridgeline_filter_cutoff": "RidgelineFilterCutoff"}
+            "ridgeline_filter_cutoff": "RidgelineFilterCutoff", "ridgeline_draw": "RidgelineDraw"}
 # Registered only where the library was built with AVX-512 VNNI (RidgelineHasInt8Dot() says so).
 _INT8_DOT_TARGET, _INT8_DOT_SYMBOL = "ridgeline_int8_dot", "RidgelineInt8Dot"
 _CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")

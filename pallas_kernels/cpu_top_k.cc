@@ -1,11 +1,12 @@
-// The sampler's selections on the CPU: the k largest values of each row (top-k / top-p candidates), and the
-// exact min-p -> top-k -> top-p cut-off of the rows those candidates do not settle.
+// The sampler's kernels on the CPU: the k largest values of each row (top-k / top-p candidates), the exact
+// min-p -> top-k -> top-p cut-off of the rows those candidates do not settle, and the inverse-CDF draw.
 //
 // Registered with XLA through jax.ffi, built into the same library as cpu_qmatmul.cc (see
 // pallas_kernels/cpu_quantized_matmul.py); called by pallas_kernels/cpu_top_k.py. References:
-// jax.lax.top_k(x, k)[0], and the sampler's bisection (inference/sampler.py, _bisect_threshold). Why:
+// jax.lax.top_k(x, k)[0], the sampler's bisection (inference/sampler.py, _bisect_threshold) and _draw. Why:
 // XLA:CPU's TopK sorts (value, index) pairs per row, ~80 us per 49k-entry row (5 ms of a 64-row sampler
-// step), and the bisection makes 32 passes over a row per cut-off (~0.4 ms a row).
+// step), the bisection makes 32 passes over a row per cut-off (~0.4 ms a row), and XLA's draw writes the
+// masked logits and their weights out as [B, V] arrays before summing them.
 //
 // Candidates: one pass per row keeps a buffer of the values above a running threshold (the k-th largest
 // kept so far): 16 compares per instruction, and only the few values that beat it are stored; the buffer
@@ -270,6 +271,83 @@ ffi::Error CandidatesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, ffi:
   return ffi::Error::Success();
 }
 
+// The inverse-CDF draw of inference/sampler.py (_draw), fused: the weights exp(x - row_max) of x >= cutoff
+// are summed per block of kDrawBlock without being stored, one uniform picks the block by its mass and the
+// other a token inside it (the block's weights recomputed). Sums in float32, 16 lanes then in order.
+constexpr int64_t kDrawBlock = 256;
+
+// The index i with cum[i - 1] <= u * total < cum[i] over w[0, n), clamped to the last positive weight
+// (u * total can round up to the total): the rule of the sampler's _inverse_cdf.
+int64_t InverseCdf(const float* w, int64_t n, float u) {
+  float total = 0;
+  int64_t last = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    total += w[i];
+    if (w[i] > 0) last = i;
+  }
+  const float target = u * total;
+  float cum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    cum += w[i];
+    if (cum > target) return std::min(i, last);
+  }
+  return last;
+}
+
+// Weights of row[b0, b1) (exp(x - row_max) where x >= cutoff, else 0) into w; returns their sum.
+float BlockWeights(const float* row, int64_t b0, int64_t b1, float cutoff, float row_max, float* w) {
+  float sum = 0;
+  int64_t i = b0;
+#if defined(__AVX512F__)
+  const __m512 cv = _mm512_set1_ps(cutoff), mv = _mm512_set1_ps(row_max), neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= b1; i += 16) {
+    const __m512 v = _mm512_loadu_ps(row + i);
+    // -inf (a banned token) weighs exactly 0: Exp clamps its argument at -87, which is not 0.
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, cv, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, neg_inf, _CMP_GT_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(keep, Exp(_mm512_maskz_sub_ps(keep, v, mv)));
+    if (w != nullptr) _mm512_storeu_ps(w + (i - b0), e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < b1; ++i) {
+    const float e = row[i] >= cutoff ? std::exp(row[i] - row_max) : 0.f;
+    if (w != nullptr) w[i - b0] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+ffi::Error DrawImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> scaled, ffi::Buffer<ffi::F32, 1> cutoff,
+                    ffi::Buffer<ffi::F32, 1> row_max, ffi::Buffer<ffi::F32, 2> uniforms,
+                    ffi::ResultBuffer<ffi::S32, 1> out) {
+  const int64_t b = scaled.dimensions()[0], n = scaled.dimensions()[1];
+  if (cutoff.dimensions()[0] != b || row_max.dimensions()[0] != b || out->dimensions()[0] != b ||
+      uniforms.dimensions()[0] != b || uniforms.dimensions()[1] != 2)
+    return ffi::Error::InvalidArgument("cutoff, row_max and out must be [B], uniforms [B, 2]");
+  const int64_t blocks = (n + kDrawBlock - 1) / kDrawBlock;
+  const float* x = scaled.typed_data();
+  const float* cut = cutoff.typed_data();
+  const float* mx = row_max.typed_data();
+  const float* u = uniforms.typed_data();
+  int32_t* o = out->typed_data();
+  ParallelFor(pool, std::max<int64_t>(1, pool.num_threads()), b, [=](int64_t r) {
+    thread_local std::unique_ptr<float[]> mass;
+    thread_local int64_t capacity = 0;
+    if (blocks + kDrawBlock > capacity) mass.reset(new float[capacity = blocks + kDrawBlock]);
+    const float* row = x + r * n;
+    for (int64_t j = 0; j < blocks; ++j)
+      mass[j] = BlockWeights(row, j * kDrawBlock, std::min(n, (j + 1) * kDrawBlock), cut[r], mx[r], nullptr);
+    const int64_t block = InverseCdf(mass.get(), blocks, u[2 * r]);
+    float* w = mass.get() + blocks;
+    const int64_t b0 = block * kDrawBlock, b1 = std::min(n, b0 + kDrawBlock);
+    BlockWeights(row, b0, b1, cut[r], mx[r], w);
+    o[r] = static_cast<int32_t>(b0 + InverseCdf(w, b1 - b0, u[2 * r + 1]));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 using F32Matrix = ffi::Buffer<ffi::F32, 2>;
@@ -297,3 +375,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RidgelineFilterCutoff, FilterCutoffImpl,
                                   .Arg<S32Vector>()   // kth_known [B]
                                   .Arg<S32Vector>()   // rows [B]
                                   .Ret<F32Vector>());  // out [B]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RidgelineDraw, DrawImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()   // scaled [B, V]
+                                  .Arg<F32Vector>()   // cutoff [B]
+                                  .Arg<F32Vector>()   // row_max [B]
+                                  .Arg<F32Matrix>()   // uniforms [B, 2]
+                                  .Ret<S32Vector>());  // tokens [B]

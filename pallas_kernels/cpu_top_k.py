@@ -1,4 +1,4 @@
-"""The sampler's selections on the CPU, C++ kernels called through ``jax.ffi`` (``cpu_top_k.cc``, built
+"""The sampler's selections and draw on the CPU, C++ kernels called through ``jax.ffi`` (``cpu_top_k.cc``, built
 with the CPU kernel library of ``pallas_kernels/cpu_quantized_matmul.py``).
 
 ``cpu_candidates``: the k largest values of each row (the top-k / top-p candidates) and the mass of the
@@ -14,7 +14,13 @@ and fewer than k non-NaN values pad with -inf.
 twin of the sampler's bisection (``inference.sampler._bisect_threshold``, its reference): a quickselect on
 value carrying the mass above, one pass and O(V) expected per row, where the bisection makes 32 passes.
 Its masses are summed in double (the bisection's in float32), so a nucleus boundary within float32
-rounding of top_p may close one value apart. BENCHMARKS.md (issue 12) has the timings.
+rounding of top_p may close one value apart. 
+``cpu_draw``: the sampler's two-level inverse-CDF draw (``inference.sampler._draw``, its reference) fused
+into one pass per row: block masses of exp(x - max) over x >= cutoff are summed without writing the masked
+logits or their weights out as [B, V] arrays, then the chosen block's weights are recomputed. Its sums
+run in another order than XLA's, so a uniform within float32 rounding of a block or token boundary may
+pick the neighbour (each row still depends only on its own inputs). BENCHMARKS.md (issue 12) has the
+timings.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ def kernel_available() -> bool:
     return cpu_quantized_matmul.available()
 
 
+def _require_kernels() -> None:
+    if not kernel_available():
+        raise RuntimeError("the CPU kernel library is not available (see pallas_kernels/cpu_quantized_matmul.py)")
+
+
 def cpu_candidates(x: jax.Array, k: int, top_k: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(values [B, k], mass [B]) f32 for rows x [B, V]: each row's k largest values, descending, and the
     mass sum(exp(x - values[:, 0])) of its tokens >= max(floor [B], the top_k [B]-th value where
@@ -42,6 +53,7 @@ def cpu_candidates(x: jax.Array, k: int, top_k: jax.Array, floor: jax.Array) -> 
         raise ValueError(f"x.shape={x.shape} must be [B, V]")
     if not 1 <= k <= x.shape[1]:
         raise ValueError(f"{k=} must be in [1, V={x.shape[1]}]")
+    _require_kernels()
     rows = x.shape[0]
     out = (jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
     return jax.ffi.ffi_call("ridgeline_candidates", out, vmap_method="broadcast_all")(
@@ -67,7 +79,21 @@ def cpu_filter_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, flo
     finds it). The rule of ``inference.sampler._bisect_threshold``."""
     if scaled.ndim != 2:
         raise ValueError(f"scaled.shape={scaled.shape} must be [B, V]")
+    _require_kernels()
     out = jax.ShapeDtypeStruct(scaled.shape[:1], jnp.float32)
     i32, f32 = (lambda a: jnp.asarray(a).astype(jnp.int32)), (lambda a: jnp.asarray(a).astype(jnp.float32))
     return jax.ffi.ffi_call("ridgeline_filter_cutoff", out, vmap_method="broadcast_all")(
         f32(scaled), i32(top_k), f32(top_p), f32(floor), f32(kth), i32(kth_known), i32(rows))
+
+
+def cpu_draw(scaled: jax.Array, cutoff: jax.Array, row_max: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """[B] i32: per row one token drawn from softmax(scaled) restricted to scaled >= cutoff [B], with
+    row_max [B] the row's maximum (never cut off) and uniforms [B, 2] in [0, 1): the first picks a block
+    of 256 tokens by its mass, the second a token inside it (``inference.sampler._draw``'s rule)."""
+    if scaled.ndim != 2 or uniforms.shape != (scaled.shape[0], 2):
+        raise ValueError(f"scaled.shape={scaled.shape} must be [B, V] and uniforms.shape={uniforms.shape} [B, 2]")
+    _require_kernels()
+    f32 = lambda a: jnp.asarray(a).astype(jnp.float32)  # noqa: E731
+    out = jax.ShapeDtypeStruct(scaled.shape[:1], jnp.int32)
+    return jax.ffi.ffi_call("ridgeline_draw", out, vmap_method="broadcast_all")(
+        f32(scaled), f32(cutoff), f32(row_max), f32(uniforms))

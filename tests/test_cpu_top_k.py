@@ -100,3 +100,42 @@ def test_cutoff_nucleus_below_the_stored_band():
     want = np.asarray(sampler._bisect_threshold(x, top_k, top_p, floor, floor, known))
     assert (got < -12.0).all()
     np.testing.assert_array_equal(got, want)
+
+
+def _check_inverse_cdf(x, cutoff, u, tokens, block=256):
+    """Each token is where its uniforms fall in the float64 CDF (block by mass, then inside the block),
+    within float32 rounding, and has positive weight."""
+    for r, t in enumerate(tokens):
+        w = np.where((x[r] >= cutoff[r]) & (x[r] > -np.inf), np.exp(x[r].astype(np.float64) - x[r].max()), 0.0)
+        assert w[t] > 0, (r, t)
+        masses = np.add.reduceat(w, np.arange(0, len(w), block))
+        b, j = divmod(int(t), block)
+        cum = np.cumsum(masses)
+        tol = 1e-5 * cum[-1]
+        assert (cum[b - 1] if b else 0.0) - tol <= u[r, 0] * cum[-1] <= cum[b] + tol, (r, t)
+        inside = np.cumsum(w[b * block:(b + 1) * block])
+        tol = 1e-5 * inside[-1]
+        assert (inside[j - 1] if j else 0.0) - tol <= u[r, 1] * inside[-1] <= inside[j] + tol, (r, t)
+
+
+@pytest.mark.parametrize("v", [7, 300, 49152])
+def test_draw_follows_the_inverse_cdf_and_matches_xla(v):
+    b = 48
+    rng = np.random.default_rng(v)
+    x = _rows(b, v, seed=3 * v)
+    x[0, :] = -np.inf
+    x[0, v // 2] = 0.0  # one allowed token
+    row_max = x.max(-1)
+    cutoff = np.where(rng.random(b) < 0.5, -np.inf, row_max - rng.uniform(0, 4, b)).astype(np.float32)
+    u = rng.random((b, 2)).astype(np.float32)
+    u[1:4] = np.float32(1 - 2**-24)  # u * total rounding up to the total: the last weighted token
+    tokens = np.asarray(jax.jit(cpu_top_k.cpu_draw)(x, cutoff, row_max, u))
+    assert tokens[0] == v // 2
+    _check_inverse_cdf(x, cutoff, u, tokens)
+    # The XLA draw with the same uniforms: the same rule, sums in another order.
+    masked = np.where(x >= cutoff[:, None], x, -np.inf)
+    keys = jax.vmap(jax.random.key)(jnp.arange(b))
+    uniforms = np.asarray(sampler.draw_uniforms(keys))
+    xla = np.asarray(jax.jit(sampler._draw)(keys, masked, row_max))
+    kernel = np.asarray(cpu_top_k.cpu_draw(x, cutoff, row_max, uniforms))
+    assert (kernel == xla).mean() >= 0.95, (kernel, xla)
