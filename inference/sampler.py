@@ -20,8 +20,8 @@ step): every filter is a per-row cut-off on values (`filter_cutoff`); top-k/top-
 the TOP_CANDIDATES largest values per row, and rows whose cut-off lies deeper are bisected on the
 values' bits (no sort); the draw puts two uniforms per row through the inverse CDF (`categorical`).
 All of it is exact, not an approximation. On CPU, C++ kernels (pallas_kernels/cpu_top_k.py) pick the
-candidates (XLA:CPU's TopK sorts per row) and cut the open rows off by a quickselect instead of the
-bisection's 32 passes; elsewhere `lax.top_k` and the bisection run.
+candidates (XLA:CPU's TopK sorts per row), cut the open rows off by a quickselect instead of the
+bisection's 32 passes, and make the draw in one pass; elsewhere `lax.top_k`, the bisection and `_draw` run.
 
 Returned logprobs are vLLM's default "raw" logprobs: log_softmax of the logits the model produced,
 before penalties, temperature and filtering. That keeps them a property of the model (comparable
