@@ -1,5 +1,5 @@
-"""The sampler's selections and draw on the CPU, C++ kernels called through ``jax.ffi`` (``cpu_top_k.cc``, built
-with the CPU kernel library of ``pallas_kernels/cpu_quantized_matmul.py``).
+"""The sampler's selections and draw on the CPU: C++ kernels called through ``jax.ffi`` (``cpu_top_k.cc``,
+built with the CPU kernel library of ``pallas_kernels/cpu_quantized_matmul.py``).
 
 ``cpu_candidates``: the k largest values of each row (the top-k / top-p candidates) and the mass of the
 row's top-k survivors. XLA:CPU's TopK sorts (value, index) pairs row by row, 5 ms for [64, 49152] at k = 64
@@ -14,7 +14,8 @@ and fewer than k non-NaN values pad with -inf.
 twin of the sampler's bisection (``inference.sampler._bisect_threshold``, its reference): a quickselect on
 value carrying the mass above, one pass and O(V) expected per row, where the bisection makes 32 passes.
 Its masses are summed in double (the bisection's in float32), so a nucleus boundary within float32
-rounding of top_p may close one value apart. 
+rounding of top_p may close one value apart.
+
 ``cpu_draw``: the sampler's two-level inverse-CDF draw (``inference.sampler._draw``, its reference) fused
 into one pass per row: block masses of exp(x - max) over x >= cutoff are summed without writing the masked
 logits or their weights out as [B, V] arrays, then the chosen block's weights are recomputed. Its sums
@@ -27,9 +28,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-_TARGET = "ridgeline_top_values"
-
 
 def kernel_available() -> bool:
     """On the CPU backend, with the CPU kernel library built and registered."""
