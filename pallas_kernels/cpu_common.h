@@ -43,8 +43,10 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t threads, int64_t n, Fn fn) 
 
 #if defined(__AVX512F__)
 // exp(x) for x <= 0 (scores minus their max), 16 at a time: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2,
-// p a degree-6 Taylor polynomial (relative error ~2e-7); below -87 the result flushes to zero.
+// p a degree-6 Taylor polynomial (relative error ~2e-7); below -87 (so -inf, a masked score) and for NaN
+// the result is exactly 0 (the polynomial alone would give ~1e-38 there).
 inline __m512 Exp(__m512 x) {
+  const __mmask16 in_range = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), 0);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split: hi + lo
@@ -56,7 +58,7 @@ inline __m512 Exp(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(in_range, _mm512_scalef_ps(p, n));
 }
 
 #endif

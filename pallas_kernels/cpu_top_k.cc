@@ -299,12 +299,12 @@ float BlockWeights(const float* row, int64_t b0, int64_t b1, float cutoff, float
   float sum = 0;
   int64_t i = b0;
 #if defined(__AVX512F__)
-  const __m512 cv = _mm512_set1_ps(cutoff), mv = _mm512_set1_ps(row_max), neg_inf = _mm512_set1_ps(kNegInf);
+  const __m512 cv = _mm512_set1_ps(cutoff), mv = _mm512_set1_ps(row_max);
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= b1; i += 16) {
     const __m512 v = _mm512_loadu_ps(row + i);
-    // -inf (a banned token) weighs exactly 0: Exp clamps its argument at -87, which is not 0.
-    const __mmask16 keep = _mm512_cmp_ps_mask(v, cv, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, neg_inf, _CMP_GT_OQ);
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, cv, _CMP_GE_OQ);
+    // Exp gives -inf (a banned token) exactly 0.
     const __m512 e = _mm512_maskz_mov_ps(keep, Exp(_mm512_maskz_sub_ps(keep, v, mv)));
     if (w != nullptr) _mm512_storeu_ps(w + (i - b0), e);
     acc = _mm512_add_ps(acc, e);
