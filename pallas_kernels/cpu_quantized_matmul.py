@@ -49,8 +49,9 @@ import numpy as np
 from pallas_kernels.quantized_matmul import check_quantized_weight, quantized_matmul_reference
 
 # One library of CPU kernels: the weight-only quantized matmul and the W8A8 int8-dot matmul (here), the
-# paged decode attention (called by pallas_kernels/ragged_paged_attention_xla.py) and the sampler's top-k
-# values (pallas_kernels/cpu_top_k.py). HEADERS are included by the sources (and hashed into the build key).
+# paged decode attention (called by pallas_kernels/ragged_paged_attention_xla.py) and the sampler's candidates,
+# cut-offs and draw (pallas_kernels/cpu_top_k.py). HEADERS are included by the sources (and hashed into the
+# build key).
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("cpu_qmatmul.cc", "cpu_attention.cc", "cpu_int8_dot.cc", "cpu_top_k.cc"))
 HEADERS = (Path(__file__).with_name("cpu_common.h"),)

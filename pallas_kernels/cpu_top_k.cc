@@ -25,6 +25,10 @@
 // O(V) expected, sums in double.
 //   scaled [B, V] f32; top_k [B] i32 in 1..V; top_p, floor, kth [B] f32; kth_known, rows [B] i32 (0/1)
 //   out    [B] f32: the cut-off of every row with rows[b] != 0, -inf elsewhere
+//
+// Draw (see DrawImpl): block masses summed in one pass, the chosen block's weights recomputed.
+//   scaled [B, V] f32; cutoff, row_max [B] f32; uniforms [B, 2] f32 in [0, 1)
+//   out    [B] i32: the drawn token of each row
 
 #include <algorithm>
 #include <cmath>
