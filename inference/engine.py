@@ -13,8 +13,8 @@ set of shapes (token buckets, with the sequence count tied to them, times a bloc
 ladder ending at max_model_len), which `warmup` compiles up front.
 
 Multi-step decode (`EngineConfig.num_decode_steps` = k > 1): when every running sequence is decoding
-and nothing waits for admission, one device program runs k decode steps (each feeds the previous
-step's sampled tokens, on device); the host then checks stops token by token and keeps only the
+and nothing waits for admission, one device program runs up to k decode steps (as many as the step's
+token budget holds for every sequence; each feeds the previous step's sampled tokens, on device); the host then checks stops token by token and keeps only the
 tokens up to a stop, exactly as the one-step loop would have.
 
 Overlapped dispatch (`EngineConfig.async_scheduling`): a plain step is launched, then the previous
@@ -638,9 +638,14 @@ class Engine:
         one placeholder draft tokens for the tokens it will sample inside the program (so the scheduler
         allocates their pages). Requests inside their min_tokens window, with bad_words or with structured
         output keep it one step at a time (their bans and masks change between steps)."""
-        k = self.engine_cfg.num_decode_steps
         sch = self.scheduler
-        if k == 1 or not sch.running or (sch.waiting and len(sch.running) < sch.max_num_seqs):
+        if not sch.running:
+            return False
+        # Each sequence's 1 + placeholders tokens count against the step's token budget: as many steps
+        # as fit for all of them (a block the scheduler could only part-schedule would run as one
+        # plain step over all the placeholders' positions, discarding them).
+        k = min(self.engine_cfg.num_decode_steps, sch.max_num_batched_tokens // len(sch.running))
+        if k <= 1 or (sch.waiting and len(sch.running) < sch.max_num_seqs):
             return False
         for seq in sch.running:
             state = self._requests.get(seq.request_id)

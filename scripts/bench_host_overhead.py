@@ -54,7 +54,8 @@ from model.config import LlamaConfig  # noqa: E402
 from model.llama import init_params  # noqa: E402
 
 PROMPT_TOKENS = 16
-STOPS = ["\n\n\n\n\n", "zqxjv"]  # long enough that random text is very unlikely to contain them
+STOPS = ["zqxjv", "vjxqz"]  # random tokens of the real vocabulary practically never spell these (runs of
+# newlines do: the vocabulary has tokens of many newlines)
 
 
 def sampling(i: int, max_tokens: int) -> SamplingParams:
@@ -90,12 +91,13 @@ class StubProgram:
 
 
 def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool = False,
-              stub_wait_ms: float = 0.0) -> dict:
+              stub_wait_ms: float = 0.0, num_decode_steps: int = 1) -> dict:
     cfg, params, tok = loaded
     max_len = PROMPT_TOKENS + output_tokens
-    with LLM(_loaded=(cfg, params, tok), max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs,
+    # (A multi-step block counts each sequence's num_decode_steps tokens against the budget.)
+    with LLM(_loaded=(cfg, params, tok), max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs * num_decode_steps,
              max_model_len=max_len, page_size=16, num_pages=num_seqs * -(-max_len // 16),
-             async_scheduling=async_scheduling) as llm:
+             async_scheduling=async_scheduling, num_decode_steps=num_decode_steps) as llm:
         engine = llm.engine
         runner = engine.runner
         launch_s = [0.0]  # thread CPU of the step programs' jitted calls (ModelRunner._run)
@@ -123,12 +125,25 @@ def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool 
             engine.add_request(f"r{i}", rng.integers(0, cfg.vocab_size, PROMPT_TOKENS).tolist(),
                                sampling(i, output_tokens), stream=False)
         host_ms, cpu_ms, wait_ms, launch_ms = [], [], [], []
+        # Per step, read outside the timed part: the output position it reached (median generated tokens
+        # of the running requests), the token positions it advanced each row by (num_decode_steps > 1:
+        # several), and whether requests finished in it (such steps also build their final outputs).
+        position, advanced, finishing = [], [], []
         with count_xla_compiles() as job:
             t_start = time.perf_counter()
             while engine.has_unfinished_requests():
+                running = [s.stop for s in engine._requests.values()]
+                lens0 = [len(s.token_ids) for s in running]
+                # Steady state: all num_seqs requests running, their prompts done (a request with no
+                # token yet is still prefilling).
+                admitted = len(lens0) == num_seqs and min(lens0) >= 1
                 w0, l0, t, c = engine.runner.device_wait_seconds, launch_s[0], time.perf_counter(), time.thread_time()
-                engine.step()
+                outs = engine.step()
                 dt, dc = time.perf_counter() - t, time.thread_time() - c
+                grown = [len(s.token_ids) - n for s, n in zip(running, lens0) if len(s.token_ids) > n]
+                position.append(float(np.median([len(s.token_ids) for s in running])) if running else 0.0)
+                advanced.append(max(grown, default=0) if admitted else 0)
+                finishing.append(any(o.finished for o in outs))
                 wait = engine.runner.device_wait_seconds - w0
                 host_ms.append((dt - wait) * 1e3)
                 # CPU time of this thread: the host work alone, even on a machine busy with other work
@@ -137,18 +152,27 @@ def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool 
                 wait_ms.append(wait * 1e3)
                 launch_ms.append((launch_s[0] - l0) * 1e3)
             total_s = time.perf_counter() - t_start
-    decode_start = -(-num_seqs * PROMPT_TOKENS // engine.engine_cfg.max_num_batched_tokens)  # prefill steps
-    host, cpu = np.array(host_ms[decode_start:]), np.array(cpu_ms[decode_start:])
-    # Host ms by output position (step k of the decode phase produced token k + 1 of every request).
-    at = {n: float(np.median(cpu[max(0, n - 33):n - 1])) for n in (128, 512, 1024, 2048) if n <= len(cpu)}
+    # Steady-state steps (every prompt done) in which no request finished.
+    steady = np.array([i for i in range(len(host_ms)) if advanced[i] >= 1 and not finishing[i]])
+    host, cpu = np.array(host_ms)[steady], np.array(cpu_ms)[steady]
+    per_position = cpu / np.array(advanced)[steady]  # host CPU ms per decode step (token position)
+    pos = np.array(position)[steady]
+    # Host CPU ms by output position: steps whose median request stood within 32 tokens before n.
+    at = {n: float(np.median(cpu[(pos > n - 33) & (pos <= n)])) for n in (128, 512, 1024, 2048)
+          if ((pos > n - 33) & (pos <= n)).any()}
+    fin = [cpu_ms[i] for i in range(len(cpu_ms)) if finishing[i]]
     return {
         "num_seqs": num_seqs, "output_tokens": output_tokens, "async_scheduling": async_scheduling,
+        "num_decode_steps": num_decode_steps,
         "steps": len(host_ms), "tokens_per_s": num_seqs * output_tokens / total_s,
         "host_ms_per_step": float(np.median(host)), "host_ms_mean": float(host.mean()),
         "host_cpu_ms_per_step": float(np.median(cpu)),
-        "launch_cpu_ms_per_step": float(np.median(launch_ms[decode_start:])),
-        "device_wait_ms_per_step": float(np.median(wait_ms[decode_start:])),
-        "host_cpu_ms_at_output_token": at, "wall_s": total_s, "warmup_s": warmup_s,
+        "host_cpu_ms_per_decode_step": float(np.median(per_position)),
+        "launch_cpu_ms_per_step": float(np.median(np.array(launch_ms)[steady])),
+        "device_wait_ms_per_step": float(np.median(np.array(wait_ms)[steady])),
+        "host_cpu_ms_at_output_token": at,
+        "finishing_steps": len(fin), "finishing_step_cpu_ms_mean": float(np.mean(fin)) if fin else 0.0,
+        "wall_s": total_s, "warmup_s": warmup_s,
         "warmup_compiles": warm.count, "compiles_after_warmup": job.count,
     }
 
@@ -178,6 +202,8 @@ def main():
     ap.add_argument("--default-model-tokens", type=int, default=32)
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[4, 8], help="num_decode_steps compared with 1")
     ap.add_argument("--probe-overlap", choices=["both", "off", "on"], default="both")
+    ap.add_argument("--probe-decode-steps", type=int, nargs="*", default=[8],
+                    help="probe jobs also run with these num_decode_steps > 1 (host cost per decode step)")
     ap.add_argument("--stub-program", action="store_true",
                     help="host Python alone: replace the step program by ready-made results (not the real figure)")
     ap.add_argument("--stub-wait-ms", type=float, default=0.0,
@@ -197,18 +223,24 @@ def main():
     if args.stub_program:
         runner_module._sample_step_fn = StubProgram(cfg.vocab_size)
         overlaps = (False,)  # the stub's results do not feed placeholders
+        args.probe_decode_steps = []  # nor does it stand in for the multi-step program
         args.skip_default_model = True
-    for S, overlap in ((S, o) for S in args.seqs for o in overlaps):
-        r = probe_job(probe, S, args.output_tokens, overlap, args.stub_wait_ms if args.stub_program else 0.0)
+    loops = [(o, 1) for o in overlaps] + [(False, k) for k in args.probe_decode_steps if k > 1]
+    for S, (overlap, k) in ((S, loop) for S in args.seqs for loop in loops):
+        r = probe_job(probe, S, args.output_tokens, overlap, args.stub_wait_ms if args.stub_program else 0.0, k)
         report["probe"].append(r)
         print(f"[probe {S} seqs x {args.output_tokens} tokens, async_scheduling={overlap}"
+              f"{f', num_decode_steps={k}' if k > 1 else ''}"
               f"{', STUB PROGRAM (host Python alone)' if args.stub_program else ''}"
               f"{f', stub wait {args.stub_wait_ms:g} ms' if args.stub_program and args.stub_wait_ms else ''}] "
               f"{r['tokens_per_s']:.0f} tok/s, host {r['host_ms_per_step']:.2f} ms/step wall "
               f"(mean {r['host_ms_mean']:.2f}), {r['host_cpu_ms_per_step']:.2f} ms/step thread CPU "
-              f"(of which launch {r['launch_cpu_ms_per_step']:.2f}), device wait "
+              f"(of which launch {r['launch_cpu_ms_per_step']:.2f}; per decode step "
+              f"{r['host_cpu_ms_per_decode_step']:.2f}), device wait "
               f"{r['device_wait_ms_per_step']:.2f} ms/step, host CPU ms near output token "
-              f"{r['host_cpu_ms_at_output_token']}, {r['steps']} steps in {r['wall_s']:.1f} s; "
+              f"{ {n: round(v, 2) for n, v in r['host_cpu_ms_at_output_token'].items()} }, "
+              f"{r['finishing_steps']} steps finishing requests (mean {r['finishing_step_cpu_ms_mean']:.1f} ms), "
+              f"{r['steps']} steps in {r['wall_s']:.1f} s; "
               f"compiles: warm-up {r['warmup_compiles']}, after warm-up {r['compiles_after_warmup']}", flush=True)
     if not args.skip_default_model:
         report["default_model"] = {}

@@ -206,3 +206,20 @@ def test_multi_step_decode_identical_to_one_step_at_a_time(params):
                 assert dg.keys() == dw.keys()
                 np.testing.assert_allclose(list(dg.values()), list(dw.values()), atol=1e-5)
     assert engine.stats["steps"] < plain_engine.stats["steps"]  # blocks of several steps did run
+
+
+def test_multi_step_decode_within_a_tight_token_budget(params):
+    """A token budget below num_decode_steps x the running sequences: blocks shrink to what fits for all
+    of them (here 2 steps), instead of steps that part-schedule the block or compute placeholder
+    positions only to discard them; the tokens are the one-step loop's."""
+    prompts = mixed_prompts(12, seed=22)
+    sps = [SamplingParams(temperature=0.8, seed=i, max_tokens=12, ignore_eos=True, repetition_penalty=1.2)
+           for i in range(12)]
+    plain_engine = make_engine(params, max_num_seqs=12, max_num_batched_tokens=24)
+    want = run(plain_engine, prompts, sps)
+    engine = make_engine(params, max_num_seqs=12, max_num_batched_tokens=24, num_decode_steps=4)
+    got = run(engine, prompts, sps)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    # Every position computed once: no forward over placeholders that were thrown away.
+    assert engine.stats["tokens_computed"] == plain_engine.stats["tokens_computed"]
+    assert engine.stats["steps"] < 0.7 * plain_engine.stats["steps"]  # 2-step blocks did run
