@@ -73,10 +73,8 @@ def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: Optional[int
     (`_pack_sampler_output`): one host-to-device and one device-to-host copy per step."""
 
     def step(params, cache, penalties: Optional[PenaltyState], packed, fed_back, layout):
-        fields = _unpack_device_inputs(packed, layout)
-        inputs = StepInputs(*(fields[name] for name in StepInputs._fields))
-        tensors = SamplingTensors(*(fields.get("sampling." + name) for name in SamplingTensors._fields))
-        slots = fields.get("slots")
+        fields, tensors, slots = _unpack_device_inputs(packed, layout)
+        inputs = StepInputs(**fields)
         inputs = inputs._replace(tokens=_feed_back(inputs.tokens, fed_back))
         # One logits row per sequence, the real ones first (_first_logits_rows).
         logits, cache = forward(params, cache, inputs, cfg, attn_impl=attn_impl, logits_rows=inputs.num_seqs[0])
@@ -92,16 +90,24 @@ def _sample_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: Optional[int
     return jax.jit(step, donate_argnums=(1, 2), static_argnames=("layout",))
 
 
-def _pack_host_inputs(fields: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple]:
-    """One flat int32 buffer of 4-byte (int32, uint32, float32) and bool arrays, and its static layout
-    ((name, shape, dtype) per field) for `_unpack_device_inputs`."""
+def _pack_host_inputs(arrays: dict[str, np.ndarray], tensors: SamplingTensors,
+                      slots: Optional[np.ndarray]) -> tuple[np.ndarray, tuple]:
+    """A step's host inputs (its own arrays, host SamplingTensors, penalty slots or None) as one flat
+    int32 buffer of 4-byte (int32, uint32, float32) and bool arrays, and its static layout ((name, shape,
+    dtype) per field) for `_unpack_device_inputs`."""
+    fields = dict(arrays)
+    if slots is not None:
+        fields["slots"] = slots
+    fields.update(("sampling." + name, value) for name, value in zip(SamplingTensors._fields, tensors)
+                  if value is not None)
     layout = tuple((name, a.shape, a.dtype.str) for name, a in fields.items())
     flat = [a.reshape(-1).view(np.int32) if a.dtype.itemsize == 4 else a.reshape(-1).astype(np.int32)
             for a in fields.values()]
     return np.concatenate(flat), layout
 
 
-def _unpack_device_inputs(packed: jax.Array, layout: tuple) -> dict[str, jax.Array]:
+def _unpack_device_inputs(packed: jax.Array, layout: tuple):
+    """Inside a step program: (the step's own arrays by name, SamplingTensors, penalty slots or None)."""
     fields, offset = {}, 0
     for name, shape, dtype in layout:
         size = int(np.prod(shape, dtype=np.int64))
@@ -113,7 +119,8 @@ def _unpack_device_inputs(packed: jax.Array, layout: tuple) -> dict[str, jax.Arr
         elif dtype != np.int32:
             x = jax.lax.bitcast_convert_type(x, dtype)
         fields[name] = x
-    return fields
+    tensors = SamplingTensors(*(fields.pop("sampling." + name, None) for name in SamplingTensors._fields))
+    return fields, tensors, fields.pop("slots", None)
 
 
 def _pack_sampler_output(out) -> jax.Array:
@@ -162,9 +169,13 @@ class DecodeBatch(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: Optional[int], num_steps: int):
     """Jitted `num_steps` decode steps in one lax.scan: step i feeds the tokens step i - 1 sampled.
-    Returns SamplerOutput fields stacked [num_steps, S, ...]; rows past their num_steps write nothing."""
+    Host inputs (DecodeBatch, SamplingTensors, penalty slots) arrive as one packed int32 buffer, as in
+    `_sample_step_fn`; the results leave as one [num_steps, S, 2 + 2k] int32 buffer (each step's
+    `_pack_sampler_output`). Rows past their num_steps write nothing."""
 
-    def step(params, cache, penalties: Optional[PenaltyState], batch: DecodeBatch, tensors: SamplingTensors, slots):
+    def step(params, cache, penalties: Optional[PenaltyState], packed, layout):
+        fields, tensors, slots = _unpack_device_inputs(packed, layout)
+        batch = DecodeBatch(**fields)
         S = batch.first_tokens.shape[0]
         page_size = cache["k"].shape[2]
         rows = jnp.arange(S, dtype=jnp.int32)
@@ -188,13 +199,13 @@ def _multi_step_fn(cfg: LlamaConfig, attn_impl: str, num_logprobs: Optional[int]
                 row_slots = jnp.where(active, slots, penalties.counts.shape[0])
                 penalties = PenaltyState(penalties.counts.at[row_slots, out.tokens].add(1, mode="drop"),
                                          penalties.prompt_mask)
-            return (cache, penalties, jnp.where(active, out.tokens, tokens)), out
+            return (cache, penalties, jnp.where(active, out.tokens, tokens)), _pack_sampler_output(out)
 
         (cache, penalties, _), outs = jax.lax.scan(one, (cache, penalties, batch.first_tokens),
                                                    jnp.arange(num_steps, dtype=jnp.int32))
         return outs, cache, penalties
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    return jax.jit(step, donate_argnums=(1, 2), static_argnames=("layout",))
 
 
 class count_xla_compiles:
@@ -352,12 +363,7 @@ class ModelRunner:
         return out
 
     def _launch_sample(self, arrays: dict, tensors: SamplingTensors, slots: Optional[np.ndarray], num_logprobs: int):
-        fields = dict(arrays)
-        if slots is not None:
-            fields["slots"] = slots
-        fields.update(("sampling." + name, value) for name, value in zip(SamplingTensors._fields, tensors)
-                      if value is not None)
-        packed, layout = _pack_host_inputs(fields)
+        packed, layout = _pack_host_inputs(arrays, tensors, slots)
         fn = _sample_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs)
         out, (self._fed_back,) = self._run(fn, slots, packed, self._fed_back, layout=layout)
         return out
@@ -391,14 +397,16 @@ class ModelRunner:
             batch.block_tables[b, :s.num_pages] = s.block_array[:s.num_pages]
         return self._run_decode_steps(batch, tensors, slots, num_logprobs, num_steps)
 
-    def _run_decode_steps(self, batch: DecodeBatch, tensors, slots, num_logprobs: int, num_steps: int) -> StepResult:
+    def _run_decode_steps(self, batch: DecodeBatch, tensors: SamplingTensors, slots: Optional[np.ndarray],
+                          num_logprobs: int, num_steps: int) -> StepResult:
+        """tensors: host (numpy) SamplingTensors, sent with the batch and slots in one buffer."""
+        packed, layout = _pack_host_inputs(batch._asdict(), tensors, slots)
         fn = _multi_step_fn(self.cfg, self.engine_cfg.attn_impl, num_logprobs, num_steps)
-        out = self._fetch(self._run(fn, slots, jax.device_put(batch), tensors,
-                                    None if slots is None else jnp.asarray(slots))[0])
-        S = batch.num_steps.shape[0]
-        return StepResult(np.asarray(out.tokens).T, np.maximum(batch.num_steps, 1), np.zeros(S, np.int32),
-                          np.asarray(out.chosen_logprob).T, np.asarray(out.top_logprobs).transpose(1, 0, 2),
-                          np.asarray(out.top_ids).transpose(1, 0, 2))
+        host = self._fetch(self._run(fn, slots, packed, layout=layout)[0])  # [num_steps, S, 2 + 2k]
+        host = host.transpose(1, 0, 2)  # [S, num_steps, 2 + 2k]
+        S, k = host.shape[0], (host.shape[2] - 2) // 2
+        return StepResult(host[:, :, 0], np.maximum(batch.num_steps, 1), np.zeros(S, np.int32),
+                          host[:, :, 1].view(np.float32), host[:, :, 2 + k:].view(np.float32), host[:, :, 2:2 + k])
 
     def _run(self, fn, slots: Optional[np.ndarray], *args, **kwargs):
         """Launches a step program fn(params, cache, penalties, *args, **kwargs), donating the cache and

@@ -220,8 +220,9 @@ def test_hf_safetensors_dir_roundtrip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "overlapped"])
-def test_warmup_then_a_64_request_job_compiles_nothing(default_model, async_scheduling):
+@pytest.mark.parametrize("loop", [{}, {"async_scheduling": True}, {"num_decode_steps": 4}],
+                         ids=["sync", "overlapped", "multi_step"])
+def test_warmup_then_a_64_request_job_compiles_nothing(default_model, loop):
     """XLA's own compile events (not engine bookkeeping): after LLM.warmup, a job of 64 requests with
     mixed prompt and output lengths, greedy and seeded sampling, runs without a single compilation.
     A 1-layer, 64-wide random model with the default tokenizer keeps the compiles cheap."""
@@ -238,10 +239,12 @@ def test_warmup_then_a_64_request_job_compiles_nothing(default_model, async_sche
     params = init_params(cfg, jax.random.key(0))
     jax.clear_caches()  # each parametrization starts cold (engines with one config share step programs)
     with LLM(_loaded=(cfg, params, tok), max_num_seqs=8, max_num_batched_tokens=32, num_pages=160,
-             page_size=16, async_scheduling=async_scheduling) as llm:
+             page_size=16, **loop) as llm:
         with count_xla_compiles() as warm:
             programs = llm.warmup(logprobs=False, penalties=False)
-        assert programs == 3 * 3  # token buckets 8/16/32 x block-table widths 1/4/16 pages
+        # Token buckets 8/16/32 x block-table widths 1/4/16 pages; multi-step adds its program at the
+        # one sequence bucket (8) x the 3 widths.
+        assert programs == 3 * 3 + (3 if "num_decode_steps" in loop else 0)
         assert warm.count >= programs  # the counter sees real compiles
         rng = np.random.default_rng(0)
         prompts = [{"prompt_token_ids": rng.integers(0, cfg.vocab_size, int(rng.integers(1, 120))).tolist()}
