@@ -46,13 +46,14 @@ constrained requests never draft, and multi-step decode waits while one runs (pl
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import itertools
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,59 @@ class EngineConfig:
                              f"max_num_seqs={self.max_num_seqs}")
 
 
+class _RawLogprobs:
+    """A request's logprobs not yet made into {token: logprob} dicts: per token its id, chosen logprob and
+    top-k (ids, logprobs), in flat arrays of machine values (no Python object per token for the cyclic GC
+    to walk again and again, nothing kept of the step's results)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.tokens, self.chosen = array.array("i"), array.array("f")
+        self.top_ids, self.top_logprobs = array.array("i"), array.array("f")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, token: int, chosen: float, top: "_StepTopK", row: int, i: int) -> None:
+        """The token emitted i-th by sampling row `row` of the step whose candidates are `top`."""
+        self.tokens.append(token)
+        self.chosen.append(chosen)
+        start = (row * top.per_row + i) * top.width * 4
+        end = start + 4 * self.k
+        self.top_ids.frombytes(top.ids[start:end])
+        self.top_logprobs.frombytes(top.logprobs[start:end])
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:], self.chosen[n:], self.top_ids[n * self.k:], self.top_logprobs[n * self.k:]
+
+    def take(self) -> list[dict]:
+        """The {token: logprob} dict of every token held (the top k, then the chosen token), emptying it."""
+        k, ids, values = self.k, self.top_ids.tolist(), self.top_logprobs.tolist()
+        entries = []
+        for j, (token, chosen) in enumerate(zip(self.tokens.tolist(), self.chosen.tolist())):
+            entry = dict(zip(ids[j * k:(j + 1) * k], values[j * k:(j + 1) * k]))
+            entry[token] = chosen
+            entries.append(entry)
+        self.truncate(0)
+        return entries
+
+
+class _StepTopK(NamedTuple):
+    """A step's top candidates as bytes, for `_RawLogprobs.add` to slice per token (one copy per step,
+    not a numpy view per token)."""
+
+    ids: bytes       # [S, K+1, width] int32, C order
+    logprobs: bytes  # [S, K+1, width] float32
+    per_row: int     # K+1
+    width: int
+
+    @classmethod
+    def of(cls, out) -> "_StepTopK":
+        _, per_row, width = out.top_ids.shape
+        return cls(np.ascontiguousarray(out.top_ids, np.int32).tobytes(),
+                   np.ascontiguousarray(out.top_logprobs, np.float32).tobytes(), per_row, width)
+
+
 @dataclass
 class _RequestState:
     request_id: str
@@ -126,9 +180,7 @@ class _RequestState:
     fallback_seed: int
     metrics: RequestMetrics
     logprobs: Optional[list] = None  # {token: logprob} per generated token, built when an output is made
-    # Tokens not yet in `logprobs`, flat: token, chosen logprob, StepResult, row, i for each (no object
-    # per token that outlives the step: the cyclic GC would walk every one of them again and again).
-    raw_logprobs: Optional[list] = None
+    raw_logprobs: Optional[_RawLogprobs] = None  # tokens not yet in `logprobs`
     cumulative_logprob: Optional[float] = None  # summed when logprobs are requested (as vLLM: else None)
     stream: bool = True  # report every step's progress (else only the final output)
     uses_penalties: bool = False
@@ -152,7 +204,7 @@ class _RequestState:
             self.matcher.rollback(len(self.stop.token_ids) - stop[0])
         self.stop.restore(stop)
         if self.raw_logprobs is not None:
-            del self.raw_logprobs[num_raw_logprobs:]
+            self.raw_logprobs.truncate(num_raw_logprobs)
 
 
 @dataclass
@@ -336,7 +388,7 @@ class Engine:
             stop=StopChecker(params, self.eos_token_id, decode), fallback_seed=next_engine_seed(),
             metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)),
             logprobs=[] if params.logprobs is not None else None,
-            raw_logprobs=[] if params.logprobs is not None else None,
+            raw_logprobs=_RawLogprobs(params.logprobs) if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None, stream=stream,
             uses_penalties=(params.repetition_penalty != 1.0 or bool(params.presence_penalty)
                             or bool(params.frequency_penalty)), sampling_fits=SamplingRows.fits(params),
@@ -567,6 +619,7 @@ class Engine:
         num_output = out.num_output.tolist()
         max_model_len = self.engine_cfg.max_model_len
         batch: list[tuple[str, _RequestState, int]] = []  # rows of one token: stop checks batched below
+        top = None  # the step's top candidates, copied out once if a row wants logprobs
         for row, (rid, num_rows) in enumerate(layout):
             state = self._requests.get(rid)
             if state is None:
@@ -587,7 +640,8 @@ class Engine:
                 token, chosen = tokens[row][i], chosen_logprobs[row][i]
                 kept.append(token)
                 if state.raw_logprobs is not None:  # made into {token: logprob} by _output
-                    state.raw_logprobs += token, chosen, out, row, i
+                    top = top or _StepTopK.of(out)
+                    state.raw_logprobs.add(token, chosen, top, row, i)
                     state.cumulative_logprob += chosen
                 if n == 1 and state.matcher is None:
                     batch.append((rid, state, token))  # its only token: nothing after it to discard
@@ -733,13 +787,7 @@ class Engine:
     def _output(self, state: _RequestState, finished: bool) -> RequestOutput:
         state.metrics.num_generated_tokens = len(state.stop.token_ids)
         if state.raw_logprobs:
-            k = state.params.logprobs
-            raw = state.raw_logprobs
-            for token, chosen, out, row, i in zip(raw[::5], raw[1::5], raw[2::5], raw[3::5], raw[4::5]):
-                entry = dict(zip(out.top_ids[row, i, :k].tolist(), out.top_logprobs[row, i, :k].tolist()))
-                entry[token] = chosen
-                state.logprobs.append(entry)
-            state.raw_logprobs.clear()
+            state.logprobs.extend(state.raw_logprobs.take())
         completion = CompletionOutput(
             index=0, text=state.stop.text, token_ids=list(state.stop.token_ids),
             finish_reason=state.stop.finish_reason if finished else None, stop_reason=state.stop.stop_reason,
