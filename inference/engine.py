@@ -14,8 +14,9 @@ ladder ending at max_model_len), which `warmup` compiles up front.
 
 Multi-step decode (`EngineConfig.num_decode_steps` = k > 1): when every running sequence is decoding
 and nothing waits for admission, one device program runs up to k decode steps (as many as the step's
-token budget holds for every sequence; each feeds the previous step's sampled tokens, on device); the host then checks stops token by token and keeps only the
-tokens up to a stop, exactly as the one-step loop would have.
+token budget holds for every sequence; each feeds the previous step's sampled tokens, on device); the
+host then checks stops token by token and keeps only the tokens up to a stop, exactly as the one-step
+loop would have.
 
 Overlapped dispatch (`EngineConfig.async_scheduling`): a plain step is launched, then the previous
 step's tokens are read and processed (stop checks, detokenization, outputs) while the device runs it.

@@ -9,8 +9,12 @@ step: host ms (step wall time minus the time blocked on the device's results), d
 the host ms at several output positions (the loop's cost must not grow with the output length);
 plus XLA compilations after `warmup`.
 
-Each probe job runs with the synchronous loop and with overlapped dispatch (async_scheduling: the host
-processes step N while the device runs step N + 1), side by side.
+Each probe job runs with the synchronous loop, with overlapped dispatch (async_scheduling: the host
+processes step N while the device runs step N + 1) and with multi-step decode (--probe-decode-steps: k
+decode steps per program, so the host's per-step work is shared by k token positions; reported as host ms
+per decode step), side by side. The medians cover steady steps: all requests running, their prompts done,
+none finishing (steps that finish requests, and build their final outputs, are reported apart); output
+positions are the running requests' median generated tokens.
 
 --stub-program (host Python alone, not the real figure): the step's XLA program is replaced by
 ready-made results (random tokens of the real vocabulary, random logprobs, already on the device),
