@@ -157,7 +157,10 @@ def probe_job(loaded, num_seqs: int, output_tokens: int, async_scheduling: bool 
                 launch_ms.append((launch_s[0] - l0) * 1e3)
             total_s = time.perf_counter() - t_start
     # Steady-state steps (every prompt done) in which no request finished.
-    steady = np.array([i for i in range(len(host_ms)) if advanced[i] >= 1 and not finishing[i]])
+    steady = np.array([i for i in range(len(host_ms)) if advanced[i] >= 1 and not finishing[i]], np.int64)
+    if not steady.size:
+        raise SystemExit(f"{num_seqs} x {output_tokens}: no step ran with every request decoding and none "
+                         f"finishing (admission takes longer than the outputs); raise --output-tokens")
     host, cpu = np.array(host_ms)[steady], np.array(cpu_ms)[steady]
     per_position = cpu / np.array(advanced)[steady]  # host CPU ms per decode step (token position)
     pos = np.array(position)[steady]
