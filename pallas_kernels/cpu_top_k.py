@@ -43,6 +43,14 @@ def _require_kernels() -> None:
         raise RuntimeError("the CPU kernel library is not available (see pallas_kernels/cpu_quantized_matmul.py)")
 
 
+def _f32(a) -> jax.Array:
+    return jnp.asarray(a).astype(jnp.float32)
+
+
+def _i32(a) -> jax.Array:
+    return jnp.asarray(a).astype(jnp.int32)
+
+
 def cpu_candidates(x: jax.Array, k: int, top_k: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(values [B, k], mass [B]) f32 for rows x [B, V]: each row's k largest values, descending, and the
     mass sum(exp(x - values[:, 0])) of its tokens >= max(floor [B], the top_k [B]-th value where
@@ -55,7 +63,7 @@ def cpu_candidates(x: jax.Array, k: int, top_k: jax.Array, floor: jax.Array) -> 
     rows = x.shape[0]
     out = (jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
     return jax.ffi.ffi_call("ridgeline_candidates", out, vmap_method="broadcast_all")(
-        x.astype(jnp.float32), jnp.asarray(top_k).astype(jnp.int32), jnp.asarray(floor).astype(jnp.float32))
+        _f32(x), _i32(top_k), _f32(floor))
 
 
 def candidates_reference(x: jax.Array, k: int, top_k: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -79,9 +87,8 @@ def cpu_filter_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, flo
         raise ValueError(f"scaled.shape={scaled.shape} must be [B, V]")
     _require_kernels()
     out = jax.ShapeDtypeStruct(scaled.shape[:1], jnp.float32)
-    i32, f32 = (lambda a: jnp.asarray(a).astype(jnp.int32)), (lambda a: jnp.asarray(a).astype(jnp.float32))
     return jax.ffi.ffi_call("ridgeline_filter_cutoff", out, vmap_method="broadcast_all")(
-        f32(scaled), i32(top_k), f32(top_p), f32(floor), f32(kth), i32(kth_known), i32(rows))
+        _f32(scaled), _i32(top_k), _f32(top_p), _f32(floor), _f32(kth), _i32(kth_known), _i32(rows))
 
 
 def cpu_draw(scaled: jax.Array, cutoff: jax.Array, row_max: jax.Array, uniforms: jax.Array) -> jax.Array:
@@ -91,7 +98,6 @@ def cpu_draw(scaled: jax.Array, cutoff: jax.Array, row_max: jax.Array, uniforms:
     if scaled.ndim != 2 or uniforms.shape != (scaled.shape[0], 2):
         raise ValueError(f"scaled.shape={scaled.shape} must be [B, V] and uniforms.shape={uniforms.shape} [B, 2]")
     _require_kernels()
-    f32 = lambda a: jnp.asarray(a).astype(jnp.float32)  # noqa: E731
     out = jax.ShapeDtypeStruct(scaled.shape[:1], jnp.int32)
     return jax.ffi.ffi_call("ridgeline_draw", out, vmap_method="broadcast_all")(
-        f32(scaled), f32(cutoff), f32(row_max), f32(uniforms))
+        _f32(scaled), _f32(cutoff), _f32(row_max), _f32(uniforms))
